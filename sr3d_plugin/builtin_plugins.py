@@ -1,0 +1,51 @@
+"""The package's own components, registered through the public hooks like any third-party plugin.
+
+Factories are imported lazily (inside small wrapper functions) so that listing plugins does not
+import heavy optional dependencies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sr3d_plugin.hookspecs import Register, hookimpl
+
+
+def _lazy(module: str, attr: str) -> Any:
+    """A factory that imports ``module.attr`` on first call and forwards the arguments to it."""
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    factory.__qualname__ = attr
+    factory.__module__ = module
+    factory.__doc__ = f"Lazily imported {module}.{attr}."
+    return factory
+
+
+@hookimpl
+def register_position_encoders(register: Register) -> None:
+    register("abs_mlp", _lazy("sr3d_plugin.modeling.position_encoding", "PositionEncoder3D"))
+
+
+@hookimpl
+def register_projectors(register: Register) -> None:
+    from sr3d_plugin.modeling.projectors import PROJECTOR_KINDS
+
+    for kind in PROJECTOR_KINDS:
+
+        def factory(vision_hidden_size: int, llm_hidden_size: int, _kind: str = kind) -> Any:
+            from sr3d_plugin.modeling.projectors import build_projector
+
+            return build_projector(_kind, vision_hidden_size, llm_hidden_size)
+
+        factory.__qualname__ = f"build_projector[{kind}]"
+        factory.__module__ = "sr3d_plugin.modeling.projectors"
+        register(kind, factory)
+
+
+@hookimpl
+def register_region_extractors(register: Register) -> None:
+    register("regiongpt", _lazy("sr3d_plugin.modeling.region_extractor", "RegionExtractor"))

@@ -1,0 +1,613 @@
+"""Pure, batched geometry: back-projection, the shared canonical 3D space, grid pooling, 3D boxes.
+
+Conventions (SR3D-FACTS §3):
+
+* Depth is metric, in metres, ``0`` marks an invalid pixel. Pixel ``(u, v)`` uses integer indices
+  (``u`` = column, ``v`` = row) and ``x = (u − cx)·z/fx``, ``y = (v − cy)·z/fy``.
+* Poses are camera-to-world 4×4 matrices (ScanNet convention; optionally left-multiplied by the
+  scene's ``axis_align_matrix`` before use).
+* The canonical space multiplies *row vectors* by ``R = [[0,0,−1],[1,0,0],[0,−1,0]]`` and maps each
+  axis to ``[−1, 1]`` with the minimum and maximum over **all points of all frames** together.
+
+Every function accepts torch tensors or NumPy arrays, works in float32 or float64 (the dtype of the
+input is kept), and raises :class:`~sr3d_plugin.errors.SR3DInputError` on bad input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sr3d_plugin.errors import SR3DInputError
+
+__all__ = [
+    "SR3D_AXIS_ROTATION",
+    "Box3D",
+    "CanonicalTransform",
+    "as_float_tensor",
+    "backproject",
+    "box_iou_3d_axis_aligned",
+    "canonical_transform",
+    "canonicalize",
+    "check_depth",
+    "check_intrinsics",
+    "check_rigid",
+    "disparity_to_relative_depth",
+    "pool_to_grid",
+    "project_box_to_masks",
+    "project_points",
+    "relative_depth_to_points",
+    "valid_depth_mask",
+]
+
+#: Row-vector rotation of the released SR-3D canonical space (points @ R).
+SR3D_AXIS_ROTATION = torch.tensor([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+
+CanonicalMode = Literal["sr3d", "robust"]
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------------------
+
+
+def as_float_tensor(x: torch.Tensor | np.ndarray | list, name: str = "input") -> torch.Tensor:
+    """Convert ``x`` to a floating torch tensor, keeping float64 when given (float32 otherwise)."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as exc:
+            raise SR3DInputError(f"{name} must be an array of numbers, got {type(x).__name__}") from exc
+    if not torch.is_floating_point(t):
+        if t.dtype == torch.bool:
+            raise SR3DInputError(f"{name} must be numeric, got a boolean array")
+        t = t.to(torch.float32)
+    return t
+
+
+def check_depth(depth: torch.Tensor, name: str = "depth") -> None:
+    """Raise if ``depth`` holds NaN, ±inf or negative values (0 is allowed: it marks invalid pixels)."""
+    if depth.dim() < 2:
+        raise SR3DInputError(f"{name} must be [H, W] or [V, H, W], got shape {tuple(depth.shape)}")
+    bad = ~torch.isfinite(depth)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise SR3DInputError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (first {depth[idx].item()} at index {idx}); "
+            "expected finite metric depth in metres with 0 for invalid pixels"
+        )
+    neg = depth < 0
+    if bool(neg.any()):
+        idx = tuple(int(i) for i in torch.nonzero(neg)[0])
+        raise SR3DInputError(
+            f"{name} contains {int(neg.sum())} negative value(s) (first {depth[idx].item():.6g} at index {idx}); "
+            "expected depth >= 0 in metres (0 = invalid)"
+        )
+
+
+def check_intrinsics(intrinsics: torch.Tensor, name: str = "intrinsics") -> None:
+    """Raise unless ``intrinsics`` is ``[..., 3, 3]`` pinhole matrices with positive focal lengths."""
+    if intrinsics.dim() < 2 or tuple(intrinsics.shape[-2:]) != (3, 3):
+        raise SR3DInputError(f"{name} must be [3, 3] or [V, 3, 3], got shape {tuple(intrinsics.shape)}")
+    if not bool(torch.isfinite(intrinsics).all()):
+        raise SR3DInputError(f"{name} contains non-finite values: {intrinsics.tolist()}")
+    fx, fy = intrinsics[..., 0, 0], intrinsics[..., 1, 1]
+    if bool((fx <= 0).any()) or bool((fy <= 0).any()):
+        raise SR3DInputError(
+            f"{name} is singular: focal lengths fx={fx.flatten().tolist()} fy={fy.flatten().tolist()}; "
+            "expected fx > 0 and fy > 0"
+        )
+    det = torch.linalg.det(intrinsics.to(torch.float64))
+    if bool((det.abs() < 1e-12).any()):
+        raise SR3DInputError(
+            f"{name} is singular (determinant {det.flatten().tolist()}); expected an invertible matrix"
+        )
+
+
+def check_rigid(pose: torch.Tensor, name: str = "cam_to_world", tol: float = 1e-3) -> None:
+    """Raise unless ``pose`` is ``[..., 4, 4]`` rigid transforms (orthonormal rotation, det +1, last row 0 0 0 1)."""
+    if pose.dim() < 2 or tuple(pose.shape[-2:]) != (4, 4):
+        raise SR3DInputError(f"{name} must be [4, 4] or [V, 4, 4], got shape {tuple(pose.shape)}")
+    p = pose.to(torch.float64)
+    if not bool(torch.isfinite(p).all()):
+        bad = torch.nonzero(~torch.isfinite(p.reshape(-1, 16)).all(-1)).flatten().tolist()
+        raise SR3DInputError(f"{name} has non-finite entries in pose(s) {bad} (ScanNet marks invalid poses with -inf)")
+    last = p[..., 3, :]
+    expected_last = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    if not bool(torch.allclose(last, expected_last.expand_as(last), atol=tol)):
+        raise SR3DInputError(f"{name} last row must be [0, 0, 0, 1], got {last.reshape(-1, 4).tolist()}")
+    rot = p[..., :3, :3]
+    eye = torch.eye(3, dtype=torch.float64)
+    err = (rot.transpose(-1, -2) @ rot - eye).abs().amax(dim=(-1, -2))
+    det = torch.linalg.det(rot)
+    if bool((err > tol).any()) or bool(((det - 1).abs() > tol).any()):
+        worst = int(torch.argmax(err.reshape(-1)))
+        raise SR3DInputError(
+            f"{name} is not rigid: rotation part of pose {worst} has |RᵀR − I| = {err.reshape(-1)[worst]:.3g} and "
+            f"det = {det.reshape(-1)[worst]:.6g}; expected an orthonormal rotation with det +1 (no scale or shear)"
+        )
+
+
+def valid_depth_mask(depth: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``depth > 0`` and finite, as a bool tensor of the same shape."""
+    d = as_float_tensor(depth, "depth")
+    return torch.isfinite(d) & (d > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# back-projection and the canonical space
+# ----------------------------------------------------------------------------------------------
+
+
+def _pixel_grid(height: int, width: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    v, u = torch.meshgrid(
+        torch.arange(height, dtype=dtype, device=device),
+        torch.arange(width, dtype=dtype, device=device),
+        indexing="ij",
+    )
+    return u, v
+
+
+def backproject(
+    depth: torch.Tensor | np.ndarray,
+    intrinsics: torch.Tensor | np.ndarray,
+    cam_to_world: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """Back-project metric depth to 3D points.
+
+    Args:
+        depth: ``[H, W]`` or ``[V, H, W]`` depth in metres (0 = invalid; such pixels land on the
+            camera centre, exactly as in the released SR-3D pipeline).
+        intrinsics: ``[3, 3]`` or ``[V, 3, 3]`` pinhole matrix of the depth image, in pixels.
+        cam_to_world: optional ``[4, 4]`` or ``[V, 4, 4]`` camera-to-world rigid transform; without
+            it the points stay in camera coordinates (x right, y down, z forward).
+
+    Returns:
+        ``[..., H, W, 3]`` points in metres, same leading shape and dtype as ``depth``.
+    """
+    d = as_float_tensor(depth, "depth")
+    check_depth(d)
+    k = as_float_tensor(intrinsics, "intrinsics").to(device=d.device, dtype=d.dtype)
+    check_intrinsics(k)
+    single = d.dim() == 2
+    if single:
+        d = d.unsqueeze(0)
+    if d.dim() != 3:
+        raise SR3DInputError(f"depth must be [H, W] or [V, H, W], got shape {tuple(d.shape)}")
+    v_count, height, width = d.shape
+    if k.dim() == 2:
+        k = k.expand(v_count, 3, 3)
+    if k.shape[0] != v_count:
+        raise SR3DInputError(
+            f"intrinsics has {k.shape[0]} matrices but depth has {v_count} frames; expected one per frame"
+        )
+    u, v = _pixel_grid(height, width, d.dtype, d.device)
+    fx = k[:, 0, 0].view(-1, 1, 1)
+    fy = k[:, 1, 1].view(-1, 1, 1)
+    cx = k[:, 0, 2].view(-1, 1, 1)
+    cy = k[:, 1, 2].view(-1, 1, 1)
+    x = (u - cx) * d / fx
+    y = (v - cy) * d / fy
+    pts = torch.stack([x, y, d], dim=-1)
+    if cam_to_world is not None:
+        t = as_float_tensor(cam_to_world, "cam_to_world").to(device=d.device, dtype=d.dtype)
+        check_rigid(t)
+        if t.dim() == 2:
+            t = t.expand(v_count, 4, 4)
+        if t.shape[0] != v_count:
+            raise SR3DInputError(
+                f"cam_to_world has {t.shape[0]} poses but depth has {v_count} frames; expected one per frame"
+            )
+        rot = t[:, :3, :3]
+        trans = t[:, :3, 3]
+        pts = torch.einsum("vij,vhwj->vhwi", rot, pts) + trans.view(-1, 1, 1, 3)
+    return pts[0] if single else pts
+
+
+@dataclass
+class CanonicalTransform:
+    """Affine map from world points to the canonical ``[−1, 1]³`` space: ``2·(p·R − lo)/(hi − lo) − 1``.
+
+    Attributes:
+        rotation: ``[3, 3]`` row-vector rotation (``points @ rotation``).
+        lower, upper: ``[3]`` per-axis minimum and maximum of the rotated points.
+    """
+
+    rotation: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    mode: str = "sr3d"
+    eps: float = field(default=1e-8)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-axis length (metres) that maps to the canonical width 2."""
+        return self.upper - self.lower
+
+    def apply(self, points: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Map ``[..., 3]`` world points to canonical coordinates (degenerate axes map to 0)."""
+        p = as_float_tensor(points, "points")
+        rot = self.rotation.to(device=p.device, dtype=p.dtype)
+        lo = self.lower.to(device=p.device, dtype=p.dtype)
+        span = (self.upper - self.lower).to(device=p.device, dtype=p.dtype)
+        q = p @ rot
+        degenerate = span.abs() <= self.eps
+        safe = torch.where(degenerate, torch.ones_like(span), span)
+        out = 2.0 * (q - lo) / safe - 1.0
+        return torch.where(degenerate, torch.zeros_like(out), out)
+
+    def invert(self, canonical: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Map canonical ``[..., 3]`` coordinates back to world points."""
+        c = as_float_tensor(canonical, "canonical")
+        rot = self.rotation.to(device=c.device, dtype=c.dtype)
+        lo = self.lower.to(device=c.device, dtype=c.dtype)
+        span = (self.upper - self.lower).to(device=c.device, dtype=c.dtype)
+        q = (c + 1.0) / 2.0 * span + lo
+        return q @ rot.transpose(0, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "rotation": self.rotation.tolist(),
+            "lower": self.lower.tolist(),
+            "upper": self.upper.tolist(),
+            "mode": self.mode,
+        }
+
+
+def canonical_transform(
+    points: torch.Tensor | np.ndarray,
+    valid: torch.Tensor | np.ndarray | None = None,
+    mode: CanonicalMode = "sr3d",
+) -> CanonicalTransform:
+    """The canonical-space transform of a set of points (all frames of one scene together).
+
+    Args:
+        points: ``[..., 3]`` world points, e.g. ``[V, H, W, 3]``.
+        valid: optional ``[...]`` bool mask of valid points (same leading shape).
+        mode: ``"sr3d"`` takes the min/max over **all** points, invalid ones included — exactly
+            the released convention; ``"robust"`` takes them over valid points only.
+    """
+    p = as_float_tensor(points, "points")
+    if p.shape[-1] != 3:
+        raise SR3DInputError(f"points must have a last dimension of 3, got shape {tuple(p.shape)}")
+    if not bool(torch.isfinite(p).all()):
+        raise SR3DInputError(
+            "points contain NaN or inf; expected finite coordinates (mark invalid points with `valid`)"
+        )
+    rot = SR3D_AXIS_ROTATION.to(device=p.device, dtype=p.dtype)
+    flat = p.reshape(-1, 3) @ rot
+    if mode == "sr3d":
+        sel = flat
+    elif mode == "robust":
+        if valid is None:
+            sel = flat
+        else:
+            m = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid)
+            if tuple(m.shape) != tuple(p.shape[:-1]):
+                raise SR3DInputError(
+                    f"valid mask shape {tuple(m.shape)} does not match points shape {tuple(p.shape[:-1])}"
+                )
+            sel = flat[m.reshape(-1).to(torch.bool).to(flat.device)]
+            if sel.shape[0] == 0:
+                raise SR3DInputError("all points are invalid (no pixel with depth > 0); cannot build a canonical space")
+    else:
+        raise SR3DInputError(f"unknown canonical mode {mode!r}; expected 'sr3d' or 'robust'")
+    if sel.shape[0] == 0:
+        raise SR3DInputError("points is empty; cannot build a canonical space")
+    return CanonicalTransform(rot, sel.amin(dim=0), sel.amax(dim=0), mode=mode)
+
+
+def canonicalize(
+    points: torch.Tensor | np.ndarray,
+    valid: torch.Tensor | np.ndarray | None = None,
+    mode: CanonicalMode = "sr3d",
+) -> torch.Tensor:
+    """Map world points of all frames into one canonical ``[−1, 1]³`` space.
+
+    Args:
+        points: ``[..., 3]`` points in metres (e.g. ``[V, H, W, 3]`` from :func:`backproject`).
+        valid: optional ``[...]`` bool mask; used by ``mode="robust"`` (min/max over valid points
+            only, invalid points set to 0). ``mode="sr3d"`` ignores it, as the reference does.
+        mode: ``"sr3d"`` (released convention, exact) or ``"robust"``.
+
+    Returns:
+        ``[..., 3]`` canonical coordinates, same shape and dtype as ``points``.
+    """
+    tf = canonical_transform(points, valid, mode)
+    out = tf.apply(points)
+    if mode == "robust" and valid is not None:
+        m = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid).to(out.device)
+        out = torch.where(m.to(torch.bool).unsqueeze(-1), out, torch.zeros_like(out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# single-view (no camera) convention
+# ----------------------------------------------------------------------------------------------
+
+
+def disparity_to_relative_depth(prediction: torch.Tensor | np.ndarray, quantize: bool = True) -> torch.Tensor:
+    """Turn a relative (inverse-depth) prediction, e.g. Depth Anything V2, into ``d ∈ [0, 1]``, far = 1.
+
+    ``d = 1 − minmax(prediction)``. With ``quantize`` the result is truncated to 8 bits
+    (``floor(d·255)/255``), reproducing the uint8 depth of the released training data.
+
+    Args:
+        prediction: ``[H, W]`` or ``[V, H, W]``; larger = closer. Min/max are per image.
+    """
+    p = as_float_tensor(prediction, "prediction")
+    if not bool(torch.isfinite(p).all()):
+        raise SR3DInputError("depth prediction contains NaN or inf; expected finite values")
+    flat = p.reshape(*p.shape[:-2], -1)
+    lo = flat.amin(dim=-1, keepdim=True).unsqueeze(-1)
+    hi = flat.amax(dim=-1, keepdim=True).unsqueeze(-1)
+    span = hi - lo
+    norm = torch.where(span > 0, (p - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(p))
+    d = 1.0 - norm
+    if quantize:
+        d = torch.floor(d * 255.0 + 1e-6) / 255.0
+    return d
+
+
+def relative_depth_to_points(depth01: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Single-view point map (no intrinsics) from relative depth ``d ∈ [0, 1]`` (far = 1).
+
+    ``u = 2x/(W−1) − 1``, ``v = 2y/(H−1) − 1``, ``z = 2d − 1``, and the point is ``(u·z, v·z, z)``.
+
+    Args:
+        depth01: ``[H, W]`` or ``[V, H, W]`` relative depth; values outside ``[0, 1]`` are rejected.
+
+    Returns:
+        ``[..., H, W, 3]`` points in ``[−1, 1]³``.
+    """
+    d = as_float_tensor(depth01, "depth01")
+    if d.dim() < 2:
+        raise SR3DInputError(f"depth01 must be [H, W] or [V, H, W], got shape {tuple(d.shape)}")
+    if not bool(torch.isfinite(d).all()):
+        raise SR3DInputError("depth01 contains NaN or inf; expected relative depth in [0, 1]")
+    lo, hi = float(d.min()), float(d.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise SR3DInputError(f"depth01 values span [{lo:.4g}, {hi:.4g}]; expected relative depth in [0, 1] (far = 1)")
+    height, width = d.shape[-2:]
+    if height < 2 or width < 2:
+        raise SR3DInputError(f"depth01 must be at least 2×2 pixels, got {height}×{width}")
+    u, v = _pixel_grid(height, width, d.dtype, d.device)
+    u = 2.0 * u / (width - 1) - 1.0
+    v = 2.0 * v / (height - 1) - 1.0
+    z = 2.0 * d - 1.0
+    return torch.stack([u * z, v * z, z], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling onto the token grid
+# ----------------------------------------------------------------------------------------------
+
+
+def pool_to_grid(
+    points: torch.Tensor | np.ndarray,
+    grid_size: int | tuple[int, int],
+    valid: torch.Tensor | np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-average a point map onto a token grid.
+
+    Without ``valid`` this is ``F.interpolate(mode="area")`` (the reference); with ``valid`` each
+    cell averages only its valid pixels.
+
+    Args:
+        points: ``[..., H, W, 3]`` point map (any units).
+        grid_size: ``g`` or ``(gh, gw)`` output grid, e.g. 32 for SigLIP at 448 px.
+        valid: optional ``[..., H, W]`` bool mask.
+
+    Returns:
+        ``(grid [..., gh, gw, 3], coverage [..., gh, gw])`` — coverage is the fraction of valid
+        pixels in each cell (all ones without ``valid``); cells with no valid pixel are 0.
+    """
+    p = as_float_tensor(points, "points")
+    if p.dim() < 3 or p.shape[-1] != 3:
+        raise SR3DInputError(f"points must be [..., H, W, 3], got shape {tuple(p.shape)}")
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    lead = p.shape[:-3]
+    height, width = p.shape[-3:-1]
+    x = p.reshape(-1, height, width, 3).permute(0, 3, 1, 2)
+    if valid is None:
+        pooled = F.adaptive_avg_pool2d(x, (gh, gw))
+        cover = torch.ones((x.shape[0], gh, gw), dtype=p.dtype, device=p.device)
+    else:
+        m = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid)
+        if tuple(m.shape) != tuple(p.shape[:-1]):
+            raise SR3DInputError(f"valid mask shape {tuple(m.shape)} does not match point map {tuple(p.shape[:-1])}")
+        w = m.to(device=p.device, dtype=p.dtype).reshape(-1, 1, height, width)
+        num = F.adaptive_avg_pool2d(x * w, (gh, gw))
+        den = F.adaptive_avg_pool2d(w, (gh, gw))
+        pooled = torch.where(den > 0, num / den.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(num))
+        cover = den[:, 0]
+    grid = pooled.permute(0, 2, 3, 1).reshape(*lead, gh, gw, 3)
+    return grid, cover.reshape(*lead, gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3D boxes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Box3D:
+    """An oriented 3D box: ``center`` ``[3]`` and full ``size`` ``[3]`` in metres, ``rotation`` ``[3, 3]``
+    mapping box axes to world axes (columns are the box axes in world coordinates)."""
+
+    center: torch.Tensor
+    size: torch.Tensor
+    rotation: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.center = as_float_tensor(self.center, "box center").to(torch.float64).reshape(3)
+        self.size = as_float_tensor(self.size, "box size").to(torch.float64).reshape(3)
+        self.rotation = as_float_tensor(self.rotation, "box rotation").to(torch.float64).reshape(3, 3)
+        if not bool(torch.isfinite(self.center).all() and torch.isfinite(self.size).all()):
+            raise SR3DInputError(f"box has non-finite center {self.center.tolist()} or size {self.size.tolist()}")
+        if bool((self.size <= 0).any()):
+            raise SR3DInputError(f"box size must be positive on every axis, got {self.size.tolist()}")
+        r = self.rotation
+        if float((r.T @ r - torch.eye(3, dtype=torch.float64)).abs().max()) > 1e-4:
+            raise SR3DInputError(f"box rotation is not orthonormal: {r.tolist()}")
+
+    @classmethod
+    def from_aabb(cls, lower: torch.Tensor | np.ndarray | list, upper: torch.Tensor | np.ndarray | list) -> Box3D:
+        """Axis-aligned box from its min and max corners."""
+        lo = as_float_tensor(lower, "box lower").to(torch.float64).reshape(3)
+        hi = as_float_tensor(upper, "box upper").to(torch.float64).reshape(3)
+        return cls((lo + hi) / 2, hi - lo, torch.eye(3, dtype=torch.float64))
+
+    @classmethod
+    def from_center_size_yaw(
+        cls, center: torch.Tensor | np.ndarray | list, size: torch.Tensor | np.ndarray | list, yaw: float = 0.0
+    ) -> Box3D:
+        """Box rotated by ``yaw`` radians about the world z (up) axis."""
+        c, s = float(np.cos(yaw)), float(np.sin(yaw))
+        rot = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        return cls(as_float_tensor(center), as_float_tensor(size), rot)
+
+    def corners(self) -> torch.Tensor:
+        """``[8, 3]`` world corners."""
+        signs = torch.tensor([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=torch.float64)
+        return self.center + (signs * self.size / 2) @ self.rotation.T
+
+    def contains(self, points: torch.Tensor | np.ndarray, margin: float = 0.0) -> torch.Tensor:
+        """``[...]`` bool: which of ``[..., 3]`` points lie inside the box grown by ``margin`` metres."""
+        p = as_float_tensor(points, "points").to(torch.float64)
+        local = (p - self.center) @ self.rotation
+        return (local.abs() <= self.size / 2 + margin).all(dim=-1)
+
+    def transformed(self, matrix: torch.Tensor | np.ndarray) -> Box3D:
+        """The box under a rigid 4×4 transform (e.g. an axis-alignment matrix)."""
+        m = as_float_tensor(matrix, "matrix").to(torch.float64)
+        check_rigid(m, "box transform")
+        return Box3D(m[:3, :3] @ self.center + m[:3, 3], self.size, m[:3, :3] @ self.rotation)
+
+    def to_dict(self) -> dict:
+        return {"center": self.center.tolist(), "size": self.size.tolist(), "rotation": self.rotation.tolist()}
+
+
+def box_iou_3d_axis_aligned(a: Box3D, b: Box3D) -> float:
+    """IoU of the axis-aligned hulls of two boxes (the ScanRefer / Scan2Cap convention)."""
+
+    def bounds(box: Box3D) -> tuple[torch.Tensor, torch.Tensor]:
+        c = box.corners()
+        return c.amin(0), c.amax(0)
+
+    alo, ahi = bounds(a)
+    blo, bhi = bounds(b)
+    inter = (torch.minimum(ahi, bhi) - torch.maximum(alo, blo)).clamp_min(0).prod()
+    union = (ahi - alo).prod() + (bhi - blo).prod() - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def project_points(
+    points: torch.Tensor | np.ndarray,
+    intrinsics: torch.Tensor | np.ndarray,
+    cam_to_world: torch.Tensor | np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project world points ``[N, 3]`` into one camera.
+
+    Returns:
+        ``(uv [N, 2] pixel coordinates, z [N] depth in metres)`` with the pixel-index convention of
+        :func:`backproject` (``u = fx·x/z + cx``).
+    """
+    p = as_float_tensor(points, "points").to(torch.float64)
+    k = as_float_tensor(intrinsics, "intrinsics").to(torch.float64)
+    check_intrinsics(k)
+    if cam_to_world is not None:
+        t = as_float_tensor(cam_to_world, "cam_to_world").to(torch.float64)
+        check_rigid(t)
+        rot, trans = t[:3, :3], t[:3, 3]
+        p = (p - trans) @ rot
+    z = p[..., 2]
+    safe = torch.where(z.abs() > 1e-12, z, torch.full_like(z, 1e-12))
+    u = k[0, 0] * p[..., 0] / safe + k[0, 2]
+    v = k[1, 1] * p[..., 1] / safe + k[1, 2]
+    return torch.stack([u, v], dim=-1), z
+
+
+def project_box_to_masks(
+    box: Box3D,
+    intrinsics: torch.Tensor | np.ndarray,
+    cam_to_world: torch.Tensor | np.ndarray,
+    image_size: tuple[int, int],
+    depth: torch.Tensor | np.ndarray | None = None,
+    depth_tolerance: float = 0.05,
+) -> torch.Tensor:
+    """Per-frame masks of the pixels where a 3D box is seen.
+
+    Each pixel's ray is intersected with the box (slab test, exact for oriented boxes). Without
+    ``depth`` the mask is the box silhouette. With ``depth`` a pixel is kept only if its observed
+    surface point lies inside the box along that ray (within ``depth_tolerance`` metres), which
+    removes the parts hidden behind other surfaces and the background seen through the box's
+    empty space.
+
+    Args:
+        box: the 3D box in world coordinates.
+        intrinsics: ``[3, 3]`` or ``[V, 3, 3]``.
+        cam_to_world: ``[4, 4]`` or ``[V, 4, 4]``.
+        image_size: ``(H, W)`` of the masks.
+        depth: optional ``[V, H, W]`` (or ``[H, W]``) metric depth at that size, 0 = invalid.
+
+    Returns:
+        ``[V, H, W]`` bool masks (``[H, W]`` when a single pose is given).
+    """
+    height, width = image_size
+    t = as_float_tensor(cam_to_world, "cam_to_world").to(torch.float64)
+    check_rigid(t)
+    single = t.dim() == 2
+    if single:
+        t = t.unsqueeze(0)
+    v_count = t.shape[0]
+    k = as_float_tensor(intrinsics, "intrinsics").to(torch.float64)
+    check_intrinsics(k)
+    if k.dim() == 2:
+        k = k.expand(v_count, 3, 3)
+    if k.shape[0] != v_count:
+        raise SR3DInputError(f"intrinsics has {k.shape[0]} matrices for {v_count} poses; expected one per pose")
+    d = None
+    if depth is not None:
+        d = as_float_tensor(depth, "depth").to(torch.float64)
+        check_depth(d)
+        if d.dim() == 2:
+            d = d.unsqueeze(0)
+        if tuple(d.shape) != (v_count, height, width):
+            raise SR3DInputError(
+                f"depth shape {tuple(d.shape)} does not match {v_count} poses at image size {height}×{width}"
+            )
+    u, v = _pixel_grid(height, width, torch.float64, torch.device("cpu"))
+    # Ray directions in camera coordinates with unit z, so that the ray parameter equals z-depth.
+    dirs_c = torch.stack(
+        [
+            (u.unsqueeze(0) - k[:, 0, 2].view(-1, 1, 1)) / k[:, 0, 0].view(-1, 1, 1),
+            (v.unsqueeze(0) - k[:, 1, 2].view(-1, 1, 1)) / k[:, 1, 1].view(-1, 1, 1),
+            torch.ones((v_count, height, width), dtype=torch.float64),
+        ],
+        dim=-1,
+    )
+    rot_world = t[:, :3, :3]
+    origin = t[:, :3, 3]
+    to_box = box.rotation.T
+    dirs_b = torch.einsum("ij,vjk,vhwk->vhwi", to_box, rot_world, dirs_c)
+    origin_b = (origin - box.center) @ to_box.T  # [V, 3]
+    half = box.size / 2
+    tiny = 1e-12
+    safe = torch.where(dirs_b.abs() < tiny, torch.full_like(dirs_b, tiny), dirs_b)
+    o = origin_b.view(-1, 1, 1, 3)
+    t1 = (-half - o) / safe
+    t2 = (half - o) / safe
+    t_near = torch.minimum(t1, t2).amax(dim=-1)
+    t_far = torch.maximum(t1, t2).amin(dim=-1)
+    hit = (t_near <= t_far) & (t_far > 0)
+    if d is not None:
+        t_near = t_near.clamp_min(0)
+        hit = hit & (d > 0) & (d >= t_near - depth_tolerance) & (d <= t_far + depth_tolerance)
+    return hit[0] if single else hit

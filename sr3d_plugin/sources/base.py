@@ -1,0 +1,150 @@
+"""Data types shared by frame readers, depth estimators and point-map sources.
+
+:class:`FrameSet` is what readers produce (images, optionally metric depth, intrinsics and poses);
+:class:`PointMaps` is what point-map sources produce (per-pixel 3D points + validity), before the
+canonical transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sr3d_plugin.errors import SR3DInputError
+
+__all__ = ["FrameSet", "PointMaps", "uniform_frame_indices"]
+
+
+def uniform_frame_indices(total: int, count: int = 32) -> list[int]:
+    """``floor(linspace(0, total − 1, count))`` — the SR-3D frame sampling (all frames if fewer)."""
+    if total <= 0:
+        raise SR3DInputError(f"cannot sample frames from an empty sequence (total={total})")
+    if count <= 0:
+        raise SR3DInputError(f"number of frames must be positive, got {count}")
+    if total <= count:
+        return list(range(total))
+    return [int(i) for i in np.floor(np.linspace(0, total - 1, count)).astype(np.int64)]
+
+
+@dataclass
+class FrameSet:
+    """Frames of one image, video or scan, with whatever geometry is known.
+
+    Attributes:
+        images: ``V`` RGB PIL images.
+        depth: ``[V, Hd, Wd]`` float32 metric depth in metres (0 = invalid), or None.
+        intrinsics: ``[V, 3, 3]`` pinhole matrices of the *depth* maps (pixels), or None.
+        cam_to_world: ``[V, 4, 4]`` camera-to-world poses, axis alignment already applied, or None.
+        color_intrinsics: ``[V, 3, 3]`` of the colour images, if different from ``intrinsics``.
+        axis_align: ``[4, 4]`` scene axis-alignment matrix that was applied (for reference), or None.
+        frame_ids: one identifier per frame (file stem or frame index).
+        source: where the frames came from (path), for messages and cache keys.
+        meta: free-form extras (scene id, fps, original frame count, …).
+    """
+
+    images: list[Image.Image]
+    depth: np.ndarray | None = None
+    intrinsics: np.ndarray | None = None
+    cam_to_world: np.ndarray | None = None
+    color_intrinsics: np.ndarray | None = None
+    axis_align: np.ndarray | None = None
+    frame_ids: list[str] = field(default_factory=list)
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise SR3DInputError(f"frame set from {self.source or 'input'} has no images")
+        if not self.frame_ids:
+            self.frame_ids = [str(i) for i in range(len(self.images))]
+        v = len(self.images)
+        if len(self.frame_ids) != v:
+            raise SR3DInputError(f"{len(self.frame_ids)} frame ids for {v} images")
+        for name in ("depth", "intrinsics", "cam_to_world", "color_intrinsics"):
+            arr = getattr(self, name)
+            if arr is not None and len(arr) != v:
+                raise SR3DInputError(f"{name} has {len(arr)} entries but there are {v} images; expected one per frame")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def has_metric_geometry(self) -> bool:
+        """Depth, intrinsics and poses are all present (multi-view back-projection possible)."""
+        return self.depth is not None and self.intrinsics is not None and self.cam_to_world is not None
+
+    def select(self, indices: list[int]) -> FrameSet:
+        """A new frame set with only ``indices`` (in that order)."""
+        n = len(self)
+        for i in indices:
+            if not 0 <= i < n:
+                raise SR3DInputError(f"frame index {i} is out of range for {n} frames")
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[indices]
+
+        return FrameSet(
+            images=[self.images[i] for i in indices],
+            depth=pick(self.depth),
+            intrinsics=pick(self.intrinsics),
+            cam_to_world=pick(self.cam_to_world),
+            color_intrinsics=pick(self.color_intrinsics),
+            axis_align=self.axis_align,
+            frame_ids=[self.frame_ids[i] for i in indices],
+            source=self.source,
+            meta=dict(self.meta),
+        )
+
+
+PointSpace = Literal["world", "single_view"]
+
+
+@dataclass
+class PointMaps:
+    """Per-pixel 3D points of a frame set, before the canonical transform.
+
+    Attributes:
+        xyz: ``[V, H, W, 3]`` float32. ``space="world"``: metres in one world frame shared by all
+            frames (camera frame for a single posed image). ``space="single_view"``: the SR-3D
+            single-image convention (already in ``[−1, 1]³``, no canonical transform applied).
+        valid: ``[V, H, W]`` bool.
+        confidence: optional ``[V, H, W]`` float (reconstruction models), higher = more reliable.
+        space: see ``xyz``.
+        canonical_mode: the canonical mode that suits this source: ``"sr3d"`` for ground-truth
+            depth (released convention), ``"robust"`` for estimated geometry.
+    """
+
+    xyz: torch.Tensor
+    valid: torch.Tensor
+    confidence: torch.Tensor | None = None
+    space: PointSpace = "world"
+    canonical_mode: str = "sr3d"
+
+    def __post_init__(self) -> None:
+        if self.xyz.dim() != 4 or self.xyz.shape[-1] != 3:
+            raise SR3DInputError(f"point maps must be [V, H, W, 3], got shape {tuple(self.xyz.shape)}")
+        if tuple(self.valid.shape) != tuple(self.xyz.shape[:3]):
+            raise SR3DInputError(
+                f"validity mask shape {tuple(self.valid.shape)} does not match point maps {tuple(self.xyz.shape[:3])}"
+            )
+        if self.confidence is not None and tuple(self.confidence.shape) != tuple(self.xyz.shape[:3]):
+            raise SR3DInputError(
+                f"confidence shape {tuple(self.confidence.shape)} does not match point maps {tuple(self.xyz.shape[:3])}"
+            )
+        if self.space not in ("world", "single_view"):
+            raise SR3DInputError(f"unknown point space {self.space!r}; expected 'world' or 'single_view'")
+
+    def __len__(self) -> int:
+        return self.xyz.shape[0]
+
+    def canonical(self, mode: str | None = None) -> torch.Tensor:
+        """``[V, H, W, 3]`` canonical coordinates shared by all frames (single-view maps are returned as is)."""
+        from sr3d_plugin.geometry import canonicalize
+
+        if self.space == "single_view":
+            return self.xyz
+        return canonicalize(self.xyz, self.valid, mode or self.canonical_mode)
