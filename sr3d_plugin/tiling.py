@@ -157,7 +157,8 @@ def tile_image(image: Image.Image, layout: TileLayout) -> list[Image.Image]:
 
 
 def _as_channels_first(x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(0) if x.dim() == 3 else x
+    """``[H, W]`` → ``[1, H, W]``; ``[C, H, W]`` unchanged."""
+    return x.unsqueeze(0) if x.dim() == 2 else x
 
 
 def _resize_and_cut(x: torch.Tensor, layout: TileLayout, mode: str) -> torch.Tensor:
