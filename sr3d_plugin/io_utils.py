@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
-    "atomic_write_text",
     "atomic_write_json",
-    "atomic_dir",
+    "atomic_write_text",
     "stable_hash",
 ]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["package_dir", "recipes_dir", "eval_tasks_dir"]
+__all__ = ["eval_tasks_dir", "package_dir", "recipes_dir"]
 
 
 def package_dir() -> Path:
@@ -22,9 +22,7 @@ def _shipped(name: str) -> Path:
     beside = package_dir().parent / name
     if beside.is_dir():
         return beside
-    raise FileNotFoundError(
-        f"the {name}/ folder is missing: looked in {inside} and {beside}; reinstall sr3d-plugin"
-    )
+    raise FileNotFoundError(f"the {name}/ folder is missing: looked in {inside} and {beside}; reinstall sr3d-plugin")
 
 
 def recipes_dir() -> Path:

@@ -91,34 +91,25 @@ def test_canonicalize_robust_ignores_invalid_points() -> None:
 
 
 def test_same_surface_point_seen_from_two_cameras_shares_canonical_coordinates() -> None:
-    target = torch.tensor([0.3, -0.2, 4.0], dtype=torch.float64)
     poses = torch.stack([_pose(0.0, (0, 0, 0)), _pose(0.35, (-1.5, 0.1, 0.4))])
     depth = torch.full((2, 240, 320), 3.0, dtype=torch.float64)
-    pixels = []
-    for v in range(2):
-        uv, z = project_points(target[None], K, poses[v])
-        x, y = uv[0].round().long().tolist()
-        # move the target onto the exact pixel centre ray so both frames see the same 3D point
-        pixels.append((v, y, x))
-    # put the target point itself on pixel (y, x) of frame 0, then find its exact depth in frame 1
-    v0, y0, x0 = pixels[0]
-    p0 = backproject(torch.full((240, 320), 1.0, dtype=torch.float64), K, poses[0])[y0, x0]
-    point = p0 * 0  # direction of pixel (y0, x0) scaled to reach z=4 in camera 0
-    ray = p0 - poses[0][:3, 3]
-    point = poses[0][:3, 3] + ray * 4.0
+    # a surface point on the ray of pixel (y0, x0) of frame 0, 4 m away
+    y0, x0 = 100, 170
     depth[0, y0, x0] = 4.0
-    # frame 1: choose intrinsics so that the point lands exactly on an integer pixel
+    point = backproject(depth[0], K, poses[0])[y0, x0]
+    # frame 1: shift the principal point so that the same point falls exactly on an integer pixel
     uv, z = project_points(point[None], K, poses[1])
-    k1 = K.clone()
-    k1[0, 2] += round(float(uv[0, 0])) - float(uv[0, 0])
-    k1[1, 2] += round(float(uv[0, 1])) - float(uv[0, 1])
     x1, y1 = round(float(uv[0, 0])), round(float(uv[0, 1]))
+    k1 = K.clone()
+    k1[0, 2] += x1 - float(uv[0, 0])
+    k1[1, 2] += y1 - float(uv[0, 1])
     depth[1, y1, x1] = float(z[0])
     pts = backproject(depth, torch.stack([K, k1]), poses)
-    can = canonicalize(pts)
     assert torch.allclose(pts[0, y0, x0], pts[1, y1, x1], atol=1e-9)
+    can = canonicalize(pts)
     assert float((can[0, y0, x0] - can[1, y1, x1]).abs().max()) < 1e-5
-    assert float((can.float()[0, y0, x0] - can.float()[1, y1, x1]).abs().max()) < 1e-5
+    can32 = canonicalize(pts.float())
+    assert float((can32[0, y0, x0] - can32[1, y1, x1]).abs().max()) < 1e-5
 
 
 def test_relative_depth_to_points_formula() -> None:

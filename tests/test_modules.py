@@ -82,7 +82,7 @@ def test_pe_keys_load_released_layout_and_init_is_tiny() -> None:
 def reference_3x3(tokens: torch.Tensor) -> torch.Tensor:
     """Loop-by-loop statement of the 3×3 block concatenation with bottom/right zero padding."""
     n, length, c = tokens.shape
-    side = int(math.isqrt(length))
+    side = math.isqrt(length)
     grid = tokens.reshape(n, side, side, c)
     out_side = -(-side // 3)
     out = torch.zeros(n, out_side * out_side, 9 * c)
