@@ -24,6 +24,7 @@ __all__ = [
     "candidate_grids",
     "frame_layout",
     "plan_tiles",
+    "tile_array",
     "tile_grid",
     "tile_image",
     "tile_mask",
@@ -173,6 +174,15 @@ def _resize_and_cut(x: torch.Tensor, layout: TileLayout, mode: str) -> torch.Ten
         thumb = F.interpolate(x.unsqueeze(0), size=(s, s), mode=mode, **kwargs)
         tiles = torch.cat([tiles, thumb], dim=0)
     return tiles
+
+
+def tile_array(x: torch.Tensor, layout: TileLayout, mode: str = "area") -> torch.Tensor:
+    """Cut a ``[C, H, W]`` float array into ``[T, C, S, S]`` tiles (``mode``: ``area``, ``nearest-exact``, ``bilinear``)."""
+    if x.dim() != 3:
+        raise SR3DInputError(f"tile_array expects [C, H, W], got shape {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        x = x.to(torch.float32)
+    return _resize_and_cut(x, layout, mode)
 
 
 def tile_mask(mask: torch.Tensor | np.ndarray, layout: TileLayout) -> torch.Tensor:

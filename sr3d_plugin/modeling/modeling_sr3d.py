@@ -1,0 +1,333 @@
+"""``SR3DForConditionalGeneration``: any vision tower + 3D PE + projector + region extractor + any causal LLM.
+
+Data flow for one batch (SR3D-FACTS §2, §6)::
+
+    pixel_values [T, 3, S, S] ── vision tower (layer −2) ── feats [T, L, C]
+    tile_xyz [T, g, g, 3] ── PositionEncoder3D ── + feats            (PE added before the projector)
+    feats ── projector ── [T, N, H] ── scattered at <image> placeholder ids
+    region_weights [R, T, L] · feats ── region projector ── [R, H] ── scattered at <mask> ids
+    inputs_embeds ── LLM ── logits
+
+The processor (:class:`~sr3d_plugin.modeling.SR3DProcessor`) expands every tile into ``N``
+placeholder ids (plus the VILA end-of-tile ids), so ``input_ids`` and ``inputs_embeds`` have the
+same length and ``generate`` works on stock transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from sr3d_plugin import plugins
+from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+from sr3d_plugin.modeling.position_encoding import PositionEncoder3D
+
+__all__ = ["SR3DCausalLMOutput", "SR3DForConditionalGeneration", "SR3DPreTrainedModel"]
+
+
+@dataclass
+class SR3DCausalLMOutput(ModelOutput):
+    """Output of :meth:`SR3DForConditionalGeneration.forward` (the LLM's output plus vision extras)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_features: torch.Tensor | None = None
+    region_embeddings: torch.Tensor | None = None
+
+
+class SR3DPreTrainedModel(PreTrainedModel):
+    config_class = SR3DConfig
+    base_model_prefix = "sr3d"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["cache"]
+    # The small SR-3D modules must stay whole (and in full precision under bitsandbytes).
+    _no_split_modules = ["PositionEncoder3D", "Projector", "RegionExtractor"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PositionEncoder3D):
+            module.reset_parameters(self.config.pe_init_gain)
+            return
+        super()._init_weights(module)
+
+
+class SR3DForConditionalGeneration(SR3DPreTrainedModel):
+    """SR-3D on stock transformers.
+
+    Sub-modules (their state-dict prefixes match the released VILA folders, SR3D-FACTS §1):
+    ``vision_tower`` (``vision_tower/``), ``mm_projector`` (``mm_projector/``), ``perception_encoder``
+    (``perception_encoder/``), ``region_extractor`` (``region_extractor/``), ``llm`` (``llm/``).
+    """
+
+    def __init__(self, config: SR3DConfig) -> None:
+        super().__init__(config)
+        c, h = config.vision_hidden_size, config.llm_hidden_size
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.mm_projector = plugins.create("projectors", config.projector_type, c, h)
+        self.perception_encoder = (
+            plugins.create(
+                "position_encoders",
+                config.position_encoder_type,
+                c,
+                num_freqs=config.pe_num_freqs,
+                init_gain=config.pe_init_gain,
+            )
+            if config.use_position_encoding
+            else None
+        )
+        self.region_extractor = (
+            plugins.create("region_extractors", config.region_extractor_type, c, h)
+            if config.use_region_extractor
+            else None
+        )
+        self.llm = AutoModelForCausalLM.from_config(config.text_config)
+        if config.image_seq_length is None:
+            config.image_seq_length = self._infer_tokens_per_tile()
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------
+    # plumbing expected by transformers / peft
+    # ------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.llm.get_decoder()
+
+    @property
+    def generation_config(self):  # type: ignore[override]
+        return self.llm.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:  # type: ignore[override]
+        if "llm" in self._modules:
+            self.llm.generation_config = value
+
+    def can_generate(self) -> bool:  # type: ignore[override]
+        return True
+
+    def _infer_tokens_per_tile(self) -> int:
+        grid = self.config.grid_size
+        tokens = grid * grid
+        if hasattr(self.mm_projector, "tokens_out"):
+            return int(self.mm_projector.tokens_out(tokens))
+        with torch.no_grad():
+            probe = torch.zeros(1, tokens, self.config.vision_hidden_size)
+            return int(self.mm_projector(probe).shape[1])
+
+    # ------------------------------------------------------------------------------------------
+    # vision path
+    # ------------------------------------------------------------------------------------------
+
+    def get_vision_features(self, pixel_values: torch.Tensor, tile_xyz: torch.Tensor | None = None) -> torch.Tensor:
+        """PE-augmented vision tokens.
+
+        Args:
+            pixel_values: ``[T, 3, S, S]`` normalised tiles.
+            tile_xyz: ``[T, g, g, 3]`` canonical positions of every token (required when the PE is on).
+
+        Returns:
+            ``[T, L, C]`` features from ``vision_feature_layer`` (+ PE), ``L = g²``.
+        """
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.config.vision_feature_layer]
+        if self.config.drops_cls_token:
+            feats = feats[:, 1:]
+        g = self.config.grid_size
+        if feats.shape[1] != g * g:
+            raise SR3DInputError(
+                f"the vision tower produced {feats.shape[1]} tokens per tile; expected {g}×{g} = {g * g} for "
+                f"tile size {self.config.tile_size} (check vision_feature_select={self.config.vision_feature_select!r})"
+            )
+        if self.perception_encoder is not None:
+            if tile_xyz is None:
+                raise SR3DInputError(
+                    "this model adds 3D positional encodings but no 3D positions were given: pass depth, "
+                    "point maps or a depth estimator to the processor (or use a model with use_position_encoding=False)"
+                )
+            xyz = tile_xyz.reshape(tile_xyz.shape[0], -1, 3)
+            if tuple(xyz.shape[:2]) != tuple(feats.shape[:2]):
+                raise SR3DInputError(
+                    f"tile_xyz gives {tuple(xyz.shape[:2])} (tiles, tokens) but the vision tower produced "
+                    f"{tuple(feats.shape[:2])}; the point maps must be tiled like the images"
+                )
+            pe_param = next(self.perception_encoder.parameters())
+            pe = self.perception_encoder(xyz.to(device=pe_param.device, dtype=pe_param.dtype))
+            feats = feats + pe.to(device=feats.device, dtype=feats.dtype)
+        return feats
+
+    def project_tiles(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[T, L, C]`` → ``[T, N, H]`` LLM embeddings of each tile."""
+        param = next(self.mm_projector.parameters(), None)
+        if param is not None:
+            feats = feats.to(device=param.device, dtype=param.dtype)
+        return self.mm_projector(feats)
+
+    def region_embeddings(self, feats: torch.Tensor, region_weights: torch.Tensor) -> torch.Tensor:
+        """``[R, T, L]`` pooling weights × ``[T, L, C]`` tokens → ``[R, H]`` region embeddings."""
+        if self.region_extractor is None:
+            raise SR3DInputError(
+                "regions were given but this model has no region extractor (use_region_extractor=False)"
+            )
+        if tuple(region_weights.shape[1:]) != tuple(feats.shape[:2]):
+            raise SR3DInputError(
+                f"region weights cover {tuple(region_weights.shape[1:])} (tiles, tokens) but there are "
+                f"{tuple(feats.shape[:2])} vision tokens; regions must be tiled like their images"
+            )
+        proj = self.region_extractor.projector
+        pooled = torch.einsum("rtl,tlc->rc", region_weights.to(device=feats.device, dtype=feats.dtype), feats)
+        return proj(pooled.to(device=proj.weight.device, dtype=proj.weight.dtype))
+
+    # ------------------------------------------------------------------------------------------
+    # embedding assembly
+    # ------------------------------------------------------------------------------------------
+
+    def _token_ids(self) -> tuple[int, int | None]:
+        image_id = self.config.image_token_id
+        if image_id is None:
+            raise SR3DInputError(
+                "config.image_token_id is not set; build the model with a builder or set it to the <image> id"
+            )
+        return int(image_id), (None if self.config.mask_token_id is None else int(self.config.mask_token_id))
+
+    def build_inputs_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        tile_xyz: torch.Tensor | None = None,
+        region_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Text embeddings with tile and region embeddings scattered into their placeholders.
+
+        Returns ``(inputs_embeds [B, L, H], vision features or None, region embeddings or None)``.
+        """
+        image_id, mask_id = self._token_ids()
+        embed = self.get_input_embeddings()
+        vocab = embed.weight.shape[0]
+        is_image = input_ids == image_id
+        is_mask = (input_ids == mask_id) if mask_id is not None else torch.zeros_like(is_image)
+        safe_ids = input_ids.masked_fill((is_image | is_mask) & (input_ids >= vocab), 0)
+        embeds = embed(safe_ids)
+        feats = regions = None
+        n_image_slots = int(is_image.sum())
+        if pixel_values is not None:
+            feats = self.get_vision_features(pixel_values, tile_xyz)
+            tiles = self.project_tiles(feats)
+            if n_image_slots != tiles.shape[0] * tiles.shape[1]:
+                raise SR3DInputError(
+                    f"the prompt has {n_image_slots} image placeholder tokens but {tiles.shape[0]} tile(s) × "
+                    f"{tiles.shape[1]} tokens = {tiles.shape[0] * tiles.shape[1]} image embeddings; expected equal "
+                    "(build inputs with SR3DProcessor)"
+                )
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1).to(embeds.device), tiles.to(embeds.dtype))
+        elif n_image_slots:
+            raise SR3DInputError(f"the prompt has {n_image_slots} image placeholder tokens but no pixel_values")
+        n_mask_slots = int(is_mask.sum())
+        if region_weights is not None and region_weights.shape[0] > 0:
+            if feats is None:
+                raise SR3DInputError("region_weights were given without pixel_values")
+            regions = self.region_embeddings(feats, region_weights)
+            if n_mask_slots != regions.shape[0]:
+                raise SR3DInputError(
+                    f"the prompt has {n_mask_slots} <mask> token(s) but {regions.shape[0]} region(s); expected one "
+                    "<mask> per region"
+                )
+            embeds = embeds.masked_scatter(is_mask.unsqueeze(-1).to(embeds.device), regions.to(embeds.dtype))
+        elif n_mask_slots:
+            raise SR3DInputError(f"the prompt has {n_mask_slots} <mask> token(s) but no region was given")
+        if self.training and feats is not None and regions is None and self.region_extractor is not None:
+            # keep every parameter in the graph (DDP / ZeRO need gradients for all of them)
+            embeds = embeds + self.region_extractor.dummy(feats).to(embeds.dtype)
+        return embeds, feats, regions
+
+    # ------------------------------------------------------------------------------------------
+    # forward / generate
+    # ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        tile_xyz: torch.Tensor | None = None,
+        region_weights: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> SR3DCausalLMOutput:
+        """Teacher-forced forward pass. ``labels`` use -100 for ignored positions (prompt, images)."""
+        feats = regions = None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise SR3DInputError("pass input_ids (or inputs_embeds)")
+            inputs_embeds, feats, regions = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights)
+        kwargs.pop("num_tiles", None)
+        out = self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            return_dict=True,
+            **kwargs,
+        )
+        return SR3DCausalLMOutput(
+            loss=out.get("loss"),
+            logits=out.get("logits"),
+            cache=out.get("cache"),
+            hidden_states=out.get("hidden_states"),
+            attentions=out.get("attentions"),
+            image_features=feats,
+            region_embeddings=regions,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        tile_xyz: torch.Tensor | None = None,
+        region_weights: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate with the LLM's own ``generate``.
+
+        Returns ``[B, prompt + new]`` token ids, the prompt first, as for any decoder-only model
+        (decode ``out[:, input_ids.shape[1]:]`` for the answer).
+        """
+        if input_ids is None:
+            raise SR3DInputError("generate needs input_ids")
+        embeds, _, _ = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        for key in ("token_type_ids", "num_tiles", "labels"):
+            generate_kwargs.pop(key, None)
+        new_tokens = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        prompt = input_ids.to(new_tokens.device)
+        # placeholder ids may lie outside the vocabulary; keep them as they were given
+        return torch.cat([prompt, new_tokens], dim=1)

@@ -1,0 +1,475 @@
+"""``SR3DProcessor``: prompt expansion, tiling, 3D positions per token and region pooling weights.
+
+Prompt layout (VILA/NVILA, confirmed from VILA's ``mm_utils.dynamic_process_images_and_prompt``,
+``BasicImageEncoder`` and ``generate_content``):
+
+* the user text holds one ``<image>`` marker per image (single view) or per frame (multi-view);
+* a single image cut into ``T`` tiles becomes ``"<image>\\n" × T`` in the text; every frame of
+  multi-view input becomes ``"<image>\\n"`` (``tile_separator``);
+* each ``<image>`` id then stands for the tile's ``N`` projected tokens followed by the embedding of
+  ``image_end_text`` (``"\\n"``), which VILA's image encoder appends — we insert those ids directly
+  so they are never merged with the following text by the BPE;
+* each ``<mask>`` is one region embedding, in order; ``<regionK>`` aliases select region ``K``.
+
+Everything the vision path needs is computed here on the CPU: ``pixel_values [T, 3, S, S]``,
+``tile_xyz [T, g, g, 3]`` (canonical position of every vision token: the point map tiled exactly
+like the image, then area-pooled onto the token grid) and ``region_weights [R, T, g²]`` (region
+masks tiled like the image, bilinearly resized to the grid and normalised).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.geometry import pool_to_grid
+from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.modeling.region_extractor import mask_weights
+from sr3d_plugin.tiling import TileLayout, frame_layout, plan_tiles, tile_array, tile_image, tile_mask
+
+__all__ = ["SR3DProcessor"]
+
+_REGION_ALIAS = re.compile(r"<region(\d+)>")
+_Edit = tuple[int, int, str]
+
+
+def _apply_edits(text: str, edits: list[_Edit]) -> tuple[str, Any]:
+    """Apply non-overlapping ``(start, end, replacement)`` edits; also return old→new offset mapping."""
+    edits = sorted(edits)
+    out, cursor, deltas = [], 0, []
+    for start, end, new in edits:
+        out.append(text[cursor:start])
+        out.append(new)
+        deltas.append((end, len(new) - (end - start)))
+        cursor = end
+    out.append(text[cursor:])
+
+    def shift(offset: int) -> int:
+        return offset + sum(d for end, d in deltas if end <= offset)
+
+    return "".join(out), shift
+
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class SR3DProcessor(ProcessorMixin):
+    """Turns text + :class:`~sr3d_plugin.modeling.inputs.VisualInput` into model inputs.
+
+    Args:
+        image_processor: the vision tower's image processor (normalisation; tiles arrive at ``tile_size``).
+        tokenizer: the LLM tokenizer, with ``<image>`` and ``<mask>`` as special tokens.
+        tile_size, min_tiles, max_tiles, image_aspect_ratio, use_thumbnail: tiling (see SR3DConfig).
+        patch_size: vision patch size; ``tile_size // patch_size`` is the token grid ``g``.
+        tokens_per_tile: LLM tokens per tile after the projector (121 for SR-3D).
+        image_end_text: text whose ids follow each tile's placeholders (``"\\n"``; None for LLaVA).
+        tile_separator: text after each ``<image>`` marker in the prompt (``"\\n"``; ``""`` for LLaVA).
+        use_position_encoding: the model adds 3D PE, so every visual input needs point maps.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        tile_size: int = 448,
+        min_tiles: int = 1,
+        max_tiles: int = 12,
+        image_aspect_ratio: str = "dynamic",
+        use_thumbnail: bool = True,
+        patch_size: int = 14,
+        tokens_per_tile: int = 121,
+        image_end_text: str | None = "\n",
+        tile_separator: str = "\n",
+        use_position_encoding: bool = True,
+        image_token: str = "<image>",
+        mask_token: str = "<mask>",
+        **kwargs: Any,
+    ) -> None:
+        self.tile_size = tile_size
+        self.min_tiles = min_tiles
+        self.max_tiles = max_tiles
+        self.image_aspect_ratio = image_aspect_ratio
+        self.use_thumbnail = use_thumbnail
+        self.patch_size = patch_size
+        self.tokens_per_tile = tokens_per_tile
+        self.image_end_text = image_end_text
+        self.tile_separator = tile_separator
+        self.use_position_encoding = use_position_encoding
+        self.image_token = image_token
+        self.mask_token = mask_token
+        if chat_template is None and tokenizer is not None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_model_config(cls, config: Any, image_processor: Any, tokenizer: Any, **overrides: Any) -> SR3DProcessor:
+        """A processor whose tiling and token accounting match ``config`` (an :class:`SR3DConfig`)."""
+        kwargs = {
+            "tile_size": config.tile_size,
+            "min_tiles": config.min_tiles,
+            "max_tiles": config.max_tiles,
+            "image_aspect_ratio": config.image_aspect_ratio,
+            "use_thumbnail": config.use_thumbnail,
+            "patch_size": config.vision_config.patch_size,
+            "tokens_per_tile": config.tokens_per_tile,
+            "image_end_text": config.image_end_text,
+            "tile_separator": config.tile_separator,
+            "use_position_encoding": config.use_position_encoding,
+        }
+        kwargs.update(overrides)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # ids and layouts
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def grid_size(self) -> int:
+        return self.tile_size // self.patch_size
+
+    def _special_id(self, token: str) -> int:
+        ids = self.tokenizer.convert_tokens_to_ids([token])
+        if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
+            raise SR3DInputError(f"the tokenizer has no {token} token; add it as a special token")
+        return int(ids[0])
+
+    @property
+    def image_token_id(self) -> int:
+        return self._special_id(self.image_token)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self._special_id(self.mask_token)
+
+    def _end_ids(self) -> list[int]:
+        if not self.image_end_text:
+            return []
+        return list(self.tokenizer(self.image_end_text, add_special_tokens=False)["input_ids"])
+
+    def layouts(self, visual: VisualInput) -> list[TileLayout]:
+        """One layout per image: dynamic tiles for a single image, one tile per frame otherwise."""
+        if visual.multi_view:
+            return [frame_layout(self.tile_size) for _ in visual.images]
+        if self.image_aspect_ratio == "dynamic":
+            w, h = visual.images[0].size
+            return [plan_tiles(w, h, self.min_tiles, self.max_tiles, self.tile_size, self.use_thumbnail)]
+        return [TileLayout(1, 1, self.tile_size, False)]
+
+    def num_tiles(self, visual: VisualInput) -> int:
+        return sum(layout.num_tiles for layout in self.layouts(visual))
+
+    # ------------------------------------------------------------------------------------------
+    # prompts
+    # ------------------------------------------------------------------------------------------
+
+    def user_content(self, question: str, visual: VisualInput | None) -> str:
+        """``<image>`` markers (one per image or frame) followed by the question."""
+        markers = self.image_token * (visual.num_images if visual is not None else 0)
+        return markers + question
+
+    def build_prompt(
+        self,
+        question: str,
+        visual: VisualInput | None = None,
+        system: str | None = DEFAULT_SYSTEM_PROMPT,
+        answer: str | None = None,
+    ) -> str:
+        """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None)."""
+        messages: list[dict[str, str]] = []
+        if system is not None:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": self.user_content(question, visual)})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        return self.render_chat(messages, add_generation_prompt=answer is None)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise SR3DInputError("the tokenizer has no chat template; pass a full prompt string instead")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+
+    def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """Render a conversation and return the character spans of every assistant turn (with its end token)."""
+        spans: list[tuple[int, int]] = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render_chat(messages[:k], add_generation_prompt=True)
+            upto = self.render_chat(messages[: k + 1])
+            if not upto.startswith(before):
+                raise SR3DInputError("the chat template is not prefix-stable; cannot locate assistant turns")
+            end = len(upto.rstrip("\n"))
+            spans.append((len(before), end))
+        return self.render_chat(messages), spans
+
+    # ------------------------------------------------------------------------------------------
+    # main entry point
+    # ------------------------------------------------------------------------------------------
+
+    def __call__(  # type: ignore[override]
+        self,
+        text: str | Sequence[str],
+        visuals: VisualInput | Sequence[VisualInput | None] | None = None,
+        supervised_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+        padding_side: str | None = None,
+        return_tensors: str = "pt",
+        add_special_tokens: bool = False,
+        **_: Any,
+    ) -> BatchFeature:
+        """Build a batch.
+
+        Args:
+            text: prompt(s) containing ``<image>`` markers (one per image/frame) and ``<mask>`` or
+                ``<regionK>`` references.
+            visuals: one :class:`VisualInput` per prompt (or None for text-only prompts).
+            supervised_spans: optional character spans per prompt whose tokens get labels (all other
+                positions get -100); returns ``labels`` when given.
+            padding_side: ``"left"`` (generation) or ``"right"``; defaults to the tokenizer's.
+
+        Returns:
+            ``input_ids [B, L]``, ``attention_mask [B, L]``, ``num_tiles [B]`` and, when images are
+            present, ``pixel_values [T, 3, S, S]``, ``tile_xyz [T, g, g, 3]`` (if point maps were
+            given) and ``region_weights [R, T, g²]`` (if regions were given), ``labels`` on request.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if visuals is None or isinstance(visuals, VisualInput):
+            vis_list: list[VisualInput | None] = [visuals] * len(texts)
+            if isinstance(visuals, VisualInput) and len(texts) != 1:
+                raise SR3DInputError(f"one VisualInput for {len(texts)} prompts; pass a list with one per prompt")
+        else:
+            vis_list = list(visuals)
+        if len(vis_list) != len(texts):
+            raise SR3DInputError(f"{len(texts)} prompts but {len(vis_list)} visual inputs; expected one per prompt")
+        if supervised_spans is not None and len(supervised_spans) != len(texts):
+            raise SR3DInputError(f"{len(texts)} prompts but {len(supervised_spans)} span lists")
+
+        image_id = self.image_token_id if any(v is not None for v in vis_list) else None
+        end_ids = self._end_ids()
+        rows: list[list[int]] = []
+        label_rows: list[list[int]] = []
+        pixel_tiles: list[Image.Image] = []
+        xyz_parts: list[torch.Tensor] = []
+        region_blocks: list[tuple[int, torch.Tensor]] = []  # (tile offset, [R_i, T_i, L])
+        tiles_per_sample: list[int] = []
+        tile_offset = 0
+        for i, (prompt, visual) in enumerate(zip(texts, vis_list)):
+            edits, region_order = self._resolve_regions(prompt, visual, i)
+            if visual is None:
+                if self.image_token in prompt:
+                    raise SR3DInputError(f"prompt {i} contains {self.image_token} but no image was given")
+                layouts: list[TileLayout] = []
+            else:
+                layouts = self.layouts(visual)
+                edits += self._marker_edits(prompt, visual, layouts, i)
+            prompt, shift = _apply_edits(prompt, edits)
+            spans = [(shift(a), shift(b)) for a, b in supervised_spans[i]] if supervised_spans is not None else None
+            ids, labels = self._tokenize(prompt, spans, add_special_tokens)
+            ids, labels = self._expand_ids(ids, labels, image_id, end_ids)
+            rows.append(ids)
+            label_rows.append(labels)
+            n_tiles = sum(layout.num_tiles for layout in layouts)
+            tiles_per_sample.append(n_tiles)
+            if visual is None:
+                continue
+            pixel_tiles.extend(self._tile_images(visual, layouts))
+            if visual.points is not None:
+                xyz_parts.append(self._tile_positions(visual, layouts))
+            elif self.use_position_encoding:
+                raise SR3DInputError(
+                    f"visual input {i} has no 3D positions, but this model adds a 3D positional encoding: "
+                    "give depth (with intrinsics/poses), point maps, or a depth estimator"
+                )
+            if region_order:
+                region_blocks.append((tile_offset, self._region_weights(visual, layouts, region_order)))
+            tile_offset += n_tiles
+
+        data: dict[str, Any] = self._pad(rows, label_rows if supervised_spans is not None else None, padding_side)
+        data["num_tiles"] = torch.tensor(tiles_per_sample, dtype=torch.long)
+        if pixel_tiles:
+            data["pixel_values"] = self._pixel_values(pixel_tiles)
+            if xyz_parts:
+                if len(xyz_parts) != sum(v is not None for v in vis_list):
+                    raise SR3DInputError("either every visual input in a batch has point maps or none has")
+                data["tile_xyz"] = torch.cat(xyz_parts, dim=0)
+            if region_blocks:
+                g2 = self.grid_size**2
+                total = sum(block.shape[0] for _, block in region_blocks)
+                weights = torch.zeros(total, tile_offset, g2)
+                r = 0
+                for offset, block in region_blocks:
+                    weights[r : r + block.shape[0], offset : offset + block.shape[1]] = block
+                    r += block.shape[0]
+                data["region_weights"] = weights
+        return BatchFeature(data=data, tensor_type=None)
+
+    # ------------------------------------------------------------------------------------------
+    # pieces
+    # ------------------------------------------------------------------------------------------
+
+    def _resolve_regions(self, prompt: str, visual: VisualInput | None, index: int) -> tuple[list[_Edit], list[int]]:
+        """Edits that turn ``<regionK>`` aliases into ``<mask>``, and the region order of the ``<mask>`` tokens."""
+        regions = visual.regions if visual is not None else []
+        matches = list(_REGION_ALIAS.finditer(prompt))
+        bare = prompt.count(self.mask_token)
+        if matches and bare:
+            raise SR3DInputError(f"prompt {index} mixes {self.mask_token} and <regionK> references; use one style")
+        if matches:
+            order = [int(m.group(1)) for m in matches]
+            for k in order:
+                if not 0 <= k < len(regions):
+                    raise SR3DInputError(
+                        f"prompt {index} refers to <region{k}> but {len(regions)} region(s) were given (0..{len(regions) - 1})"
+                    )
+            return [(m.start(), m.end(), self.mask_token) for m in matches], order
+        if bare != len(regions):
+            raise SR3DInputError(
+                f"prompt {index} has {bare} {self.mask_token} token(s) but {len(regions)} region(s) were given; "
+                "expected one per region, in order"
+            )
+        return [], list(range(len(regions)))
+
+    def _marker_edits(self, prompt: str, visual: VisualInput, layouts: list[TileLayout], index: int) -> list[_Edit]:
+        """Edits that expand each ``<image>`` marker into ``(<image> + separator) × tiles``."""
+        positions = [m.start() for m in re.finditer(re.escape(self.image_token), prompt)]
+        if len(positions) != visual.num_images:
+            raise SR3DInputError(
+                f"prompt {index} has {len(positions)} {self.image_token} marker(s) but {visual.num_images} image(s) "
+                f"were given; expected one marker per {'frame' if visual.multi_view else 'image'}"
+            )
+        sep = self.tile_separator
+        edits = []
+        for pos, layout in zip(positions, layouts):
+            end = pos + len(self.image_token)
+            if sep and prompt.startswith(sep, end):
+                end += len(sep)  # the expansion brings its own separator
+            edits.append((pos, end, (self.image_token + sep) * layout.num_tiles))
+        return edits
+
+    def _tokenize(
+        self, prompt: str, spans: Sequence[tuple[int, int]] | None, add_special_tokens: bool
+    ) -> tuple[list[int], list[int]]:
+        if spans is None:
+            enc = self.tokenizer(prompt, add_special_tokens=add_special_tokens)
+            ids = list(enc["input_ids"])
+            return ids, [-100] * len(ids)
+        enc = self.tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = []
+        for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+            inside = b > a and any(a >= s and b <= e for s, e in spans)
+            labels.append(tok if inside else -100)
+        return ids, labels
+
+    def _expand_ids(
+        self, ids: list[int], labels: list[int], image_id: int | None, end_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        if image_id is None:
+            return ids, labels
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        block = [image_id] * self.tokens_per_tile + end_ids
+        for tok, lab in zip(ids, labels):
+            if tok == image_id:
+                out_ids.extend(block)
+                out_labels.extend([-100] * len(block))
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def _pad(self, rows: list[list[int]], labels: list[list[int]] | None, padding_side: str | None) -> dict[str, Any]:
+        side = padding_side or getattr(self.tokenizer, "padding_side", "right")
+        if side not in ("left", "right"):
+            raise SR3DInputError(f"padding_side={side!r}; expected 'left' or 'right'")
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long) if labels is not None else None
+        for b, row in enumerate(rows):
+            n = len(row)
+            sl = slice(width - n, width) if side == "left" else slice(0, n)
+            ids[b, sl] = torch.tensor(row, dtype=torch.long)
+            mask[b, sl] = 1
+            if lab is not None and labels is not None:
+                lab[b, sl] = torch.tensor(labels[b], dtype=torch.long)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if lab is not None:
+            out["labels"] = lab
+        return out
+
+    def _tile_images(self, visual: VisualInput, layouts: list[TileLayout]) -> list[Image.Image]:
+        tiles: list[Image.Image] = []
+        s = self.tile_size
+        for image, layout in zip(visual.images, layouts):
+            image = image.convert("RGB")
+            if layout.num_tiles == 1 and not layout.thumbnail and layout.cols == 1 and layout.rows == 1:
+                tiles.append(image if image.size == (s, s) else image.resize((s, s), Image.Resampling.BICUBIC))
+            else:
+                tiles.extend(tile_image(image, layout))
+        return tiles
+
+    def _pixel_values(self, tiles: list[Image.Image]) -> torch.Tensor:
+        out = self.image_processor(images=tiles, return_tensors="pt")
+        pv = out["pixel_values"]
+        s = self.tile_size
+        if tuple(pv.shape[-2:]) != (s, s):
+            raise SR3DInputError(
+                f"the image processor produced {tuple(pv.shape[-2:])} pixels per tile; expected {s}×{s} "
+                "(its size must equal the tile size)"
+            )
+        return pv
+
+    def _tile_positions(self, visual: VisualInput, layouts: list[TileLayout]) -> torch.Tensor:
+        assert visual.points is not None
+        g = self.grid_size
+        grids = []
+        for v, layout in enumerate(layouts):
+            pts = visual.points[v].to(torch.float32).permute(2, 0, 1)  # [3, H, W]
+            if visual.valid is None:
+                tiles = tile_array(pts, layout, "area").permute(0, 2, 3, 1)
+                grid, _ = pool_to_grid(tiles, g)
+            else:
+                w = visual.valid[v].to(torch.float32).unsqueeze(0)
+                num = tile_array(torch.cat([pts * w, w]), layout, "area").permute(0, 2, 3, 1)
+                gnum, _ = pool_to_grid(num[..., :3], g)
+                gden, _ = pool_to_grid(num[..., 3:].expand(-1, -1, -1, 3), g)
+                grid = torch.where(gden > 0, gnum / gden.clamp_min(1e-12), torch.zeros_like(gnum))
+            grids.append(grid)
+        return torch.cat(grids, dim=0)
+
+    def _region_weights(self, visual: VisualInput, layouts: list[TileLayout], order: list[int]) -> torch.Tensor:
+        g = self.grid_size
+        blocks = []
+        for k in order:
+            region: Region = visual.regions[k]
+            tiles = []
+            for v, layout in enumerate(layouts):
+                mask = region.masks.get(v)
+                if mask is None:
+                    tiles.append(torch.zeros(layout.num_tiles, self.tile_size, self.tile_size, dtype=torch.bool))
+                    continue
+                t = tile_mask(mask, layout)
+                if not bool(t.any()):  # thinner than a resized pixel: keep it with area resizing
+                    t = tile_array(torch.as_tensor(mask, dtype=torch.float32)[None], layout, "area")[:, 0] > 0
+                tiles.append(t)
+            stacked = torch.cat(tiles, dim=0).unsqueeze(1)  # [T, 1, S, S]
+            blocks.append(mask_weights(stacked, g).reshape(-1, g * g))
+        return torch.stack(blocks, dim=0)
+
+    def decode_answer(self, generated: torch.Tensor, prompt_length: int) -> list[str]:
+        """Decode the new tokens of ``generate`` output (``[B, prompt + new]``)."""
+        return self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
