@@ -1,0 +1,25 @@
+"""Builder for folders written by ``SR3DForConditionalGeneration.save_pretrained`` (model_type ``sr3d``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class NativeBuilder:
+    """Our own standard folders: config + safetensors + processor files."""
+
+    name = "sr3d"
+
+    def can_load(self, path: Path, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == "sr3d"
+
+    def load(self, path: Path, dtype: Any = None, device_map: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        from sr3d_plugin.modeling import SR3DForConditionalGeneration, SR3DProcessor
+        from sr3d_plugin.modeling.configuration_sr3d import parse_dtype
+
+        model = SR3DForConditionalGeneration.from_pretrained(
+            str(path), dtype=parse_dtype(dtype), device_map=device_map, **kwargs
+        )
+        processor = SR3DProcessor.from_pretrained(str(path))
+        return model.eval(), processor
