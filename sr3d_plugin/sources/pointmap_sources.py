@@ -1,0 +1,240 @@
+"""Point-map sources built from depth: ``gt_depth``, ``relative_depth`` and ``depth_anything``.
+
+Every source has ``pointmaps(frames: FrameSet) -> PointMaps`` and ``options() -> dict`` (what the
+point-map cache keys on). Conventions are those of SR3D-FACTS §3:
+
+* ``gt_depth`` back-projects metric depth with the depth intrinsics and camera-to-world poses into
+  one world frame (``space="world"``, canonical mode ``"sr3d"``, the released convention).
+* ``relative_depth`` turns a given depth map without intrinsics into the single-view convention
+  (``d = minmax(depth)``, far = 1, then ``(u·z, v·z, z)``; ``space="single_view"``).
+* ``depth_anything`` runs a registered depth estimator (Depth Anything V2 by default) and applies
+  the same single-view convention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.geometry import backproject, disparity_to_relative_depth, relative_depth_to_points
+from sr3d_plugin.sources.base import FrameSet, PointMaps
+from sr3d_plugin.sources.files import check_depth_array
+
+__all__ = [
+    "DepthAnythingSource",
+    "GTDepthSource",
+    "RelativeDepthSource",
+    "check_aspect",
+]
+
+
+def check_aspect(frames: FrameSet, height: int, width: int, tolerance: float, what: str) -> None:
+    """Raise if a ``height × width`` map's aspect ratio differs from the frames' images by more than ``tolerance``.
+
+    Point maps at another resolution than the images are fine (they are area-resized onto the
+    tiles), but a different aspect ratio means the map does not cover the same pixels.
+    """
+    target = width / height
+    for fid, im in zip(frames.frame_ids, frames.images):
+        aspect = im.size[0] / im.size[1]
+        if abs(aspect - target) / aspect > tolerance:
+            raise SR3DInputError(
+                f"{what} is {width}×{height} (aspect {target:.4f}) but frame {fid} is {im.size[0]}×{im.size[1]} "
+                f"(aspect {aspect:.4f}); expected the same aspect ratio within {tolerance:.0%} "
+                "(a cropped or transposed map would put 3D positions on the wrong pixels)"
+            )
+
+
+def _frame_depth(frames: FrameSet, source: str) -> np.ndarray:
+    if frames.depth is None:
+        raise SR3DInputError(
+            f"the {source} source needs depth maps, but the frames from {frames.source or 'the input'} have none; "
+            "pass depth files, or use the depth_anything source (monocular estimate) instead"
+        )
+    depth = np.asarray(frames.depth)
+    if depth.ndim != 3 or depth.shape[0] != len(frames):
+        raise SR3DInputError(f"depth must be [V, H, W] with V = {len(frames)} frames, got shape {depth.shape}")
+    if not np.issubdtype(depth.dtype, np.number):
+        raise SR3DInputError(f"depth must be numeric, got dtype {depth.dtype}")
+    return depth
+
+
+class GTDepthSource:
+    """Metric depth + intrinsics (+ poses) → world point maps (SR3D-FACTS §3, multi-view).
+
+    Args:
+        canonical_mode: mode suggested to the canonicalisation (``"sr3d"`` = released convention).
+        max_depth: pixels farther than this (metres) are marked invalid; None keeps all.
+        aspect_tolerance: allowed relative aspect-ratio difference between depth and colour images.
+    """
+
+    name = "gt_depth"
+
+    def __init__(self, canonical_mode: str = "sr3d", max_depth: float | None = None, aspect_tolerance: float = 0.02):
+        if canonical_mode not in ("sr3d", "robust"):
+            raise SR3DInputError(f"unknown canonical mode {canonical_mode!r}; expected 'sr3d' or 'robust'")
+        if max_depth is not None and not max_depth > 0:
+            raise SR3DInputError(f"max_depth must be positive (metres), got {max_depth!r}")
+        self.canonical_mode = canonical_mode
+        self.max_depth = max_depth
+        self.aspect_tolerance = float(aspect_tolerance)
+
+    def options(self) -> dict:
+        return {"canonical_mode": self.canonical_mode, "max_depth": self.max_depth}
+
+    def pointmaps(self, frames: FrameSet) -> PointMaps:
+        """Returns ``xyz [V, Hd, Wd, 3]`` float32 metres in the (axis-aligned) world frame — the camera
+        frame for a single frame without pose — and ``valid = depth > 0``."""
+        depth = _frame_depth(frames, self.name)
+        v, height, width = depth.shape
+        for i, fid in enumerate(frames.frame_ids):
+            check_depth_array(depth[i], f"depth of frame {fid}")
+        if frames.intrinsics is None:
+            raise SR3DInputError(
+                f"the gt_depth source needs depth intrinsics, but the frames from {frames.source or 'the input'} "
+                "have none; pass an intrinsics file, or use the relative_depth source (no camera model)"
+            )
+        k = np.asarray(frames.intrinsics, dtype=np.float64)
+        if k.shape != (v, 3, 3):
+            raise SR3DInputError(f"intrinsics must be [{v}, 3, 3] (one per frame), got shape {k.shape}")
+        cx, cy = k[:, 0, 2], k[:, 1, 2]
+        if (cx < 0).any() or (cx > width).any() or (cy < 0).any() or (cy > height).any():
+            raise SR3DInputError(
+                f"depth intrinsics put the principal point at (cx, cy) = ({cx.max():.1f}, {cy.max():.1f}) outside "
+                f"the {width}×{height} depth map; expected the intrinsics of the depth images "
+                "(colour intrinsics of a larger colour image?)"
+            )
+        check_aspect(frames, height, width, self.aspect_tolerance, "depth map")
+        poses = frames.cam_to_world
+        if poses is None and v > 1:
+            raise SR3DInputError(
+                f"{v} frames have depth but no camera poses; back-projecting them into one world frame needs a "
+                "camera-to-world pose per frame (or use one frame, or the relative_depth source)"
+            )
+        if poses is not None:
+            poses = np.asarray(poses, dtype=np.float64)
+            if poses.shape != (v, 4, 4):
+                raise SR3DInputError(f"poses must be [{v}, 4, 4] (one per frame), got shape {poses.shape}")
+            bad = [fid for fid, p in zip(frames.frame_ids, poses) if not np.isfinite(p).all()]
+            if bad:
+                raise SR3DInputError(f"frames {bad} have invalid (non-finite) poses; drop them before back-projecting")
+        valid = depth > 0
+        if self.max_depth is not None:
+            valid &= depth <= self.max_depth
+        if not valid.any():
+            raise SR3DInputError(
+                f"all depth values of the {v} frame(s) are invalid (0 or beyond max_depth={self.max_depth}); "
+                "expected some pixels with depth > 0 in metres (check depth_scale)"
+            )
+        pts = backproject(
+            torch.from_numpy(depth.astype(np.float64)),
+            torch.from_numpy(k),
+            None if poses is None else torch.from_numpy(poses),
+        )
+        return PointMaps(
+            xyz=pts.to(torch.float32),
+            valid=torch.from_numpy(valid),
+            space="world",
+            canonical_mode=self.canonical_mode,
+        )
+
+
+class RelativeDepthSource:
+    """A given depth map without a camera model → single-view point maps (SR3D-FACTS §3).
+
+    Each frame separately: ``d = minmax(depth)`` over its valid pixels (far = 1; invalid pixels get
+    ``d = 1`` and ``valid = False``), optionally 8-bit quantised, then
+    :func:`~sr3d_plugin.geometry.relative_depth_to_points`.
+
+    Args:
+        disparity: the maps hold inverse depth (larger = closer) rather than depth.
+        quantize: truncate ``d`` to 8 bits as in the released single-view data (default True).
+    """
+
+    name = "relative_depth"
+
+    def __init__(self, disparity: bool = False, quantize: bool = True) -> None:
+        self.disparity = bool(disparity)
+        self.quantize = bool(quantize)
+
+    def options(self) -> dict:
+        return {"disparity": self.disparity, "quantize": self.quantize}
+
+    def pointmaps(self, frames: FrameSet) -> PointMaps:
+        """Returns ``xyz [V, Hd, Wd, 3]`` in ``[−1, 1]³`` (``space="single_view"``) and ``valid [V, Hd, Wd]``."""
+        depth = _frame_depth(frames, self.name).astype(np.float64)
+        height, width = depth.shape[1:]
+        rel = np.empty_like(depth)
+        valid = np.empty(depth.shape, dtype=bool)
+        for i, fid in enumerate(frames.frame_ids):
+            d = depth[i]
+            what = f"{'disparity' if self.disparity else 'depth'} of frame {fid}"
+            check_depth_array(d, what)
+            ok = d >= 0 if self.disparity else d > 0
+            if not ok.any():
+                raise SR3DInputError(f"{what} has no valid pixel (all zero); expected some depth > 0")
+            if self.disparity:
+                filled = d
+            else:
+                # larger depth = farther; negate so that it reads as disparity, invalid pixels set to the far end
+                filled = -np.where(ok, d, d[ok].max())
+            rel[i] = disparity_to_relative_depth(torch.from_numpy(filled), quantize=self.quantize).numpy()
+            valid[i] = ok
+        check_aspect(frames, height, width, 0.02, "depth map")
+        pts = relative_depth_to_points(torch.from_numpy(rel))
+        return PointMaps(
+            xyz=pts.to(torch.float32), valid=torch.from_numpy(valid), space="single_view", canonical_mode="sr3d"
+        )
+
+
+class DepthAnythingSource:
+    """Monocular depth estimate → single-view point maps, for images without any geometry.
+
+    Args:
+        estimator: a registered depth-estimator name (default ``"depth_anything_v2"``) or an object
+            with ``estimate(images) -> [V, H, W]`` relative depth in ``[0, 1]``, far = 1.
+        **estimator_options: passed to the estimator factory (``model``, ``device``, ``dtype``,
+            ``quantize``, ``batch_size``, …).
+    """
+
+    name = "depth_anything"
+
+    def __init__(self, estimator: str | Any = "depth_anything_v2", **estimator_options: Any) -> None:
+        if isinstance(estimator, str):
+            from sr3d_plugin import plugins
+
+            self.estimator_name = estimator
+            self.estimator = plugins.create("depth_estimators", estimator, **estimator_options)
+        else:
+            if not hasattr(estimator, "estimate"):
+                raise SR3DInputError(
+                    f"estimator {estimator!r} has no estimate(images) method; expected a depth estimator"
+                )
+            self.estimator_name = type(estimator).__name__
+            self.estimator = estimator
+        self.estimator_options = dict(estimator_options)
+
+    def options(self) -> dict:
+        opts = self.estimator.options() if hasattr(self.estimator, "options") else dict(self.estimator_options)
+        return {"estimator": self.estimator_name, **opts}
+
+    def pointmaps(self, frames: FrameSet) -> PointMaps:
+        """Returns ``xyz [V, H, W, 3]`` at the image size in ``[−1, 1]³`` (``space="single_view"``), all valid."""
+        sizes = {im.size for im in frames.images}
+        if len(sizes) != 1:
+            raise SR3DInputError(
+                f"frames have different sizes {sorted(sizes)}; single-view point maps of one frame set need one size"
+            )
+        width, height = next(iter(sizes))
+        rel = np.asarray(self.estimator.estimate(frames.images), dtype=np.float64)
+        if rel.shape != (len(frames), height, width):
+            raise SR3DInputError(
+                f"depth estimator {self.estimator_name!r} returned shape {rel.shape}; "
+                f"expected [{len(frames)}, {height}, {width}] (one map per image, at the image size)"
+            )
+        pts = relative_depth_to_points(torch.from_numpy(rel))
+        valid = torch.ones(pts.shape[:3], dtype=torch.bool)
+        return PointMaps(xyz=pts.to(torch.float32), valid=valid, space="single_view", canonical_mode="sr3d")

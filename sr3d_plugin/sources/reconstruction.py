@@ -1,0 +1,206 @@
+"""The ``reconstruction`` point-map source: point maps exported from CUT3R / MASt3R / VGGT.
+
+File layout (CONTRIBUTING.md, "Reconstruction point maps"): an ``.npz`` with ``xyz`` ``[V, H, W, 3]``
+(one world frame shared by all frames, any metric or up-to-scale units), optional ``valid``
+``[V, H, W]`` bool, ``confidence`` ``[V, H, W]`` float and ``frame_ids`` ``[V]`` str; or an ``.npy``
+holding ``xyz`` alone (non-finite = invalid). Files are loaded with ``allow_pickle=False``.
+
+SR3D-FACTS §3: the same canonicalisation as ground-truth depth applies; the default canonical mode
+is ``"robust"`` (min/max over valid points), since estimated geometry has outliers and holes.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.sources.base import FrameSet, PointMaps
+from sr3d_plugin.sources.files import IMAGE_SUFFIXES, file_identity, require_file
+from sr3d_plugin.sources.pointmap_sources import check_aspect
+
+__all__ = ["Reconstruction", "ReconstructionSource", "load_reconstruction"]
+
+
+class Reconstruction:
+    """Arrays of one reconstruction file: ``xyz [V, H, W, 3]`` float32 (invalid points zeroed),
+    ``valid [V, H, W]`` bool, ``confidence [V, H, W]`` float32 or None, ``frame_ids`` list or None."""
+
+    def __init__(
+        self,
+        xyz: np.ndarray,
+        valid: np.ndarray,
+        confidence: np.ndarray | None,
+        frame_ids: list[str] | None,
+        path: str,
+    ) -> None:
+        self.xyz = xyz
+        self.valid = valid
+        self.confidence = confidence
+        self.frame_ids = frame_ids
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.xyz.shape[0]
+
+
+def _normalise_id(value: str) -> str:
+    """``"frames/000010.jpg"``, ``"000010"`` and ``"10"`` all name frame ``"10"``."""
+    p = Path(str(value).strip())
+    stem = p.stem if p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".txt") else p.name
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
+    """Load and validate a reconstruction file (see the module docstring for the layout)."""
+    p = require_file(path, "reconstruction point-map file")
+    suffix = p.suffix.lower()
+    if suffix not in (".npz", ".npy"):
+        raise SR3DInputError(f"reconstruction file {str(p)!r} must be .npz or .npy, got {suffix or 'no suffix'!r}")
+    confidence = None
+    frame_ids = None
+    valid = None
+    try:
+        if suffix == ".npy":
+            xyz = np.load(p, allow_pickle=False)
+        else:
+            with np.load(p, allow_pickle=False) as data:
+                keys = set(data.files)
+                if "xyz" not in keys:
+                    raise SR3DInputError(
+                        f"reconstruction file {str(p)!r} has keys {sorted(keys)}; expected 'xyz' [V, H, W, 3] "
+                        "(and optionally 'valid', 'confidence', 'frame_ids')"
+                    )
+                xyz = data["xyz"]
+                valid = data["valid"] if "valid" in keys else None
+                confidence = data["confidence"] if "confidence" in keys else None
+                frame_ids = data["frame_ids"] if "frame_ids" in keys else None
+    except SR3DInputError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise SR3DInputError(
+            f"reconstruction file {str(p)!r} cannot be read as numeric arrays without pickle: {exc}"
+        ) from exc
+    if not np.issubdtype(xyz.dtype, np.number):
+        raise SR3DInputError(f"'xyz' in {str(p)!r} has dtype {xyz.dtype}; expected floats")
+    if xyz.ndim == 3 and xyz.shape[-1] == 3:
+        xyz = xyz[None]
+    if xyz.ndim != 4 or xyz.shape[-1] != 3:
+        raise SR3DInputError(f"'xyz' in {str(p)!r} has shape {xyz.shape}; expected [V, H, W, 3]")
+    shape = xyz.shape[:3]
+    finite = np.isfinite(xyz).all(axis=-1)
+    if valid is not None:
+        if valid.shape != shape:
+            raise SR3DInputError(f"'valid' in {str(p)!r} has shape {valid.shape}; expected {shape} to match 'xyz'")
+        if valid.dtype != np.bool_ and not np.issubdtype(valid.dtype, np.integer):
+            raise SR3DInputError(f"'valid' in {str(p)!r} has dtype {valid.dtype}; expected bool")
+        valid = valid.astype(bool) & finite
+    else:
+        valid = finite
+    if confidence is not None:
+        if confidence.shape != shape:
+            raise SR3DInputError(
+                f"'confidence' in {str(p)!r} has shape {confidence.shape}; expected {shape} to match 'xyz'"
+            )
+        if not np.issubdtype(confidence.dtype, np.number):
+            raise SR3DInputError(f"'confidence' in {str(p)!r} has dtype {confidence.dtype}; expected floats")
+        confidence = np.nan_to_num(confidence.astype(np.float32), nan=-np.inf)
+    ids = None
+    if frame_ids is not None:
+        flat = np.asarray(frame_ids).reshape(-1)
+        if flat.shape[0] != shape[0]:
+            raise SR3DInputError(
+                f"'frame_ids' in {str(p)!r} has {flat.shape[0]} entries for {shape[0]} point maps; expected one per frame"
+            )
+        ids = [str(x) for x in flat.tolist()]
+    xyz = np.where(valid[..., None], np.nan_to_num(xyz, nan=0.0, posinf=0.0, neginf=0.0), 0.0).astype(np.float32)
+    return Reconstruction(xyz, valid, confidence, ids, str(p))
+
+
+class ReconstructionSource:
+    """Point maps from a reconstruction file, matched to the frames of a :class:`FrameSet`.
+
+    Args:
+        path: the ``.npz`` / ``.npy`` file.
+        min_confidence: points with a lower confidence are invalid (needs ``confidence`` in the file).
+        canonical_mode: mode suggested to the canonicalisation (default ``"robust"``).
+        aspect_tolerance: allowed relative aspect-ratio difference between point maps and images.
+
+    Frames are matched by ``frame_ids`` when the file has them and every frame of the set is found
+    there (so a reconstruction of the whole video serves any sampling of it); otherwise by order,
+    which needs the same number of frames.
+    """
+
+    name = "reconstruction"
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        min_confidence: float | None = None,
+        canonical_mode: str = "robust",
+        aspect_tolerance: float = 0.02,
+    ) -> None:
+        if path is None:
+            raise SR3DInputError(
+                "the reconstruction source needs a point-map file: pass path=... (sr3d pointmap --points FILE)"
+            )
+        if canonical_mode not in ("sr3d", "robust"):
+            raise SR3DInputError(f"unknown canonical mode {canonical_mode!r}; expected 'sr3d' or 'robust'")
+        if min_confidence is not None and not np.isfinite(min_confidence):
+            raise SR3DInputError(f"min_confidence must be a finite number, got {min_confidence!r}")
+        self.path = Path(path).expanduser()
+        self.min_confidence = min_confidence
+        self.canonical_mode = canonical_mode
+        self.aspect_tolerance = float(aspect_tolerance)
+
+    def options(self) -> dict:
+        ident = file_identity(self.path) if self.path.exists() else [str(self.path)]
+        return {"path": ident, "min_confidence": self.min_confidence, "canonical_mode": self.canonical_mode}
+
+    def _match(self, rec: Reconstruction, frames: FrameSet) -> list[int]:
+        if rec.frame_ids is not None:
+            lookup: dict[str, int] = {}
+            for i, fid in enumerate(rec.frame_ids):
+                lookup.setdefault(_normalise_id(fid), i)
+            wanted = [_normalise_id(f) for f in frames.frame_ids]
+            if all(w in lookup for w in wanted):
+                return [lookup[w] for w in wanted]
+        if len(rec) != len(frames):
+            raise SR3DInputError(
+                f"reconstruction {rec.path!r} has {len(rec)} point maps but there are {len(frames)} frames "
+                f"({frames.frame_ids[:5]}{' …' if len(frames) > 5 else ''}); expected one point map per frame, "
+                "or 'frame_ids' in the file that name every frame"
+            )
+        return list(range(len(frames)))
+
+    def pointmaps(self, frames: FrameSet) -> PointMaps:
+        """Returns ``xyz [V, H, W, 3]`` float32 (file units, one world frame), ``valid``, ``confidence``."""
+        rec = load_reconstruction(self.path)
+        idx = self._match(rec, frames)
+        xyz, valid = rec.xyz[idx], rec.valid[idx]
+        conf = None if rec.confidence is None else rec.confidence[idx]
+        height, width = xyz.shape[1:3]
+        check_aspect(frames, height, width, self.aspect_tolerance, f"reconstruction point map of {str(self.path)!r}")
+        if self.min_confidence is not None:
+            if conf is None:
+                raise SR3DInputError(
+                    f"min_confidence={self.min_confidence} was given but {str(self.path)!r} has no 'confidence' array"
+                )
+            valid = valid & (conf >= self.min_confidence)
+        if not valid.any():
+            raise SR3DInputError(
+                f"no valid point in {str(self.path)!r} for frames {frames.frame_ids[:5]}"
+                + (f" at min_confidence={self.min_confidence}" if self.min_confidence is not None else "")
+            )
+        xyz = np.where(valid[..., None], xyz, 0.0).astype(np.float32)
+        return PointMaps(
+            xyz=torch.from_numpy(np.ascontiguousarray(xyz)),
+            valid=torch.from_numpy(np.ascontiguousarray(valid)),
+            confidence=None if conf is None else torch.from_numpy(np.ascontiguousarray(conf)),
+            space="world",
+            canonical_mode=self.canonical_mode,
+        )
