@@ -29,7 +29,6 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from sr3d_plugin.errors import SR3DInputError
-from sr3d_plugin.geometry import pool_to_grid
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.modeling.region_extractor import mask_weights
 from sr3d_plugin.tiling import TileLayout, frame_layout, plan_tiles, tile_array, tile_image, tile_mask
@@ -434,22 +433,15 @@ class SR3DProcessor(ProcessorMixin):
         return pv
 
     def _tile_positions(self, visual: VisualInput, layouts: list[TileLayout]) -> torch.Tensor:
+        """``[T, g, g, 3]`` canonical position of every vision token, tiled exactly like the images."""
+        from sr3d_plugin.pointmap import frame_token_positions, image_token_positions
+
         assert visual.points is not None
-        g = self.grid_size
-        grids = []
-        for v, layout in enumerate(layouts):
-            pts = visual.points[v].to(torch.float32).permute(2, 0, 1)  # [3, H, W]
-            if visual.valid is None:
-                tiles = tile_array(pts, layout, "area").permute(0, 2, 3, 1)
-                grid, _ = pool_to_grid(tiles, g)
-            else:
-                w = visual.valid[v].to(torch.float32).unsqueeze(0)
-                num = tile_array(torch.cat([pts * w, w]), layout, "area").permute(0, 2, 3, 1)
-                gnum, _ = pool_to_grid(num[..., :3], g)
-                gden, _ = pool_to_grid(num[..., 3:].expand(-1, -1, -1, 3), g)
-                grid = torch.where(gden > 0, gnum / gden.clamp_min(1e-12), torch.zeros_like(gnum))
-            grids.append(grid)
-        return torch.cat(grids, dim=0)
+        pts = visual.points.to(torch.float32)
+        if visual.multi_view:
+            return frame_token_positions(pts, visual.valid, grid=self.grid_size, tile_size=self.tile_size)
+        valid = None if visual.valid is None else visual.valid[0]
+        return image_token_positions(pts[0], layouts[0], grid=self.grid_size, valid=valid)
 
     def _region_weights(self, visual: VisualInput, layouts: list[TileLayout], order: list[int]) -> torch.Tensor:
         g = self.grid_size

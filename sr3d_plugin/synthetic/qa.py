@@ -1,0 +1,580 @@
+"""Spatial question answering on synthetic scenes, generated from exact geometry.
+
+Two kinds of scenes:
+
+* **Single view** (:func:`single_view_scene`): floating boxes in a fixed room seen by a fixed camera.
+  Each object's image position and angular size are drawn *independently of its depth*, and its 3D
+  box is the same box scaled by its depth about the camera centre — a pinhole camera sees exactly
+  the same picture at any depth. Objects never overlap in the image (no occlusion cue) and never
+  touch the room. So apparent size, image position, shading and texture carry no information about
+  depth: depth questions are answerable only from 3D positions. Because the room and camera are
+  fixed, the canonical space of every single-view scene is the same affine map of camera
+  coordinates (the bounds come from the room), so metric distances are learnable from it.
+* **Multi view** (:func:`multi_view_scene`): a furnished room of fixed size
+  (:func:`sr3d_plugin.synthetic.generate_scene`) seen from ``F`` frames around a loop; cross-frame
+  questions draw one region on one frame and the object it must be related to only on another
+  frame where the first one is not visible.
+
+Question families (answers are short texts; region answers are ``"Region [k]"``):
+
+====================  ========  ==========================================================
+family                depth?    question
+====================  ========  ==========================================================
+closer                yes       which of two regions is closer to the camera
+front_behind          yes       is A in front of or behind B
+left_right            no        is A to the left or right of B
+above_below           no        is A above or below B
+distance              yes       how far apart are A and B (4 buckets)
+larger                partly    which of two regions is larger in 3D
+closer_to_third       yes       which of A, B is closer to C
+count                 no        how many <colour> objects are there
+mv_distance           yes       distance between regions drawn on two different frames
+mv_closer_to_third    yes       which of A, B (one frame) is closer to C (another frame)
+====================  ========  ==========================================================
+
+Splits are by scene: each split draws its scene seeds from its own disjoint range, so held-out
+scenes come from seeds never used in training.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.geometry import Box3D, backproject, canonicalize
+from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.synthetic.render import render
+from sr3d_plugin.synthetic.scene import Room, SceneObject, generate_scene, look_at, pinhole_intrinsics
+
+__all__ = [
+    "ANSWER_CHOICES",
+    "DEPTH_FAMILIES",
+    "DISTANCE_BUCKETS",
+    "MULTI_VIEW_FAMILIES",
+    "SINGLE_VIEW_FAMILIES",
+    "SPLIT_SEED_BASE",
+    "QASample",
+    "SpatialQAConfig",
+    "SpatialQADataset",
+    "heuristic_baselines",
+    "make_sample",
+    "multi_view_scene",
+    "single_view_scene",
+]
+
+SINGLE_VIEW_FAMILIES = (
+    "closer",
+    "front_behind",
+    "left_right",
+    "above_below",
+    "distance",
+    "larger",
+    "closer_to_third",
+    "count",
+)
+MULTI_VIEW_FAMILIES = ("mv_distance", "mv_closer_to_third")
+#: families whose answer needs depth (the de-biased ones)
+DEPTH_FAMILIES = ("closer", "front_behind", "distance", "closer_to_third", "mv_distance", "mv_closer_to_third")
+
+#: (upper bound in metres, answer text) for the 4 distance buckets
+DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
+    (1.0, "Under 1 meter"),
+    (2.0, "1 to 2 meters"),
+    (3.0, "2 to 3 meters"),
+    (math.inf, "Over 3 meters"),
+)
+#: cross-frame pairs (never seen together) are far apart; edges at the quartiles of their distances
+MV_DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
+    (3.0, "Under 3 meters"),
+    (3.7, "3 to 3.7 meters"),
+    (4.5, "3.7 to 4.5 meters"),
+    (math.inf, "Over 4.5 meters"),
+)
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (205, 45, 45),
+    "green": (50, 165, 70),
+    "blue": (55, 85, 210),
+    "yellow": (225, 205, 50),
+    "purple": (140, 60, 175),
+    "orange": (235, 130, 35),
+}
+
+#: all answer strings per family (the choices a scorer can rank)
+ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
+    "closer": ("Region [0]", "Region [1]"),
+    "front_behind": ("In front", "Behind"),
+    "left_right": ("Left", "Right"),
+    "above_below": ("Above", "Below"),
+    "distance": tuple(text for _, text in DISTANCE_BUCKETS),
+    "larger": ("Region [0]", "Region [1]"),
+    "closer_to_third": ("Region [0]", "Region [1]"),
+    "count": ("0", "1", "2", "3", "4"),
+    "mv_distance": tuple(text for _, text in MV_DISTANCE_BUCKETS),
+    "mv_closer_to_third": ("Region [0]", "Region [1]"),
+}
+
+#: scene-seed ranges of the splits (disjoint)
+SPLIT_SEED_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}
+
+
+@dataclass
+class SpatialQAConfig:
+    """Knobs of the generator (defaults: 64×64 renders, the tiny model's tile size)."""
+
+    image_size: int = 64
+    hfov_deg: float = 60.0
+    depth_range: tuple[float, float] = (1.8, 6.2)
+    angular_half_size: tuple[float, float] = (0.06, 0.12)
+    num_objects: tuple[int, int] = (2, 4)
+    num_frames: int = 6
+    mv_image_size: int = 64
+    mv_room: float = 5.0
+    mv_num_objects: tuple[int, int] = (4, 6)
+    min_region_pixels: int = 10
+    box_probability: float = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# single-view scenes
+# ----------------------------------------------------------------------------------------------
+
+#: camera height above the floor and the fixed room of single-view scenes (see module docstring)
+_SV_CAMERA_HEIGHT = 0.9
+_SV_ROOM = Room(lower=[-4.5, -0.5, 0.0], upper=[4.5, 8.0, 5.0])
+
+
+@dataclass
+class _SVObject:
+    obj: SceneObject
+    depth: float  # camera z-depth of the centre, metres
+    center_cam: np.ndarray  # [3] camera coordinates, metres
+    image_center: np.ndarray  # [2] normalised image coordinates (x/z, y/z) of the centre
+    angular_area: float  # (2·ax)·(2·az), normalised image units²
+    color_name: str
+
+
+@dataclass
+class SingleViewScene:
+    """One rendered single-view scene with its objects and exact geometry."""
+
+    rgb: np.ndarray  # [H, W, 3] uint8
+    depth: np.ndarray  # [H, W] float32 metres
+    instance: np.ndarray  # [H, W] int32
+    intrinsics: np.ndarray  # [3, 3]
+    objects: list[_SVObject]
+    canonical: torch.Tensor  # [1, H, W, 3]
+
+
+def _sv_camera() -> np.ndarray:
+    eye = np.array([0.0, 0.0, _SV_CAMERA_HEIGHT])
+    return look_at(eye, eye + np.array([0.0, 1.0, 0.0]))
+
+
+def _place_objects(rng: np.random.Generator, cfg: SpatialQAConfig, n: int) -> list[_SVObject]:
+    """Non-overlapping objects: image position and angular size first, depth drawn independently."""
+    k = pinhole_intrinsics(cfg.image_size, cfg.image_size, cfg.hfov_deg)
+    pose = _sv_camera()
+    margin = 1.5 / k[0, 0]  # at least ~1.5 px between objects in the image
+    for _restart in range(50):
+        placed: list[_SVObject] = []
+        rects: list[tuple[float, float, float, float]] = []
+        for _try in range(200):
+            if len(placed) == n:
+                return placed
+            # the upper half of the image (the floor fills the lower half)
+            ax, az = rng.uniform(*cfg.angular_half_size, size=2)
+            ay = rng.uniform(0.05, 0.12)
+            xn = rng.uniform(-0.55 + ax, 0.55 - ax)
+            yn = rng.uniform(-0.55 + az, -az)
+            rect = (xn - ax, yn - az, xn + ax, yn + az)
+            if any(
+                rect[0] < r[2] + margin
+                and r[0] < rect[2] + margin
+                and rect[1] < r[3] + margin
+                and r[1] < rect[3] + margin
+                for r in rects
+            ):
+                continue
+            depth = float(rng.uniform(*cfg.depth_range))
+            center_cam = np.array([xn * depth, yn * depth, depth])
+            yaw = float(rng.uniform(-0.45, 0.45))
+            center_world = pose[:3, :3] @ center_cam + pose[:3, 3]
+            box = Box3D.from_center_size_yaw(center_world, [2 * ax * depth, 2 * ay * depth, 2 * az * depth], yaw)
+            color_name = str(rng.choice(sorted(COLORS)))
+            obj = SceneObject(len(placed) + 1, f"{color_name} object", box, COLORS[color_name])
+            placed.append(_SVObject(obj, depth, center_cam, np.array([xn, yn]), 4 * ax * az, color_name))
+            rects.append(rect)
+        if len(placed) == n:
+            return placed
+    raise SR3DInputError(f"could not place {n} non-overlapping objects in a {cfg.image_size}-pixel view")
+
+
+def _render_single_view(placed: list[_SVObject], cfg: SpatialQAConfig) -> SingleViewScene:
+    size = cfg.image_size
+    k = pinhole_intrinsics(size, size, cfg.hfov_deg)
+    out = render([p.obj for p in placed], _SV_ROOM, k, _sv_camera()[None], size, size, edge_lines=False)
+    depth_map = out.depth[0]
+    pts = backproject(torch.from_numpy(depth_map.astype(np.float64)), torch.from_numpy(k))
+    canonical = canonicalize(pts[None]).to(torch.float32)
+    return SingleViewScene(out.rgb[0], depth_map, out.instance[0], k, placed, canonical)
+
+
+def single_view_scene(rng: np.random.Generator, cfg: SpatialQAConfig, count: int | None = None) -> SingleViewScene:
+    """Floating boxes whose image position and angular size are independent of their depth."""
+    n = count if count is not None else int(rng.integers(cfg.num_objects[0], cfg.num_objects[1] + 1))
+    return _render_single_view(_place_objects(rng, cfg, n), cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-view scenes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultiViewScene:
+    frames: list[Image.Image]
+    instance: np.ndarray  # [F, H, W]
+    objects: list[SceneObject]
+    canonical: torch.Tensor  # [F, H, W, 3]
+
+
+@functools.lru_cache(maxsize=64)
+def multi_view_scene(seed: int, num_frames: int = 6, image_size: int = 64, room: float = 5.0) -> MultiViewScene:
+    """A fixed-size furnished room seen from ``num_frames`` frames (cached: scenes are reused)."""
+    scene = generate_scene(
+        seed,
+        num_frames=num_frames,
+        width=image_size,
+        height=image_size,
+        num_objects=(4, 6),
+        room_size=((room, room), (room, room), (2.8, 2.8)),
+        hfov_deg=(60.0, 60.0),
+    )
+    pts = backproject(
+        torch.from_numpy(scene.depth.astype(np.float64)),
+        torch.from_numpy(scene.intrinsics),
+        torch.from_numpy(scene.cam_to_world),
+    )
+    canonical = canonicalize(pts).to(torch.float32)
+    frames = [Image.fromarray(scene.rgb[i]) for i in range(scene.num_frames)]
+    return MultiViewScene(frames, scene.instance, list(scene.objects), canonical)
+
+
+# ----------------------------------------------------------------------------------------------
+# samples
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QASample:
+    """One question: visual input (with canonical point maps and regions), text and bookkeeping."""
+
+    id: str
+    family: str
+    question: str
+    answer: str
+    visual: VisualInput
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return ANSWER_CHOICES[self.family]
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+
+
+def _region(mask: np.ndarray, frame: int, as_box: bool) -> Region:
+    if as_box:
+        ys, xs = np.nonzero(mask)
+        box_mask = np.zeros_like(mask, dtype=bool)
+        box_mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+        return Region({frame: box_mask})
+    return Region({frame: mask.astype(bool)})
+
+
+def _bucket(distance: float, buckets: tuple[tuple[float, str], ...]) -> int:
+    return next(i for i, (upper, _) in enumerate(buckets) if distance < upper)
+
+
+def _sv_accept(family: str, objs: list[_SVObject], want: int, rng: np.random.Generator) -> dict[str, Any] | None:
+    """Check a placement for ``family`` before rendering; ``want`` is the pre-drawn target
+    (distance bucket, or 0/1 for "the 2D heuristic agrees / disagrees"). Returns the answer facts."""
+    a, b = objs[0], objs[1]
+    if family in ("closer", "front_behind"):
+        if abs(a.depth - b.depth) < 0.5:
+            return None
+        return {"first": a.depth < b.depth}
+    if family == "left_right":
+        dx = a.image_center[0] - b.image_center[0]
+        return None if abs(dx) < 0.05 else {"first": dx < 0}
+    if family == "above_below":
+        dy = a.image_center[1] - b.image_center[1]
+        return None if abs(dy) < 0.05 else {"first": dy < 0}
+    if family == "distance":
+        # a narrow band of image separations, so the 2D separation says little about the bucket
+        sep = float(np.linalg.norm(a.image_center - b.image_center))
+        if not 0.22 <= sep <= 0.32:
+            return None
+        dist = float(np.linalg.norm(a.center_cam - b.center_cam))
+        return {"bucket": want, "distance": dist} if _bucket(dist, DISTANCE_BUCKETS) == want else None
+    if family == "larger":
+        va, vb = float(a.obj.box.size.prod()), float(b.obj.box.size.prod())
+        if max(va, vb) / min(va, vb) < 1.5:
+            return None
+        agrees = (a.angular_area > b.angular_area) == (va > vb)
+        return {"first": va > vb} if agrees == bool(want) else None
+    if family == "closer_to_third":
+        c = objs[2]
+        da = float(np.linalg.norm(a.center_cam - c.center_cam))
+        db = float(np.linalg.norm(b.center_cam - c.center_cam))
+        if abs(da - db) < 0.5:
+            return None
+        pa = float(np.linalg.norm(a.image_center - c.image_center))
+        pb = float(np.linalg.norm(b.image_center - c.image_center))
+        agrees = (pa < pb) == (da < db)
+        return {"first": da < db} if agrees == bool(want) else None
+    if family == "count":
+        pool = [*sorted({o.color_name for o in objs}), str(rng.choice(sorted(COLORS)))]
+        color = str(rng.choice(pool))
+        return {"color": color, "count": sum(o.color_name == color for o in objs)}
+    raise SR3DInputError(f"unknown single-view family {family!r}; expected one of {SINGLE_VIEW_FAMILIES}")
+
+
+_SV_QUESTIONS = {
+    "closer": ("Which is closer to the camera, <region0> or <region1>?", ("Region [0]", "Region [1]")),
+    "front_behind": ("Is <region0> in front of or behind <region1>?", ("In front", "Behind")),
+    "left_right": ("Is <region0> to the left or to the right of <region1>?", ("Left", "Right")),
+    "above_below": ("Is <region0> above or below <region1>?", ("Above", "Below")),
+    "larger": ("Which is larger, <region0> or <region1>?", ("Region [0]", "Region [1]")),
+    "closer_to_third": ("Which is closer to <region2>, <region0> or <region1>?", ("Region [0]", "Region [1]")),
+}
+
+
+def _sv_sample(rng: np.random.Generator, family: str, cfg: SpatialQAConfig) -> tuple[str, str, VisualInput, dict]:
+    n_regions = 3 if family == "closer_to_third" else (0 if family == "count" else 2)
+    want = int(rng.integers(len(DISTANCE_BUCKETS))) if family == "distance" else int(rng.integers(2))
+    for _attempt in range(2000):
+        if family == "count":
+            n = int(rng.integers(2, 5))
+        elif family == "closer_to_third":
+            n = int(rng.integers(3, cfg.num_objects[1] + 1)) if cfg.num_objects[1] >= 3 else 3
+        else:
+            n = int(rng.integers(cfg.num_objects[0], cfg.num_objects[1] + 1))
+        objs = _place_objects(rng, cfg, n)
+        facts = _sv_accept(family, objs, want, rng)
+        if facts is None:
+            continue
+        scene = _render_single_view(objs, cfg)
+        masks = [scene.instance == o.obj.id for o in objs[:n_regions]]
+        if masks and min(int(m.sum()) for m in masks) < cfg.min_region_pixels:
+            continue
+        as_box = bool(rng.random() < cfg.box_probability)
+        regions = [_region(m, 0, as_box) for m in masks]
+        meta: dict[str, Any] = {"region_kind": "box" if as_box else "mask"}
+        if len(masks) >= 2:
+            meta.update(
+                area=[int(m.sum()) for m in masks],
+                row=[float(_centroid(m)[1]) for m in masks],
+                col=[float(_centroid(m)[0]) for m in masks],
+                depth=[objs[i].depth for i in range(n_regions)],
+            )
+        if family == "distance":
+            q, ans = "How far apart are <region0> and <region1>?", DISTANCE_BUCKETS[facts["bucket"]][1]
+            meta.update(distance=facts["distance"], pixel_distance=_pixel_dist(masks[0], masks[1]))
+        elif family == "count":
+            q, ans = f"How many {facts['color']} objects are there?", str(facts["count"])
+        else:
+            q, answers = _SV_QUESTIONS[family]
+            ans = answers[0] if facts["first"] else answers[1]
+            if family == "closer_to_third":
+                meta.update(pixel_distance=[_pixel_dist(masks[0], masks[2]), _pixel_dist(masks[1], masks[2])])
+        visual = VisualInput([Image.fromarray(scene.rgb)], points=scene.canonical, regions=regions, multi_view=False)
+        return q, ans, visual, meta
+    raise SR3DInputError(f"could not generate a {family!r} question after 2000 layouts")
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def _pixel_dist(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(_centroid(a) - _centroid(b)))
+
+
+def _mv_sample(
+    rng: np.random.Generator, family: str, cfg: SpatialQAConfig, scene_seed: int, target: int
+) -> tuple[str, str, VisualInput, dict]:
+    scene = multi_view_scene(scene_seed, cfg.num_frames, cfg.mv_image_size, cfg.mv_room)
+    inst = scene.instance
+    ids = [o.id for o in scene.objects]
+    visible = {oid: [(inst[f] == oid).sum() >= cfg.min_region_pixels for f in range(inst.shape[0])] for oid in ids}
+    absent = {oid: [(inst[f] == oid).sum() == 0 for f in range(inst.shape[0])] for oid in ids}
+    centers = {o.id: o.box.center.numpy() for o in scene.objects}
+    as_box = bool(rng.random() < cfg.box_probability)
+
+    def cross_frames(x: int, others: list[int]) -> list[tuple[int, int]]:
+        """(frame where x is seen and others are absent, frame where all others are seen and x is absent)."""
+        out = []
+        for fi in range(inst.shape[0]):
+            if not visible[x][fi] or not all(absent[o][fi] for o in others):
+                continue
+            for fj in range(inst.shape[0]):
+                if fj != fi and absent[x][fj] and all(visible[o][fj] for o in others):
+                    out.append((fi, fj))
+        return out
+
+    for _attempt in range(100):
+        if family == "mv_distance":
+            a, b = (int(v) for v in rng.choice(ids, size=2, replace=False))
+            pairs = cross_frames(a, [b])
+            if not pairs:
+                continue
+            fi, fj = pairs[int(rng.integers(len(pairs)))]
+            dist = float(np.linalg.norm(centers[a] - centers[b]))
+            if _bucket(dist, MV_DISTANCE_BUCKETS) != target:
+                continue
+            regions = [_region(inst[fi] == a, fi, as_box), _region(inst[fj] == b, fj, as_box)]
+            q, ans = "How far apart are <region0> and <region1>?", MV_DISTANCE_BUCKETS[target][1]
+            meta = {"frames": [fi, fj], "distance": dist}
+        elif family == "mv_closer_to_third":
+            if len(ids) < 3:
+                break
+            a, b, c = (int(v) for v in rng.choice(ids, size=3, replace=False))
+            da, db = float(np.linalg.norm(centers[a] - centers[c])), float(np.linalg.norm(centers[b] - centers[c]))
+            if abs(da - db) < 0.5:
+                continue
+            pairs = cross_frames(c, [a, b])
+            if not pairs:
+                continue
+            fi, fj = pairs[int(rng.integers(len(pairs)))]
+            regions = [
+                _region(inst[fj] == a, fj, as_box),
+                _region(inst[fj] == b, fj, as_box),
+                _region(inst[fi] == c, fi, as_box),
+            ]
+            q = "Which is closer to <region2>, <region0> or <region1>?"
+            ans = "Region [0]" if da < db else "Region [1]"
+            meta = {"frames": [fj, fj, fi]}
+        else:
+            raise SR3DInputError(f"unknown multi-view family {family!r}; expected one of {MULTI_VIEW_FAMILIES}")
+        visual = VisualInput(list(scene.frames), points=scene.canonical, regions=regions, multi_view=True)
+        meta.update(region_kind="box" if as_box else "mask", scene_seed=scene_seed)
+        return q, ans, visual, meta
+    raise _NoQuestion(f"scene {scene_seed} has no {family} question")
+
+
+class _NoQuestion(SR3DInputError):
+    pass
+
+
+def make_sample(
+    split: str, index: int, family: str, seed: int = 0, cfg: SpatialQAConfig | None = None, scenes: int = 200
+) -> QASample:
+    """The deterministic sample ``index`` of ``family`` in ``split``.
+
+    Single-view samples render their own scene from the seed ``(SPLIT_SEED_BASE[split] + index, seed)``;
+    multi-view samples share ``scenes`` scenes per split (seeds ``SPLIT_SEED_BASE[split] + j``).
+    """
+    if split not in SPLIT_SEED_BASE:
+        raise SR3DInputError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEED_BASE)}")
+    cfg = cfg or SpatialQAConfig()
+    base = SPLIT_SEED_BASE[split]
+    rng = np.random.default_rng([base + index, seed, _family_code(family)])
+    if family in SINGLE_VIEW_FAMILIES:
+        q, ans, visual, meta = _sv_sample(rng, family, cfg)
+    elif family in MULTI_VIEW_FAMILIES:
+        target = int(rng.integers(len(MV_DISTANCE_BUCKETS)))
+        for shift in range(scenes):
+            scene_seed = base + (index + shift) % scenes
+            try:
+                q, ans, visual, meta = _mv_sample(rng, family, cfg, scene_seed, target)
+                break
+            except _NoQuestion:
+                continue
+        else:
+            raise SR3DInputError(f"no scene of split {split} supports a {family} question")
+    else:
+        raise SR3DInputError(
+            f"unknown question family {family!r}; expected one of {SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES}"
+        )
+    return QASample(f"{split}-{family}-{index}", family, q, ans, visual, meta)
+
+
+def _family_code(family: str) -> int:
+    names = SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES
+    return names.index(family) if family in names else 999
+
+
+class SpatialQADataset(torch.utils.data.Dataset):
+    """A deterministic map-style dataset of :class:`QASample` items mixing several families.
+
+    Item ``i`` is family ``families[i % len(families)]`` with per-family index ``i // len(families)``.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 1000,
+        families: tuple[str, ...] | list[str] = SINGLE_VIEW_FAMILIES,
+        seed: int = 0,
+        cfg: SpatialQAConfig | None = None,
+        scenes: int = 200,
+    ) -> None:
+        if size <= 0:
+            raise SR3DInputError(f"dataset size must be positive, got {size}")
+        unknown = [f for f in families if f not in SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES]
+        if unknown or not families:
+            raise SR3DInputError(f"unknown question families {unknown or families}")
+        self.split, self.size, self.families, self.seed = split, size, tuple(families), seed
+        self.cfg = cfg or SpatialQAConfig()
+        self.scenes = scenes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> QASample:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        family = self.families[index % len(self.families)]
+        return make_sample(self.split, index // len(self.families), family, self.seed, self.cfg, self.scenes)
+
+
+def heuristic_baselines(samples: list[QASample]) -> dict[str, float]:
+    """Accuracy of the obvious 2D heuristics on depth families ("bigger is closer", "lower is closer",
+    "nearer in the image is closer" for distance comparisons, "bigger in the image is larger")."""
+    hits: dict[str, list[bool]] = {}
+
+    def add(name: str, ok: bool) -> None:
+        hits.setdefault(name, []).append(ok)
+
+    for s in samples:
+        if s.family in ("closer", "front_behind"):
+            first_closer = s.answer in ("Region [0]", "In front")
+            area, row = s.meta["area"], s.meta["row"]
+            add(f"{s.family}/bigger_is_closer", (area[0] > area[1]) == first_closer)
+            add(f"{s.family}/lower_is_closer", (row[0] > row[1]) == first_closer)
+        elif s.family == "larger":
+            area = s.meta["area"]
+            add("larger/bigger_in_image", (area[0] > area[1]) == (s.answer == "Region [0]"))
+        elif s.family == "closer_to_third":
+            pix = s.meta["pixel_distance"]
+            add("closer_to_third/nearer_in_image", (pix[0] < pix[1]) == (s.answer == "Region [0]"))
+    # distance buckets from the 2D separation alone: the best monotone map (quartiles fitted on these samples)
+    dist = [s for s in samples if s.family == "distance"]
+    if dist:
+        pix = np.array([s.meta["pixel_distance"] for s in dist])
+        truth = np.array([ANSWER_CHOICES["distance"].index(s.answer) for s in dist])
+        edges = np.quantile(pix, [0.25, 0.5, 0.75])
+        guess = np.searchsorted(edges, pix)
+        hits["distance/pixel_separation_quartiles"] = list(guess == truth)
+    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
