@@ -187,15 +187,16 @@ def backproject(
         raise SR3DInputError(
             f"intrinsics has {k.shape[0]} matrices but depth has {v_count} frames; expected one per frame"
         )
-    u, v = _pixel_grid(height, width, d.dtype, d.device)
-    fx = k[:, 0, 0].view(-1, 1, 1)
-    fy = k[:, 1, 1].view(-1, 1, 1)
-    cx = k[:, 0, 2].view(-1, 1, 1)
-    cy = k[:, 1, 2].view(-1, 1, 1)
-    x = (u - cx) * d / fx
-    y = (v - cy) * d / fy
-    pts = torch.stack([x, y, d], dim=-1)
-    if cam_to_world is not None:
+    # ray of pixel (u, v) with unit z: ((u − cx)/fx, (v − cy)/fy, 1); the point is z · ray
+    ray_x = (torch.arange(width, dtype=d.dtype, device=d.device).view(1, 1, -1) - k[:, 0, 2].view(-1, 1, 1)) / k[
+        :, 0, 0
+    ].view(-1, 1, 1)
+    ray_y = (torch.arange(height, dtype=d.dtype, device=d.device).view(1, -1, 1) - k[:, 1, 2].view(-1, 1, 1)) / k[
+        :, 1, 1
+    ].view(-1, 1, 1)
+    if cam_to_world is None:
+        pts = torch.stack([d * ray_x, d * ray_y, d], dim=-1)
+    else:
         t = as_float_tensor(cam_to_world, "cam_to_world").to(device=d.device, dtype=d.dtype)
         check_rigid(t)
         if t.dim() == 2:
@@ -204,10 +205,30 @@ def backproject(
             raise SR3DInputError(
                 f"cam_to_world has {t.shape[0]} poses but depth has {v_count} frames; expected one per frame"
             )
-        rot = t[:, :3, :3]
-        trans = t[:, :3, 3]
-        pts = torch.einsum("vij,vhwj->vhwi", rot, pts) + trans.view(-1, 1, 1, 3)
+        # world_i = z · (R_i0·ray_x + R_i1·ray_y + R_i2) + t_i, one broadcast per axis (no per-pixel matmul)
+        pts = torch.empty((v_count, height, width, 3), dtype=d.dtype, device=d.device)
+        for i in range(3):
+            r = t[:, i, :3]
+            direction = r[:, 0].view(-1, 1, 1) * ray_x + r[:, 1].view(-1, 1, 1) * ray_y + r[:, 2].view(-1, 1, 1)
+            torch.addcmul(t[:, i, 3].view(-1, 1, 1).expand_as(d), d, direction, out=pts[..., i])
     return pts[0] if single else pts
+
+
+def _is_signed_permutation(rotation: torch.Tensor) -> bool:
+    nz = rotation != 0
+    return bool((nz.sum(0) == 1).all() and (nz.sum(1) == 1).all() and (rotation.abs()[nz] == 1).all())
+
+
+def _rotate_rows(points: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``points @ rotation`` for ``[..., 3]`` points; a signed permutation (the SR-3D rotation) is
+    applied by indexing, which is exact and much faster than a K=3 matmul on millions of points."""
+    r = rotation.to(points.dtype)
+    if _is_signed_permutation(r):
+        nz = r != 0
+        src = nz.to(torch.int64).argmax(dim=0)  # output column j takes input column src[j]
+        sign = r[src, torch.arange(3)]
+        return points[..., src.tolist()] * sign.to(points.device)
+    return points @ r.to(points.device)
 
 
 @dataclass
@@ -233,14 +254,14 @@ class CanonicalTransform:
     def apply(self, points: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Map ``[..., 3]`` world points to canonical coordinates (degenerate axes map to 0)."""
         p = as_float_tensor(points, "points")
-        rot = self.rotation.to(device=p.device, dtype=p.dtype)
         lo = self.lower.to(device=p.device, dtype=p.dtype)
         span = (self.upper - self.lower).to(device=p.device, dtype=p.dtype)
-        q = p @ rot
         degenerate = span.abs() <= self.eps
         safe = torch.where(degenerate, torch.ones_like(span), span)
-        out = 2.0 * (q - lo) / safe - 1.0
-        return torch.where(degenerate, torch.zeros_like(out), out)
+        out = 2.0 * (_rotate_rows(p, self.rotation) - lo) / safe - 1.0  # the reference formula
+        if bool(degenerate.any()):
+            out[..., degenerate] = 0.0
+        return out
 
     def invert(self, canonical: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Map canonical ``[..., 3]`` coordinates back to world points."""
@@ -281,7 +302,7 @@ def canonical_transform(
             "points contain NaN or inf; expected finite coordinates (mark invalid points with `valid`)"
         )
     rot = SR3D_AXIS_ROTATION.to(device=p.device, dtype=p.dtype)
-    flat = p.reshape(-1, 3) @ rot
+    flat = p.reshape(-1, 3)
     if mode == "sr3d":
         sel = flat
     elif mode == "robust":
@@ -300,7 +321,13 @@ def canonical_transform(
         raise SR3DInputError(f"unknown canonical mode {mode!r}; expected 'sr3d' or 'robust'")
     if sel.shape[0] == 0:
         raise SR3DInputError("points is empty; cannot build a canonical space")
-    return CanonicalTransform(rot, sel.amin(dim=0), sel.amax(dim=0), mode=mode)
+    if _is_signed_permutation(rot):
+        # a signed permutation maps per-axis bounds to per-axis bounds: rotate 2 points, not millions
+        lo, hi = sel.aminmax(dim=0)
+        a, b = _rotate_rows(lo, rot), _rotate_rows(hi, rot)
+        return CanonicalTransform(rot, torch.minimum(a, b), torch.maximum(a, b), mode=mode)
+    lo, hi = _rotate_rows(sel, rot).aminmax(dim=0)
+    return CanonicalTransform(rot, lo, hi, mode=mode)
 
 
 def canonicalize(

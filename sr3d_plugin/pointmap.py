@@ -120,6 +120,27 @@ def _as_tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     return t
 
 
+def _area_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[out, in]`` matrix of torch's ``area`` (adaptive average) resize along one axis."""
+    i = torch.arange(out_size, dtype=torch.float64)
+    start = torch.floor(i * in_size / out_size).to(torch.int64)
+    end = torch.ceil((i + 1) * in_size / out_size).to(torch.int64)
+    cols = torch.arange(in_size).view(1, -1)
+    inside = (cols >= start.view(-1, 1)) & (cols < end.view(-1, 1))
+    mat = inside.to(torch.float64) / (end - start).view(-1, 1).to(torch.float64)
+    return mat.to(device=device, dtype=dtype)
+
+
+def _area_then_pool_matrix(
+    in_size: int, tile: int, grid: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[grid, in]``: area-resize ``in → tile`` then area-pool ``tile → grid`` along one axis."""
+    return (
+        _area_matrix(tile, grid, torch.float64, torch.device("cpu"))
+        @ _area_matrix(in_size, tile, torch.float64, torch.device("cpu"))
+    ).to(device=device, dtype=dtype)
+
+
 def frame_token_positions(
     canonical: torch.Tensor | np.ndarray,
     valid: torch.Tensor | np.ndarray | None = None,
@@ -149,19 +170,21 @@ def frame_token_positions(
         raise SR3DInputError(f"canonical point maps must be [V, H, W, 3], got shape {tuple(c.shape)}")
     if grid <= 0 or tile_size < grid:
         raise SR3DInputError(f"need 0 < grid <= tile_size, got grid={grid} tile_size={tile_size}")
+    # area resize to the tile followed by area pooling to the grid is separable and linear:
+    # tokens = M_h · X · M_wᵀ with M = pool(tile→grid) · area(in→tile); two small matmuls per map
     x = c.permute(0, 3, 1, 2)
-    size = (tile_size, tile_size)
+    m_h = _area_then_pool_matrix(c.shape[1], tile_size, grid, c.dtype, c.device)
+    m_w = _area_then_pool_matrix(c.shape[2], tile_size, grid, c.dtype, c.device)
     if valid is None:
-        tiles = F.interpolate(x, size=size, mode="area")
-        out = F.adaptive_avg_pool2d(tiles, grid)
+        out = m_h @ (x @ m_w.T)
         cover = torch.ones((c.shape[0], grid, grid), dtype=c.dtype, device=c.device)
     else:
         m = _as_tensor(valid, "valid").to(device=c.device, dtype=c.dtype)
         if tuple(m.shape) != tuple(c.shape[:3]):
             raise SR3DInputError(f"valid mask shape {tuple(m.shape)} does not match point maps {tuple(c.shape[:3])}")
         w = m.unsqueeze(1)
-        num = F.adaptive_avg_pool2d(F.interpolate(x * w, size=size, mode="area"), grid)
-        den = F.adaptive_avg_pool2d(F.interpolate(w, size=size, mode="area"), grid)
+        num = m_h @ ((x * w) @ m_w.T)
+        den = m_h @ (w @ m_w.T)
         out = torch.where(den > 0, num / den.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(num))
         cover = den[:, 0]
     pos = out.permute(0, 2, 3, 1).contiguous()
