@@ -32,7 +32,7 @@ def _area_resize_numpy(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     rows = [(int(np.floor(i * h / out_h)), int(np.ceil((i + 1) * h / out_h))) for i in range(out_h)]
     cols = [(int(np.floor(j * w / out_w)), int(np.ceil((j + 1) * w / out_w))) for j in range(out_w)]
     # integral image for O(1) window sums
-    integral = np.zeros((h + 1, w + 1) + img.shape[2:], dtype=np.float64)
+    integral = np.zeros((h + 1, w + 1, *img.shape[2:]), dtype=np.float64)
     integral[1:, 1:] = img.cumsum(0).cumsum(1)
     r0 = np.array([r[0] for r in rows])
     r1 = np.array([r[1] for r in rows])

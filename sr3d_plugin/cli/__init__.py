@@ -13,6 +13,10 @@ from sr3d_plugin.errors import SR3DError
 #: sub-command modules, in the order ``sr3d --help`` lists them
 COMMAND_MODULES: list[str] = [
     "sr3d_plugin.cli.plugins_cmd",
+    "sr3d_plugin.cli.ask_cmd",
+    "sr3d_plugin.cli.pointmap_cmd",
+    "sr3d_plugin.cli.metrics_cmd",
+    "sr3d_plugin.cli.convert_cmd",
 ]
 
 
