@@ -49,3 +49,33 @@ def register_projectors(register: Register) -> None:
 @hookimpl
 def register_region_extractors(register: Register) -> None:
     register("regiongpt", _lazy("sr3d_plugin.modeling.region_extractor", "RegionExtractor"))
+
+
+@hookimpl
+def register_frame_readers(register: Register) -> None:
+    register("scannet", _lazy("sr3d_plugin.sources.scannet", "ScanNetReader"))
+    register("image", _lazy("sr3d_plugin.sources.images", "ImageReader"))
+    register("frames", _lazy("sr3d_plugin.sources.images", "FramesReader"))
+    register("video", _lazy("sr3d_plugin.sources.video", "VideoReader"))
+
+
+@hookimpl
+def register_depth_estimators(register: Register) -> None:
+    register("depth_anything_v2", _lazy("sr3d_plugin.sources.depth_anything", "DepthAnythingV2Estimator"))
+
+
+@hookimpl
+def register_pointmap_sources(register: Register) -> None:
+    register("gt_depth", _lazy("sr3d_plugin.sources.pointmap_sources", "GTDepthSource"))
+    register("relative_depth", _lazy("sr3d_plugin.sources.pointmap_sources", "RelativeDepthSource"))
+    register("depth_anything", _lazy("sr3d_plugin.sources.pointmap_sources", "DepthAnythingSource"))
+    register("reconstruction", _lazy("sr3d_plugin.sources.reconstruction", "ReconstructionSource"))
+
+
+@hookimpl
+def register_model_builders(register: Register) -> None:
+    register("sr3d", _lazy("sr3d_plugin.builders.sr3d_native", "NativeBuilder"))
+    register("vila", _lazy("sr3d_plugin.builders.vila", "VilaBuilder"))
+    register("llava_hf", _lazy("sr3d_plugin.builders.llava_hf", "LlavaHFBuilder"))
+    register("llava_original", _lazy("sr3d_plugin.builders.llava_original", "LlavaOriginalBuilder"))
+    register("scratch", _lazy("sr3d_plugin.builders.scratch", "ScratchBuilder"))

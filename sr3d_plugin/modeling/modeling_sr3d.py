@@ -28,7 +28,7 @@ from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
 from sr3d_plugin.modeling.position_encoding import PositionEncoder3D
 
-__all__ = ["SR3DCausalLMOutput", "SR3DForConditionalGeneration", "SR3DPreTrainedModel"]
+__all__ = ["SR3DCausalLMOutput", "SR3DForConditionalGeneration", "SR3DPreTrainedModel", "label_position_loss"]
 
 
 @dataclass
@@ -42,6 +42,33 @@ class SR3DCausalLMOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     image_features: torch.Tensor | None = None
     region_embeddings: torch.Tensor | None = None
+
+
+def label_position_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of logits computed only at supervised positions (the memory-saving training loss).
+
+    Args:
+        logits: ``[N, V]`` logits of the positions whose next-token label is not -100, row-major
+            over ``[B, L]`` (``logits_to_keep`` with a boolean mask).
+        targets: ``[N]`` the labels those positions predict.
+        num_items_in_batch: token count to divide the summed loss by (gradient accumulation / DDP);
+            None: mean over the ``N`` tokens — both exactly as transformers' ``ForCausalLMLoss``.
+
+    Returns:
+        Scalar loss (fp32), equal to the full-sequence loss.
+    """
+    if logits.numel() == 0:
+        return logits.float().sum() * 0.0  # nothing supervised: a zero that keeps the graph
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="mean")
+    loss = nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 class SR3DPreTrainedModel(PreTrainedModel):
@@ -97,6 +124,17 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         if config.image_seq_length is None:
             config.image_seq_length = self._infer_tokens_per_tile()
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any = None, *model_args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; a local folder in a foreign layout (VILA / NVILA / SR-3D
+        release, LLaVA) is loaded by its model builder instead (see :mod:`sr3d_plugin.builders`)."""
+        from sr3d_plugin.builders import load_foreign_model
+
+        foreign = load_foreign_model(pretrained_model_name_or_path, model_args, kwargs)
+        if foreign is not None:
+            return foreign
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # plumbing expected by transformers / peft
@@ -280,23 +318,52 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         labels: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> SR3DCausalLMOutput:
-        """Teacher-forced forward pass. ``labels`` use -100 for ignored positions (prompt, images)."""
+        """Teacher-forced forward pass. ``labels`` use -100 for ignored positions (prompt, images).
+
+        With labels, in training mode (or with ``loss_on_label_positions=True`` as a keyword or config
+        attribute), logits are computed only at positions whose next-token label is supervised; the
+        loss is the same as the full computation (:func:`label_position_loss`) and ``logits`` is then
+        ``[N, V]`` for those ``N`` positions (row-major over the batch) instead of ``[B, L, V]``.
+        Pass ``loss_on_label_positions=False`` to get full logits while training.
+        """
         feats = regions = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise SR3DInputError("pass input_ids (or inputs_embeds)")
             inputs_embeds, feats, regions = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights)
         kwargs.pop("num_tiles", None)
-        out = self.llm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            return_dict=True,
-            **kwargs,
-        )
+        # --- memory-saving loss (training): logits only where a label is supervised ------------
+        label_positions = kwargs.pop("loss_on_label_positions", None)
+        if label_positions is None:
+            label_positions = getattr(self.config, "loss_on_label_positions", None)
+        if label_positions is None:
+            label_positions = self.training
+        if labels is not None and label_positions and self._llm_keeps_logit_positions():
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = labels[:, 1:] != -100  # position t predicts label t + 1
+            num_items = kwargs.pop("num_items_in_batch", None)
+            out = self.llm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=keep.to(inputs_embeds.device),
+                return_dict=True,
+                **kwargs,
+            )
+            loss = label_position_loss(out.logits, labels[:, 1:][keep[:, :-1]], num_items)
+        # ------------------------------------------------------------------------------------------
+        else:
+            out = self.llm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                return_dict=True,
+                **kwargs,
+            )
+            loss = out.get("loss")
         return SR3DCausalLMOutput(
-            loss=out.get("loss"),
+            loss=loss,
             logits=out.get("logits"),
             cache=out.get("cache"),
             hidden_states=out.get("hidden_states"),
@@ -304,6 +371,16 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
             image_features=feats,
             region_embeddings=regions,
         )
+
+    def _llm_keeps_logit_positions(self) -> bool:
+        """Whether the LLM's forward takes ``logits_to_keep`` (boolean masks are understood since transformers 5)."""
+        import inspect
+
+        cached = getattr(self, "_keeps_logit_positions", None)
+        if cached is None:
+            cached = "logits_to_keep" in inspect.signature(type(self.llm).forward).parameters
+            self._keeps_logit_positions = cached
+        return cached
 
     @torch.no_grad()
     def generate(

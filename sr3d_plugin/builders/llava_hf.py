@@ -1,0 +1,210 @@
+"""Builder for transformers LLaVA-family folders (``llava``, ``llava_next``, ``llava_onevision``).
+
+The source model is loaded with transformers' own class (which applies its checkpoint-key
+conversions; peak memory is about twice the model while both exist), then its parts are moved
+under our module paths:
+
+=============================================  ============================================
+LLaVA (transformers 5 module path)             SR-3D
+=============================================  ============================================
+``model.vision_tower.*``                       ``vision_tower.*``
+``model.multi_modal_projector.linear_1.*``     ``mm_projector.layers.0.*`` (``mlp2x_gelu``)
+``model.multi_modal_projector.linear_2.*``     ``mm_projector.layers.2.*``
+``model.language_model.*``                     ``llm.model.*``
+``lm_head.*``                                  ``llm.lm_head.*``
+=============================================  ============================================
+
+Config: ``vision_feature_layer`` → ``vision_feature_layer`` (one layer only), ``vision_feature_select_strategy``
+``"default"`` (drop CLS) → ``"patch"``, ``"full"`` → ``"full"``, ``image_token_index`` → ``image_token_id``,
+one tile of the vision tower's ``image_size``, ``image_end_text`` None and ``tile_separator`` ``""``
+(LLaVA prompts carry their own newline). The 3D position encoder and region extractor are created
+fresh and ``<mask>`` is added to the tokenizer.
+
+Not reproduced for ``llava_next`` / ``llava_onevision``: their "anyres" path (a base image plus a grid of
+high-resolution patches chosen from ``image_grid_pinpoints``, the learned ``image_newline`` embedding
+after every row of patch features, and the unpadding of patch features). Our dynamic tiling (tiles
+plus a thumbnail, SR3D-FACTS §4, up to as many tiles as the largest pin-point grid) replaces it,
+``image_newline`` is dropped, and the model's ``load_notes`` say so: such a model answers
+differently from the original until it is fine-tuned with SR-3D tiling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sr3d_plugin.builders._common import add_special_tokens, instantiate, pad_vocabulary, split_config_overrides
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
+from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "LlavaHFBuilder", "llava_state_to_sr3d"]
+
+#: transformers model types this builder reads
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+#: LLaVA-family types it recognises but cannot map (with the reason)
+UNSUPPORTED_MODEL_TYPES = {
+    "vipllava": "its projector pools several vision layers through a LayerNorm (no single-layer equivalent)",
+    "video_llava": "it has separate image and video towers",
+    "llava_next_video": "its video pooling path has no SR-3D equivalent; load the image model (llava_next)",
+}
+
+_SELECT = {"default": "patch", "full": "full"}
+
+
+def _first_attr(obj: Any, *names: str) -> Any:
+    for name in names:
+        cur = obj
+        for part in name.split("."):
+            cur = getattr(cur, part, None)
+            if cur is None:
+                break
+        if cur is not None:
+            return cur
+    raise SR3DInputError(f"{type(obj).__name__} has none of the modules {names}; not a LLaVA-family model")
+
+
+def llava_state_to_sr3d(source: Any) -> dict[str, torch.Tensor]:
+    """Tensors of a loaded transformers LLaVA-family model under SR-3D module paths (see the module table)."""
+    tower = _first_attr(source, "model.vision_tower", "vision_tower")
+    projector = _first_attr(source, "model.multi_modal_projector", "multi_modal_projector")
+    decoder = _first_attr(source, "model.language_model", "language_model")
+    head = source.get_output_embeddings()
+    state: dict[str, torch.Tensor] = {}
+    state.update({f"vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    for src, dst in (("linear_1", "layers.0"), ("linear_2", "layers.2")):
+        layer = getattr(projector, src)
+        state[f"mm_projector.{dst}.weight"] = layer.weight.detach()
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features, dtype=layer.weight.dtype)
+        state[f"mm_projector.{dst}.bias"] = bias.detach()
+    state.update({f"llm.model.{k}": v for k, v in decoder.state_dict().items()})
+    state["llm.lm_head.weight"] = head.weight.detach()
+    if getattr(head, "bias", None) is not None:
+        state["llm.lm_head.bias"] = head.bias.detach()
+    return state
+
+
+def tile_image_processor(image_processor: Any, tile_size: int) -> Any:
+    """A plain per-tile processor (resize to ``tile_size`` + normalise) with the source's mean and std.
+
+    LLaVA-NeXT / OneVision processors cut images into their own anyres patches; our processor hands
+    them ready tiles, so it needs one that only normalises.
+    """
+    from transformers import SiglipImageProcessor
+
+    mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    std = getattr(image_processor, "image_std", None) or [0.5, 0.5, 0.5]
+    return SiglipImageProcessor(
+        size={"height": tile_size, "width": tile_size},
+        image_mean=list(mean),
+        image_std=list(std),
+        rescale_factor=getattr(image_processor, "rescale_factor", 1 / 255),
+    )
+
+
+class LlavaHFBuilder:
+    """transformers LLaVA-family folders → SR-3D (fresh PE + region extractor; ``<mask>`` added)."""
+
+    name = "llava_hf"
+
+    def can_load(self, path: Path, config: dict[str, Any]) -> bool:
+        return config.get("model_type") in (*SUPPORTED_MODEL_TYPES, *UNSUPPORTED_MODEL_TYPES)
+
+    def load(
+        self,
+        path: Path,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load the folder (``dtype`` default: the checkpoint's; SR3DConfig overrides in ``kwargs``)."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+        path = Path(path)
+        overrides = split_config_overrides(kwargs)
+        src_config = AutoConfig.from_pretrained(str(path))
+        kind = src_config.model_type
+        if kind in UNSUPPORTED_MODEL_TYPES:
+            raise SR3DConfigError(
+                f"{path}: model_type {kind!r} is not supported because {UNSUPPORTED_MODEL_TYPES[kind]}"
+            )
+        if kind not in SUPPORTED_MODEL_TYPES:
+            raise SR3DConfigError(f"{path}: model_type {kind!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+        act = getattr(src_config, "projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise SR3DConfigError(
+                f"{path}: projector_hidden_act={act!r} is not supported; expected 'gelu' (our mlp2x_gelu projector)"
+            )
+        layer = src_config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise SR3DConfigError(
+                f"{path}: vision_feature_layer={layer!r} concatenates several layers; expected a single int"
+            )
+        strategy = src_config.vision_feature_select_strategy
+        if strategy not in _SELECT:
+            raise SR3DConfigError(f"{path}: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
+
+        notes: list[str] = []
+        source_dtype = dtype if isinstance(dtype, torch.dtype) else "auto"
+        source = AutoModelForImageTextToText.from_pretrained(str(path), dtype=source_dtype)
+        state = llava_state_to_sr3d(source)
+        if dtype is None or dtype == "auto":
+            dtype = next(source.parameters()).dtype
+        vision_config, text_config = src_config.vision_config, src_config.text_config
+        del source
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        image_token = tokenizer.convert_ids_to_tokens(int(src_config.image_token_index))
+        added = add_special_tokens(tokenizer, [SR3D_SPECIAL_TOKENS["mask"]])
+        if added:
+            notes.append(f"added {added} to the tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            try:
+                from transformers import AutoProcessor
+
+                tokenizer.chat_template = getattr(AutoProcessor.from_pretrained(str(path)), "chat_template", None)
+            except (OSError, ValueError, TypeError):
+                pass
+        tile = int(vision_config.image_size)
+        image_processor = AutoImageProcessor.from_pretrained(str(path))
+        kwargs_config: dict[str, Any] = {
+            "vision_config": vision_config.to_dict(),
+            "text_config": text_config.to_dict(),
+            "projector_type": "mlp2x_gelu",
+            "tile_size": tile,
+            "image_aspect_ratio": "resize",
+            "use_thumbnail": False,
+            "vision_feature_layer": layer,
+            "vision_feature_select": _SELECT[strategy],
+            "image_end_text": None,
+            "tile_separator": "",
+            "image_token_id": int(src_config.image_token_index),
+            "mask_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["mask"]),
+        }
+        if kind in ("llava_next", "llava_onevision"):
+            pinpoints = getattr(src_config, "image_grid_pinpoints", None) or [[tile, tile]]
+            max_tiles = max(max(1, (h // tile) * (w // tile)) for h, w in pinpoints)
+            kwargs_config.update({"image_aspect_ratio": "dynamic", "max_tiles": max_tiles, "use_thumbnail": True})
+            image_processor = tile_image_processor(image_processor, tile)
+            notes.append(
+                f"{kind}: anyres patching, image_newline and feature unpadding are not reproduced; SR-3D dynamic "
+                f"tiling (up to {max_tiles} tiles + thumbnail) replaces them and image_newline is dropped"
+            )
+        kwargs_config.update(overrides)
+        config = SR3DConfig(**kwargs_config)
+        vocab = int(config.text_config.vocab_size)
+        if len(tokenizer) > vocab:
+            size = pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
+            config.text_config.vocab_size = size
+            notes.append(f"LLM embeddings grown from {vocab} to {size} rows for <mask> (mean-initialised)")
+        model = instantiate(
+            config, state, dtype=dtype, quantization_config=quantization_config, notes=notes,
+            device_map=device_map, **kwargs,
+        )  # fmt: skip
+        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer, image_token=image_token)
+        return model, processor

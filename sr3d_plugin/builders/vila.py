@@ -1,0 +1,297 @@
+"""Builder for VILA-layout folders: NVILA-Lite, SR-3D releases and other VILA checkpoints.
+
+Layout (SR3D-FACTS §1): a top-level ``config.json`` (``model_type: "vila"``, ``architectures:
+["VILAForCausalLM"]``; VILA-1.5 folders say ``llava_llama``) and one Hugging Face folder per part::
+
+    llm/                 causal LM (Qwen2ForCausalLM) + tokenizer (+ chat template)
+    vision_tower/        SiglipVisionModel + image processor
+    mm_projector/        config.json {mm_projector_type} + model.safetensors (``layers.*``)
+    perception_encoder/  SR-3D only: ``layers.position_embedding_head.{0,1,3}.*``
+    region_extractor/    SR-3D only: ``projector.{weight,bias}``
+
+Key mapping (every tensor of the folder lands unchanged in the model; nothing is renamed except
+one documented legacy prefix):
+
+================================  =============================================================
+folder / stored key               model key
+================================  =============================================================
+``llm/K``                         ``llm.K`` (Qwen2 names are identical in transformers 4.x and 5.x)
+``vision_tower/vision_model.K``   ``vision_tower.K`` — transformers 4.x wrapped SigLIP/CLIP vision
+                                  towers in ``vision_model``; transformers 5 does not. The prefix is
+                                  stripped only when the unprefixed key is a tensor of the tower.
+``vision_tower/K``                ``vision_tower.K`` (folders saved with transformers 5)
+``mm_projector/K``                ``mm_projector.K``
+``perception_encoder/K``          ``perception_encoder.K``
+``region_extractor/K``            ``region_extractor.K``
+================================  =============================================================
+
+Config mapping: ``mm_vision_select_layer`` → ``vision_feature_layer`` (−2), ``mm_vision_select_feature``
+(``cls_patch`` keeps all SigLIP tokens, ``patch`` drops the first) → ``vision_feature_select``,
+``image_aspect_ratio`` / ``min_tiles`` / ``max_tiles`` → tiling, the image encoder's ``end_tokens``
+(``"\\n"``) → ``image_end_text`` with ``tile_separator`` ``"\\n"``, ``mm_projector`` /
+``perception_encoder`` / ``region_extractor`` → registered component names, ``model_dtype``
+(a string such as ``"torch.bfloat16"``, read through an allow-list, never ``eval``) → default dtype.
+
+NVILA-Lite (no ``perception_encoder/`` or ``region_extractor/``): both parts are created fresh (PE with
+xavier gain 0.001), ``<mask>`` is added to the tokenizer when missing (embeddings grow only when its id
+does not fit the existing matrix), and the model's ``load_notes`` say so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sr3d_plugin.builders._common import (
+    FRESH_PARTS,
+    UNUSED_PARTS,
+    add_special_tokens,
+    instantiate,
+    pad_vocabulary,
+    read_json,
+    read_weights,
+    split_config_overrides,
+)
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
+from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, parse_dtype
+
+__all__ = ["PARTS", "VILA_MODEL_TYPES", "VilaBuilder", "read_vila_state_dict", "vila_config_to_sr3d"]
+
+#: sub-folders of a VILA checkpoint, in the order they are read
+PARTS = ("llm", "vision_tower", "mm_projector", "perception_encoder", "region_extractor")
+REQUIRED_PARTS = ("llm", "vision_tower", "mm_projector")
+
+#: top-level ``model_type`` values of VILA-family folders
+VILA_MODEL_TYPES = ("vila", "llava_llama")
+
+#: stored-key prefixes that transformers 4.x put around vision towers (stripped when needed)
+LEGACY_VISION_PREFIXES = ("vision_model.",)
+
+_SELECT_FEATURE = {"cls_patch": "cls_patch", "patch": "patch", "full": "full", "default": "default"}
+
+
+def _image_encoder_settings(top: dict[str, Any]) -> dict[str, Any]:
+    """The ``image_encoder`` entry of a VILA config (a dict or a JSON string), or {}."""
+    raw = top.get("image_encoder")
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SR3DConfigError(f"image_encoder={raw!r} in the VILA config is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SR3DConfigError(f"image_encoder in the VILA config is a {type(raw).__name__}; expected an object")
+    return raw
+
+
+def _component_name(value: Any, key: str) -> str | None:
+    """A registered component name from a config value that may be a string or a dict."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for field in (key, "type", "pe_type", "region_extractor_type", "mm_projector_type"):
+            if isinstance(value.get(field), str):
+                return value[field]
+    raise SR3DConfigError(f"cannot read a component name from {key}={value!r}; expected a string")
+
+
+def vila_config_to_sr3d(
+    path: Path, top: dict[str, Any], tokenizer: Any, overrides: dict[str, Any] | None = None
+) -> tuple[Any, list[str]]:
+    """Map a VILA top-level config (plus the sub-folder configs) onto an :class:`SR3DConfig`.
+
+    Args:
+        path: the checkpoint folder.
+        top: its parsed ``config.json``.
+        tokenizer: the LLM tokenizer, already holding ``<image>`` and ``<mask>``.
+        overrides: SR3DConfig fields that win over the mapped values.
+
+    Returns:
+        ``(config, notes)``; notes describe settings that could not be reproduced exactly.
+    """
+    from transformers import AutoConfig
+
+    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+
+    notes: list[str] = []
+    text_config = AutoConfig.from_pretrained(str(path / "llm"))
+    vision_config = AutoConfig.from_pretrained(str(path / "vision_tower"))
+    vision_config = getattr(vision_config, "vision_config", None) or vision_config
+
+    for key, actual, where in (
+        ("hidden_size", text_config.hidden_size, "llm/config.json"),
+        ("mm_hidden_size", vision_config.hidden_size, "vision_tower/config.json"),
+    ):
+        if top.get(key) is not None and int(top[key]) != int(actual):
+            raise SR3DConfigError(f"{path}: config.json says {key}={top[key]} but {where} has {actual}; expected equal")
+
+    proj_cfg = path / "mm_projector" / "config.json"
+    projector = read_json(proj_cfg).get("mm_projector_type") if proj_cfg.is_file() else None
+    projector = projector or _component_name(top.get("mm_projector"), "mm_projector")
+    if projector is None:
+        cfg = top.get("mm_projector_cfg")
+        projector = cfg.get("mm_projector_type") if isinstance(cfg, dict) else None
+    if projector is None:
+        raise SR3DConfigError(f"{path}: no projector type in mm_projector/config.json or config.json (mm_projector)")
+
+    pe_cfg_file = path / "perception_encoder" / "config.json"
+    pe_type = _component_name(read_json(pe_cfg_file), "pe_type") if pe_cfg_file.is_file() else None
+    pe_type = pe_type or _component_name(top.get("perception_encoder"), "pe_type") or "abs_mlp"
+    re_cfg_file = path / "region_extractor" / "config.json"
+    re_type = _component_name(read_json(re_cfg_file), "region_extractor_type") if re_cfg_file.is_file() else None
+    re_type = re_type or _component_name(top.get("region_extractor"), "region_extractor_type") or "regiongpt"
+
+    aspect = str(top.get("image_aspect_ratio", "dynamic"))
+    if aspect == "pad":
+        notes.append("image_aspect_ratio 'pad' (pad to a square) is replaced by 'resize' (squash to one tile)")
+        aspect = "resize"
+    if aspect not in ("dynamic", "resize"):
+        raise SR3DConfigError(
+            f"{path}: image_aspect_ratio={aspect!r} is not supported; expected 'dynamic', 'resize' or 'pad'"
+        )
+    select = str(top.get("mm_vision_select_feature", "cls_patch"))
+    if select not in _SELECT_FEATURE:
+        raise SR3DConfigError(f"{path}: mm_vision_select_feature={select!r}; expected one of {sorted(_SELECT_FEATURE)}")
+    encoder = _image_encoder_settings(top)
+    if encoder.get("start_tokens"):
+        raise SR3DConfigError(
+            f"{path}: image_encoder.start_tokens={encoder['start_tokens']!r} is not supported; expected none"
+        )
+    end_text = encoder.get("end_tokens", "\n")
+
+    kwargs: dict[str, Any] = {
+        "vision_config": vision_config.to_dict(),
+        "text_config": text_config.to_dict(),
+        "projector_type": projector,
+        "position_encoder_type": pe_type,
+        "region_extractor_type": re_type,
+        "tile_size": int(vision_config.image_size),
+        "min_tiles": int(top.get("min_tiles", 1)),
+        "max_tiles": int(top.get("max_tiles", 12)),
+        "image_aspect_ratio": aspect,
+        "vision_feature_layer": int(top.get("mm_vision_select_layer", -2)),
+        "vision_feature_select": _SELECT_FEATURE[select],
+        "image_end_text": end_text,
+        "tile_separator": "\n",
+        "num_video_frames": int(top.get("num_video_frames", 32) or 32),
+        "image_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["image"]),
+        "mask_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["mask"]),
+    }
+    pe_weights = path / "perception_encoder"
+    if pe_weights.is_dir():
+        head = read_weights(pe_weights).get("layers.position_embedding_head.0.weight")
+        if head is not None:
+            in_features = int(head.shape[1])
+            if in_features % 3 or (in_features // 3 - 1) % 2:
+                raise SR3DConfigError(
+                    f"{pe_weights}: the first PE layer takes {in_features} features; expected 3·(1 + 2·F)"
+                )
+            kwargs["pe_num_freqs"] = (in_features // 3 - 1) // 2
+    kwargs.update(overrides or {})
+    return SR3DConfig(**kwargs), notes
+
+
+def _expected_vision_keys(vision_config: Any) -> set[str]:
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        tower = AutoModel.from_config(vision_config)
+    return set(tower.state_dict())
+
+
+def read_vila_state_dict(path: Path, vision_config: Any) -> dict[str, torch.Tensor]:
+    """All tensors of the VILA folder under our module paths (see the module docstring for the map)."""
+    state: dict[str, torch.Tensor] = {}
+    vision_keys: set[str] | None = None
+    for part in PARTS:
+        folder = path / part
+        if not folder.is_dir():
+            continue
+        tensors = read_weights(folder)
+        if part == "vision_tower":
+            vision_keys = vision_keys or _expected_vision_keys(vision_config)
+        for key, value in tensors.items():
+            target = key
+            if part == "vision_tower" and key not in vision_keys:  # type: ignore[operator]
+                for prefix in LEGACY_VISION_PREFIXES:
+                    if key.startswith(prefix) and key[len(prefix) :] in vision_keys:  # type: ignore[operator]
+                        target = key[len(prefix) :]
+                        break
+            state[f"{part}.{target}"] = value
+    return state
+
+
+class VilaBuilder:
+    """VILA / NVILA-Lite / SR-3D folders → :class:`SR3DForConditionalGeneration` + :class:`SR3DProcessor`."""
+
+    name = "vila"
+
+    def can_load(self, path: Path, config: dict[str, Any]) -> bool:
+        archs = [str(a) for a in config.get("architectures") or []]
+        vila_like = config.get("model_type") in VILA_MODEL_TYPES or any("VILA" in a for a in archs)
+        return vila_like and all((path / part).is_dir() for part in REQUIRED_PARTS)
+
+    def load(
+        self,
+        path: Path,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load the folder.
+
+        Args:
+            path: VILA-layout folder.
+            dtype: torch dtype or name; default (None or ``"auto"``) is the folder's ``model_dtype``.
+            device_map, quantization_config: as for ``from_pretrained`` (see ``load_model``).
+            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``) and ``attn_implementation``.
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+        from sr3d_plugin.testing import CHATML_TEMPLATE
+
+        path = Path(path)
+        missing = [p for p in REQUIRED_PARTS if not (path / p).is_dir()]
+        if missing:
+            raise SR3DInputError(f"{path} lacks the VILA sub-folder(s) {missing}; expected {list(REQUIRED_PARTS)}")
+        top = read_json(path / "config.json")
+        overrides = split_config_overrides(kwargs)
+        notes: list[str] = []
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "llm"))
+        # VILA adds its media tokens at run time in this order (llava/constants.py MEDIA_TOKENS); <mask> follows
+        added = add_special_tokens(
+            tokenizer, [SR3D_SPECIAL_TOKENS["image"], SR3D_SPECIAL_TOKENS["video"], SR3D_SPECIAL_TOKENS["mask"]]
+        )
+        if added:
+            notes.append(f"added {added} to the tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = CHATML_TEMPLATE
+            notes.append("llm/ has no chat template: using ChatML (the Qwen2 / NVILA template)")
+        image_processor = AutoImageProcessor.from_pretrained(str(path / "vision_tower"))
+
+        config, config_notes = vila_config_to_sr3d(path, top, tokenizer, overrides)
+        notes.extend(config_notes)
+        state = read_vila_state_dict(path, config.vision_config)
+        vocab = int(config.text_config.vocab_size)
+        if len(tokenizer) > vocab:
+            size = pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
+            config.text_config.vocab_size = size
+            notes.append(f"LLM embeddings grown from {vocab} to {size} rows for the added tokens (mean-initialised)")
+
+        if dtype is None or dtype == "auto":
+            dtype = parse_dtype(top.get("model_dtype", "torch.float16"))
+        model = instantiate(
+            config, state, dtype=dtype, quantization_config=quantization_config, notes=notes,
+            allowed_missing=FRESH_PARTS + UNUSED_PARTS, device_map=device_map, **kwargs,
+        )  # fmt: skip
+        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer)
+        return model, processor
