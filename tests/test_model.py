@@ -209,3 +209,12 @@ def test_third_party_projector_selected_by_name_in_config() -> None:
         assert isinstance(SR3DConfig.from_dict(config.to_dict()), SR3DConfig)
     finally:
         plugins.unregister_plugin(name)
+
+
+def test_fresh_position_encoder_uses_xavier_gain_from_config() -> None:
+    model, _ = build_tiny_model(seed=1)
+    c = model.config.vision_hidden_size
+    bound = model.config.pe_init_gain * (6 / (51 + c)) ** 0.5
+    first = model.perception_encoder.layers.position_embedding_head[0].weight.detach()
+    assert float(first.abs().max()) <= bound + 1e-12
+    assert float(first.abs().max()) > bound / 2  # initialised, not zero

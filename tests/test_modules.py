@@ -72,7 +72,7 @@ def test_pe_keys_load_released_layout_and_init_is_tiny() -> None:
     released = {k: torch.randn(shape) for k, shape in RELEASED_PE_KEYS.items()}
     pe.load_state_dict(released, strict=True)
     fresh = PositionEncoder3D(1152)
-    w = fresh.layers.position_embedding_head[0].weight
+    w = fresh.layers.position_embedding_head[0].weight.detach()
     bound = 0.001 * math.sqrt(6 / (51 + 1152))  # xavier-uniform with gain 0.001
     assert float(w.abs().max()) <= bound + 1e-12 and float(w.abs().max()) > bound / 2
     out = fresh(torch.rand(10, 3) * 2 - 1)

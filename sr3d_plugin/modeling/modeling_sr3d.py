@@ -85,8 +85,14 @@ class SR3DPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PositionEncoder3D", "Projector", "RegionExtractor"]
 
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers initialises leaves first and then skips parents whose parameters are done, so
+        # the PE's xavier(gain) init is applied on its Linear layers, which carry their gain
+        gain = getattr(module, "_sr3d_xavier_gain", None)
+        if gain is not None and isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight, gain=gain)
+            nn.init.zeros_(module.bias)
+            return
         if isinstance(module, PositionEncoder3D):
-            module.reset_parameters(self.config.pe_init_gain)
             return
         super()._init_weights(module)
 

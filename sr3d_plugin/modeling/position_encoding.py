@@ -67,6 +67,11 @@ class PositionEncoder3D(nn.Module):
         self.num_freqs = num_freqs
         self.in_features = 3 * (1 + 2 * num_freqs)
         self.layers = _Layers(self.in_features, hidden_size)
+        self.init_gain = init_gain
+        for module in self.layers.position_embedding_head:
+            if isinstance(module, nn.Linear):
+                # read by SR3DPreTrainedModel._init_weights, which transformers runs leaf-first
+                module._sr3d_xavier_gain = init_gain
         self.reset_parameters(init_gain)
 
     def reset_parameters(self, gain: float = 0.001) -> None:
