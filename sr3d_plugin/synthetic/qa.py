@@ -55,6 +55,7 @@ from sr3d_plugin.synthetic.scene import Room, SceneObject, generate_scene, look_
 
 __all__ = [
     "ANSWER_CHOICES",
+    "DEMO_SEED_BASE",
     "DEPTH_FAMILIES",
     "DISTANCE_BUCKETS",
     "MULTI_VIEW_FAMILIES",
@@ -66,6 +67,7 @@ __all__ = [
     "heuristic_baselines",
     "make_sample",
     "multi_view_scene",
+    "scene_questions",
     "single_view_scene",
 ]
 
@@ -305,9 +307,10 @@ def _bucket(distance: float, buckets: tuple[tuple[float, str], ...]) -> int:
     return next(i for i, (upper, _) in enumerate(buckets) if distance < upper)
 
 
-def _sv_accept(family: str, objs: list[_SVObject], want: int, rng: np.random.Generator) -> dict[str, Any] | None:
+def _sv_accept(family: str, objs: list[_SVObject], want: int | None, rng: np.random.Generator) -> dict[str, Any] | None:
     """Check a placement for ``family`` before rendering; ``want`` is the pre-drawn target
-    (distance bucket, or 0/1 for "the 2D heuristic agrees / disagrees"). Returns the answer facts."""
+    (distance bucket, or 0/1 for "the 2D heuristic agrees / disagrees") that de-biases the
+    training/test distributions; ``None`` accepts any valid layout. Returns the answer facts."""
     a, b = objs[0], objs[1]
     if family in ("closer", "front_behind"):
         if abs(a.depth - b.depth) < 0.5:
@@ -322,16 +325,19 @@ def _sv_accept(family: str, objs: list[_SVObject], want: int, rng: np.random.Gen
     if family == "distance":
         # a narrow band of image separations, so the 2D separation says little about the bucket
         sep = float(np.linalg.norm(a.image_center - b.image_center))
+        dist = float(np.linalg.norm(a.center_cam - b.center_cam))
+        bucket = _bucket(dist, DISTANCE_BUCKETS)
+        if want is None:
+            return {"bucket": bucket, "distance": dist}
         if not 0.22 <= sep <= 0.32:
             return None
-        dist = float(np.linalg.norm(a.center_cam - b.center_cam))
-        return {"bucket": want, "distance": dist} if _bucket(dist, DISTANCE_BUCKETS) == want else None
+        return {"bucket": want, "distance": dist} if bucket == want else None
     if family == "larger":
         va, vb = float(a.obj.box.size.prod()), float(b.obj.box.size.prod())
         if max(va, vb) / min(va, vb) < 1.5:
             return None
         agrees = (a.angular_area > b.angular_area) == (va > vb)
-        return {"first": va > vb} if agrees == bool(want) else None
+        return {"first": va > vb} if want is None or agrees == bool(want) else None
     if family == "closer_to_third":
         c = objs[2]
         da = float(np.linalg.norm(a.center_cam - c.center_cam))
@@ -341,7 +347,7 @@ def _sv_accept(family: str, objs: list[_SVObject], want: int, rng: np.random.Gen
         pa = float(np.linalg.norm(a.image_center - c.image_center))
         pb = float(np.linalg.norm(b.image_center - c.image_center))
         agrees = (pa < pb) == (da < db)
-        return {"first": da < db} if agrees == bool(want) else None
+        return {"first": da < db} if want is None or agrees == bool(want) else None
     if family == "count":
         pool = [*sorted({o.color_name for o in objs}), str(rng.choice(sorted(COLORS)))]
         color = str(rng.choice(pool))
@@ -412,7 +418,7 @@ def _pixel_dist(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _mv_sample(
-    rng: np.random.Generator, family: str, cfg: SpatialQAConfig, scene_seed: int, target: int
+    rng: np.random.Generator, family: str, cfg: SpatialQAConfig, scene_seed: int, target: int | None
 ) -> tuple[str, str, VisualInput, dict]:
     scene = multi_view_scene(scene_seed, cfg.num_frames, cfg.mv_image_size, cfg.mv_room)
     inst = scene.instance
@@ -441,10 +447,11 @@ def _mv_sample(
                 continue
             fi, fj = pairs[int(rng.integers(len(pairs)))]
             dist = float(np.linalg.norm(centers[a] - centers[b]))
-            if _bucket(dist, MV_DISTANCE_BUCKETS) != target:
+            bucket = _bucket(dist, MV_DISTANCE_BUCKETS)
+            if target is not None and bucket != target:
                 continue
             regions = [_region(inst[fi] == a, fi, as_box), _region(inst[fj] == b, fj, as_box)]
-            q, ans = "How far apart are <region0> and <region1>?", MV_DISTANCE_BUCKETS[target][1]
+            q, ans = "How far apart are <region0> and <region1>?", MV_DISTANCE_BUCKETS[bucket][1]
             meta = {"frames": [fi, fj], "distance": dist}
         elif family == "mv_closer_to_third":
             if len(ids) < 3:
@@ -547,6 +554,69 @@ class SpatialQADataset(torch.utils.data.Dataset):
             raise IndexError(index)
         family = self.families[index % len(self.families)]
         return make_sample(self.split, index // len(self.families), family, self.seed, self.cfg, self.scenes)
+
+
+#: seed range of demo scenes (disjoint from every split)
+DEMO_SEED_BASE = 9_000_000
+
+
+def scene_questions(seed: int = 0, cfg: SpatialQAConfig | None = None, objects: int = 4) -> list[QASample]:
+    """A handful of questions about ONE fresh single-view scene and ONE fresh multi-view scene.
+
+    Unlike the training/test splits, the questions are not re-balanced (they describe whatever the
+    scene contains); depth two-choice questions (closer, front/behind) are asked about every pair
+    whose depths differ by at least 0.5 m.
+    """
+    cfg = cfg or SpatialQAConfig()
+    rng = np.random.default_rng([DEMO_SEED_BASE + int(seed)])
+    for _attempt in range(200):
+        objs = _place_objects(rng, cfg, objects)
+        pairs = [
+            (i, j) for i in range(objects) for j in range(i + 1, objects) if abs(objs[i].depth - objs[j].depth) >= 0.5
+        ]
+        if len(pairs) >= 3:
+            break
+    scene = _render_single_view(objs, cfg)
+    masks = [scene.instance == o.obj.id for o in objs]
+    if min(int(m.sum()) for m in masks) < cfg.min_region_pixels:
+        return scene_questions(seed + 7919, cfg, objects)
+    image = Image.fromarray(scene.rgb)
+    out: list[QASample] = []
+
+    def add(family: str, order: list[int], q: str, ans: str, meta: dict[str, Any]) -> None:
+        regions = [_region(masks[k], 0, as_box=True) for k in order]
+        meta = {**meta, "objects": [objs[k].obj.label for k in order], "depth": [objs[k].depth for k in order]}
+        visual = VisualInput([image], points=scene.canonical, regions=regions, multi_view=False)
+        out.append(QASample(f"demo{seed}-{len(out)}", family, q, ans, visual, meta))
+
+    for n, (i, j) in enumerate(pairs[:4]):
+        family = "closer" if n % 2 == 0 else "front_behind"
+        facts = _sv_accept(family, [objs[i], objs[j]], None, rng)
+        q, answers = _SV_QUESTIONS[family]
+        add(family, [i, j], q, answers[0] if facts["first"] else answers[1], {})
+    i, j = pairs[0]
+    facts = _sv_accept("distance", [objs[i], objs[j]], None, rng)
+    add(
+        "distance",
+        [i, j],
+        "How far apart are <region0> and <region1>?",
+        DISTANCE_BUCKETS[facts["bucket"]][1],
+        {"distance": facts["distance"]},
+    )
+    facts = _sv_accept("left_right", [objs[i], objs[j]], None, rng)
+    if facts is not None:
+        q, answers = _SV_QUESTIONS["left_right"]
+        add("left_right", [i, j], q, answers[0] if facts["first"] else answers[1], {})
+    facts = _sv_accept("count", objs, None, rng)
+    add("count", [], f"How many {facts['color']} objects are there?", str(facts["count"]), {})
+    mv_seed = DEMO_SEED_BASE + int(seed)
+    for family in MULTI_VIEW_FAMILIES:
+        try:
+            q, ans, visual, meta = _mv_sample(rng, family, cfg, mv_seed, None)
+        except _NoQuestion:
+            continue
+        out.append(QASample(f"demo{seed}-{len(out)}", family, q, ans, visual, meta))
+    return out
 
 
 def heuristic_baselines(samples: list[QASample]) -> dict[str, float]:
