@@ -1,0 +1,273 @@
+"""Model inputs from a prepared evaluation record: frames, 3D positions and region prompts.
+
+Used by the lmms-eval model (:mod:`sr3d_plugin.evaluation.lmms_model`); it needs no lmms-eval.
+The visual fields of a record (written by ``sr3d prepare``, documented in ``docs/evaluation.md``):
+
+``scene`` (str)
+    ScanNet-style posed RGB-D folder (CONTRIBUTING.md, "Data layouts"), relative to the data
+    folder or absolute. ScanQA, SQA3D and Scan2Cap records carry one.
+``video`` (str)
+    Video file (VSI-Bench), relative to the data folder or absolute.
+``points`` (str, optional)
+    Reconstruction point maps for the video or scene (``.npz`` / ``.npy``, CONTRIBUTING.md).
+``frame_ids`` (list[str], optional)
+    Informative: the frames that ``sr3d prepare`` sampled (with its ``--num-frames``).
+``regions`` (list, optional)
+    Region prompts, in the order of the ``<mask>`` tokens of the prompt. Each is an object with
+    ``masks`` (a list of ``{"frame": "@<frame id>", "rle": COCO RLE}`` drawn on original frames),
+    ``box3d`` (``[cx, cy, cz, dx, dy, dz(, yaw)]`` in the scene's axis-aligned frame, metres) and
+    ``label``; or a region spec string (:mod:`sr3d_plugin.regions`). Masks on frames that are not
+    among the sampled frames are dropped; when none is left the 3D box is projected onto the sampled
+    frames with the depth test (:func:`sr3d_plugin.regions.box3d_masks`).
+
+Frames are sampled with :meth:`SR3DPipeline.read_frames` (uniform, SR3D-FACTS §3) and 3D positions
+come from :meth:`SR3DPipeline.positions`, so a record means what the same inputs mean to ``sr3d ask``.
+Frames and point maps of the most recent scenes are kept in a small LRU cache (questions of one
+scene are usually asked together).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
+from sr3d_plugin.evaluation.schema import record_label
+from sr3d_plugin.modeling.inputs import Region, VisualInput
+
+__all__ = ["DATA_DIR_FIELD", "DEPTH_SOURCES", "RecordInputBuilder", "SceneGeometry", "resolve_record_path"]
+
+#: how 3D positions are obtained (model argument ``depth_source``)
+DEPTH_SOURCES = ("auto", "gt", "depth_anything", "reconstruction")
+#: field added by the sr3d lmms-eval tasks to every document: the absolute data folder
+DATA_DIR_FIELD = "sr3d_data_dir"
+_POINT_SUFFIXES = (".npz", ".npy")
+
+
+def resolve_record_path(value: Any, data_dir: str | os.PathLike | None, what: str, label: str) -> Path:
+    """A record's path field as an absolute path (relative paths are relative to ``data_dir``)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SR3DInputError(f"{label}: field {what!r} must be a non-empty path string, got {value!r}")
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        if data_dir is None:
+            raise SR3DInputError(f"{label}: {what} {value!r} is relative but the record has no data folder")
+        p = Path(data_dir) / p
+    return p
+
+
+@dataclass
+class SceneGeometry:
+    """Frames of one visual input with their canonical 3D positions (shared by the questions of a scene)."""
+
+    frames: Any
+    points: torch.Tensor | None
+    valid: torch.Tensor | None
+    info: dict[str, Any]
+
+
+def _norm_frame_id(value: Any) -> str:
+    s = str(value).strip()
+    if s.startswith("@"):
+        s = s[1:].strip()
+    stem = Path(s).stem if "." in s else s
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+class RecordInputBuilder:
+    """Turn records into :class:`VisualInput` objects with a pipeline's frame reader and point-map code.
+
+    Args:
+        pipeline: an :class:`~sr3d_plugin.inference.SR3DPipeline`.
+        num_frames: frames sampled per scene / video (SR-3D uses 32).
+        depth_source: ``"auto"`` (scenes: their depth; videos: point maps when found, else the depth
+            model), ``"gt"`` (the scene's depth only), ``"depth_anything"`` (monocular estimate for
+            every input) or ``"reconstruction"`` (point-map files only).
+        depth_model: Depth Anything V2 id or folder (default: the model config's ``depth_model``).
+        pointmap_dir: folder of reconstruction point maps ``<scene_id>.npz`` / ``.npy`` (optionally in a
+            ``<dataset>/`` sub-folder), used when a record has no ``points`` field.
+        cache_size: scenes whose frames and point maps are kept in memory.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        num_frames: int = 32,
+        depth_source: str = "auto",
+        depth_model: str | None = None,
+        pointmap_dir: str | os.PathLike | None = None,
+        cache_size: int = 2,
+    ) -> None:
+        if depth_source not in DEPTH_SOURCES:
+            raise SR3DConfigError(f"unknown depth_source {depth_source!r}; expected one of {', '.join(DEPTH_SOURCES)}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
+            raise SR3DConfigError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if pointmap_dir is not None and not Path(pointmap_dir).expanduser().is_dir():
+            raise SR3DConfigError(f"pointmap_dir {str(pointmap_dir)!r} is not a folder")
+        self.pipeline = pipeline
+        self.num_frames = num_frames
+        self.depth_source = depth_source
+        self.depth_model = depth_model
+        self.pointmap_dir = None if pointmap_dir is None else Path(pointmap_dir).expanduser()
+        self.cache_size = max(0, int(cache_size))
+        self._cache: OrderedDict[tuple, SceneGeometry] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------
+    # visual input
+    # ------------------------------------------------------------------------------------------
+
+    def source_key(self, record: Mapping[str, Any]) -> str:
+        """A sort key that groups records of the same scene or video (for cache-friendly batching)."""
+        for name in ("scene", "video"):
+            if isinstance(record.get(name), str):
+                return f"{name}:{record[name]}"
+        return ""
+
+    def geometry(self, record: Mapping[str, Any]) -> SceneGeometry:
+        """Frames and canonical point maps of the record's scene or video (cached)."""
+        label = record_label(record)
+        data_dir = record.get(DATA_DIR_FIELD)
+        kind = next((k for k in ("scene", "video") if record.get(k) is not None), None)
+        if kind is None:
+            raise SR3DInputError(f"{label}: no visual input; expected a 'scene' folder or a 'video' file")
+        path = resolve_record_path(record[kind], data_dir, kind, label)
+        if kind == "scene" and not path.is_dir():
+            raise SR3DInputError(f"{label}: scene folder {str(path)!r} not found")
+        if kind == "video" and not path.is_file():
+            raise SR3DInputError(f"{label}: video file {str(path)!r} not found")
+        points = self._points_file(record, data_dir, label)
+        key = (
+            kind,
+            str(path),
+            self.num_frames,
+            self.depth_source,
+            self.depth_model,
+            None if points is None else str(points),
+        )
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        pipe = self.pipeline
+        if kind == "scene":
+            frames = pipe.read_frames(scene=path, num_frames=self.num_frames)
+        else:
+            frames = pipe.read_frames(video=path, num_frames=self.num_frames)
+        pts = valid = None
+        info: dict[str, Any] = {"source": None}
+        if pipe.needs_positions:
+            pts, valid, info = self._positions(frames, kind, points, label)
+        geo = SceneGeometry(frames, pts, valid, info)
+        if self.cache_size:
+            self._cache[key] = geo
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return geo
+
+    def _points_file(self, record: Mapping[str, Any], data_dir: Any, label: str) -> Path | None:
+        if record.get("points") is not None:
+            p = resolve_record_path(record["points"], data_dir, "points", label)
+            if not p.is_file():
+                raise SR3DInputError(f"{label}: point-map file {str(p)!r} not found")
+            return p
+        if self.pointmap_dir is None:
+            return None
+        scene_id = str(record.get("scene_id", ""))
+        subdirs = [record["dataset"]] if isinstance(record.get("dataset"), str) else []
+        for sub in [*subdirs, ""]:
+            for suffix in _POINT_SUFFIXES:
+                cand = self.pointmap_dir / sub / f"{scene_id}{suffix}"
+                if cand.is_file():
+                    return cand
+        return None
+
+    def _positions(
+        self, frames: Any, kind: str, points: Path | None, label: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        pipe = self.pipeline
+        mode = self.depth_source
+        dm = self.depth_model or pipe._default_depth_model()
+        if mode == "reconstruction" or (mode == "auto" and points is not None):
+            if points is None:
+                where = f" in {str(self.pointmap_dir)!r}" if self.pointmap_dir is not None else ""
+                raise SR3DInputError(
+                    f"{label}: depth_source=reconstruction but no point-map file was found{where} "
+                    "(expected <pointmap_dir>/[<dataset>/]<scene_id>.npz or a 'points' field)"
+                )
+            return pipe.positions(frames, points=points)
+        if mode == "gt" or (mode == "auto" and frames.depth is not None):
+            if frames.depth is None:
+                raise SR3DInputError(
+                    f"{label}: depth_source=gt but the {kind} has no depth maps; use depth_source=depth_anything "
+                    "or reconstruction"
+                )
+            return pipe.positions(frames)
+        return pipe.positions(frames, depth_model=dm)
+
+    # ------------------------------------------------------------------------------------------
+    # regions
+    # ------------------------------------------------------------------------------------------
+
+    def regions(self, record: Mapping[str, Any], frames: Any) -> list[Region]:
+        """The record's region prompts on the sampled ``frames`` (see the module docstring)."""
+        from sr3d_plugin.regions import box3d_masks, decode_coco_rle, resolve_regions
+
+        items = record.get("regions") or []
+        label = record_label(record)
+        if not isinstance(items, (list, tuple)):
+            raise SR3DInputError(f"{label}: 'regions' must be a list, got {type(items).__name__}")
+        index = {_norm_frame_id(fid): k for k, fid in enumerate(frames.frame_ids)}
+        out: list[Region] = []
+        for i, item in enumerate(items):
+            where = f"{label}: region {i}"
+            if isinstance(item, str):
+                try:
+                    out.append(resolve_regions([item], frames)[0])
+                except SR3DInputError as exc:
+                    raise SR3DInputError(f"{where}: {exc}") from None
+                continue
+            if not isinstance(item, Mapping):
+                raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec")
+            name = item.get("label")
+            masks: dict[int, np.ndarray] = {}
+            for j, m in enumerate(item.get("masks") or []):
+                if not isinstance(m, Mapping) or "frame" not in m or "rle" not in m:
+                    raise SR3DInputError(f"{where}: mask {j} must be an object with 'frame' and 'rle'")
+                k = index.get(_norm_frame_id(m["frame"]))
+                if k is None:
+                    continue  # drawn on a frame that was not sampled
+                mask = decode_coco_rle(dict(m["rle"]), what=f"{where} mask {j}")
+                if mask.any():
+                    masks[k] = mask
+            if masks:
+                out.append(resolve_regions([Region(masks, label=name)], frames)[0])
+                continue
+            box = item.get("box3d")
+            if box is None:
+                raise SR3DInputError(
+                    f"{where}: none of its masks is on the {len(frames)} sampled frame(s) and it has no 'box3d' "
+                    "to project; prepare the data with the same number of frames as the model uses"
+                )
+            values = [float(v) for v in box]
+            if len(values) not in (6, 7):
+                raise SR3DInputError(f"{where}: box3d must have 6 or 7 numbers, got {len(values)}")
+            projected, _ = box3d_masks(values, frames)
+            if not projected:
+                raise SR3DInputError(f"{where}: the 3D box is not visible in any of the {len(frames)} sampled frame(s)")
+            out.append(Region(projected, label=name))
+        return out
+
+    def visual(self, record: Mapping[str, Any]) -> VisualInput:
+        """The full :class:`VisualInput` of a record (frames, positions, regions)."""
+        geo = self.geometry(record)
+        regions = self.regions(record, geo.frames)
+        return VisualInput(
+            list(geo.frames.images), points=geo.points, valid=geo.valid, regions=regions, multi_view=True
+        )
