@@ -79,3 +79,12 @@ def register_model_builders(register: Register) -> None:
     register("llava_hf", _lazy("sr3d_plugin.builders.llava_hf", "LlavaHFBuilder"))
     register("llava_original", _lazy("sr3d_plugin.builders.llava_original", "LlavaOriginalBuilder"))
     register("scratch", _lazy("sr3d_plugin.builders.scratch", "ScratchBuilder"))
+
+
+@hookimpl
+def register_dataset_converters(register: Register) -> None:
+    register("scannet", _lazy("sr3d_plugin.data.scannet", "ScanNetConverter"))
+    register("scanqa", _lazy("sr3d_plugin.data.qa", "ScanQAConverter"))
+    register("sqa3d", _lazy("sr3d_plugin.data.qa", "SQA3DConverter"))
+    register("scan2cap", _lazy("sr3d_plugin.data.scan2cap", "Scan2CapConverter"))
+    register("vsibench", _lazy("sr3d_plugin.data.vsibench", "VSIBenchConverter"))

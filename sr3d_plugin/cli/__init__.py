@@ -12,11 +12,18 @@ from sr3d_plugin.errors import SR3DError
 
 #: sub-command modules, in the order ``sr3d --help`` lists them
 COMMAND_MODULES: list[str] = [
+    "sr3d_plugin.cli.demo_cmd",
     "sr3d_plugin.cli.plugins_cmd",
     "sr3d_plugin.cli.ask_cmd",
     "sr3d_plugin.cli.pointmap_cmd",
     "sr3d_plugin.cli.metrics_cmd",
+    "sr3d_plugin.cli.prepare_cmd",
+    "sr3d_plugin.cli.eval_cmd",
+    "sr3d_plugin.cli.tasks_path_cmd",
     "sr3d_plugin.cli.convert_cmd",
+    "sr3d_plugin.cli.train_cmd",
+    "sr3d_plugin.cli.merge_cmd",
+    "sr3d_plugin.cli.recipes_cmd",
 ]
 
 
