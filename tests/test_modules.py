@@ -75,7 +75,7 @@ def test_pe_keys_load_released_layout_and_init_is_tiny() -> None:
     w = fresh.layers.position_embedding_head[0].weight.detach()
     bound = 0.001 * math.sqrt(6 / (51 + 1152))  # xavier-uniform with gain 0.001
     assert float(w.abs().max()) <= bound + 1e-12 and float(w.abs().max()) > bound / 2
-    out = fresh(torch.rand(10, 3) * 2 - 1)
+    out = fresh(torch.rand(10, 3) * 2 - 1).detach()
     assert float(out.abs().max()) < 1e-3
 
 
