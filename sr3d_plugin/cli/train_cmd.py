@@ -1,0 +1,134 @@
+"""``sr3d train``: finetune with a recipe (LoRA / QLoRA / full), or plan its memory with ``--dry-run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class _OverridesParser(argparse.ArgumentParser):
+    """Accepts ``KEY=VALUE`` overrides anywhere on the line (also after options such as ``--json``)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        ns, extra = super().parse_known_args(args, namespace)
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        if late and hasattr(ns, "overrides"):
+            ns.overrides = [*ns.overrides, *late]
+            extra = [a for a in extra if a not in late]
+        return ns, extra
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from sr3d_plugin.training.recipe import field_help
+
+    parser_class = sub._parser_class
+    sub._parser_class = _OverridesParser  # this sub-command only
+    try:
+        _add_parser(sub, field_help())
+    finally:
+        sub._parser_class = parser_class
+
+
+def _add_parser(sub: argparse._SubParsersAction, keys_help: str) -> None:
+    p = sub.add_parser(
+        "train",
+        help="finetune an SR-3D model with a recipe (LoRA, QLoRA, two-stage, multi-GPU); --dry-run plans memory",
+        description=(
+            "Train with RECIPE (a YAML file or the name of a bundled recipe, see `sr3d recipes`). Override any "
+            "recipe key with KEY=VALUE (dotted, e.g. training.learning_rate=1e-4 lora.r=16). Several GPUs: run "
+            "the same command under `torchrun --nproc_per_node N -m sr3d_plugin.training RECIPE` or "
+            "`accelerate launch --config_file recipes/accelerate/ddp.yaml -m sr3d_plugin.training RECIPE`."
+        ),
+        epilog="recipe keys (type, default):\n" + keys_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file or bundled recipe name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (dotted keys)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CKPT",
+        help="continue from the newest checkpoint in training.output_dir, or from the checkpoint folder CKPT",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan without loading any weights")
+    p.add_argument("--json", action="store_true", help="machine-readable output (one JSON object per line)")
+    p.add_argument("--tiles", type=int, default=None, help="dry run: tiles per sample (default data.num_frames)")
+    p.add_argument("--text-tokens", type=int, default=256, help="dry run: text tokens per sample (default 256)")
+    p.add_argument("--answer-tokens", type=int, default=64, help="dry run: supervised tokens per sample (default 64)")
+    p.add_argument("--num-processes", type=int, default=1, help="dry run: processes sharing ZeRO/FSDP states")
+    p.set_defaults(func=run)
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    kind = event.get("event")
+    if kind == "start":
+        print(
+            f"training on {event['device']} ({event['processes']} process(es)): {event['samples']} samples, "
+            f"{event['total_steps']} steps -> {event['output_dir']}"
+        )
+        print(f"trainable parameters: {event['trainable_params']:,} (frozen: {event['frozen_params']:,})")
+        for group, count in event["groups"].items():
+            print(f"  {group:<20} {count:>14,}")
+        for row in event["trainable"]:
+            print(f"    {row['name']}  {row['numel']:,}")
+    elif kind == "log":
+        extra = f"  grad_norm {event['grad_norm']:.3f}" if "grad_norm" in event else ""
+        print(
+            f"step {event['step']}  epoch {event['epoch']:.2f}  loss {event['loss']:.4f}  lr {event['lr']:.3g}{extra}"
+        )
+    elif kind == "checkpoint":
+        print(f"saved {event['path']}")
+    elif kind == "resume":
+        print(f"resumed from {event['checkpoint']} at step {event['global_step']}")
+    elif kind == "end":
+        print(
+            f"done: {event['steps']} steps, final loss {event['final_loss']:.4f}, {event['seconds']} s -> {event['output']}"
+        )
+    elif kind == "warning":
+        print(f"warning: {event['message']}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sr3d_plugin.training.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        overrides.append(args.resume)  # `--resume KEY=VALUE`: the value is an override, not a checkpoint
+        args.resume = "latest"
+    recipe, warnings = load_recipe(args.recipe, overrides, check_files=not args.dry_run)
+    if args.dry_run:
+        from sr3d_plugin.training.memory import plan_memory
+
+        plan = plan_memory(
+            recipe,
+            tiles=args.tiles,
+            text_tokens=args.text_tokens,
+            answer_tokens=args.answer_tokens,
+            num_processes=args.num_processes,
+        )
+        if args.json:
+            print(json.dumps({"recipe": recipe.source, "warnings": warnings, **plan.to_dict()}, indent=2))
+        else:
+            print(f"recipe: {recipe.source or '(mapping)'}")
+            for w in warnings:
+                print(f"warning: {w}")
+            print(plan.format())
+        return 0
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    from sr3d_plugin.training.trainer import train
+
+    def emit(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event, default=str), flush=True)
+        else:
+            _print_event(event)
+            sys.stdout.flush()
+
+    train(recipe, resume=args.resume, emit=emit, progress=False if args.json else None)
+    return 0

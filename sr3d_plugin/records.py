@@ -1,0 +1,495 @@
+"""LLaVA-style data records → frames, regions, 3D positions and chat messages.
+
+The record format is documented in ``docs/data-format.md``. One record is a JSON object with an
+``id``, exactly one visual key (``image``, ``frames``, ``scene`` or ``video``), optional geometry
+(``depth`` + ``depth_scale``, ``relative_depth``, ``intrinsics``, ``poses``, ``axis_align``,
+``points``, ``depth_source``), ``num_frames``, ``regions`` and ``conversations``. Relative paths are
+relative to the folder of the JSON/JSONL file.
+
+Frame reading, region parsing and 3D positions reuse the inference code
+(:class:`sr3d_plugin.inference.SR3DPipeline`'s ``read_frames`` / ``positions`` and
+:mod:`sr3d_plugin.regions`), so a record means exactly what the same arguments mean to ``sr3d ask``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.modeling.inputs import Region, VisualInput
+
+__all__ = [
+    "VISUAL_KEYS",
+    "RecordReader",
+    "load_records",
+    "record_messages",
+    "region_from_record",
+    "validate_record",
+]
+
+#: the keys naming a record's visual input (exactly one per record)
+VISUAL_KEYS = ("image", "frames", "scene", "video")
+#: every key a record may carry
+RECORD_KEYS = {
+    "id",
+    *VISUAL_KEYS,
+    "depth",
+    "depth_scale",
+    "relative_depth",
+    "intrinsics",
+    "poses",
+    "axis_align",
+    "points",
+    "depth_source",
+    "num_frames",
+    "regions",
+    "conversations",
+    "meta",
+}
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_MARKERS = re.compile(r"(?:<image>|<video>)\n?")
+DEPTH_SOURCES = ("auto", "gt_depth", "relative_depth", "depth_anything", "points")
+
+
+# ----------------------------------------------------------------------------------------------
+# files and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSON list or a JSONL file of records (each checked with :func:`validate_record`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SR3DInputError(f"data file {str(p)!r} does not exist; expected a JSON or JSONL file of records")
+    text = p.read_text(encoding="utf-8")
+    records: list[Any]
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SR3DInputError(f"{p} is not valid JSON: {exc}") from exc
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SR3DInputError(f"{p}, line {n}: not valid JSON ({exc})") from exc
+    if not records:
+        raise SR3DInputError(f"{p} holds no records")
+    for i, rec in enumerate(records):
+        validate_record(rec, f"{p.name} record {i}")
+    return records
+
+
+def validate_record(rec: Any, where: str = "record") -> None:
+    """Check a record's structure (not its files). Raises :class:`SR3DInputError` naming the problem."""
+    if not isinstance(rec, dict):
+        raise SR3DInputError(f"{where} is a {type(rec).__name__}; expected a JSON object")
+    where = f"{where} (id {rec['id']!r})" if "id" in rec else where
+    unknown = sorted(set(rec) - RECORD_KEYS)
+    if unknown:
+        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected keys among {sorted(RECORD_KEYS)}")
+    visual = [k for k in VISUAL_KEYS if rec.get(k) is not None]
+    if len(visual) > 1:
+        raise SR3DInputError(f"{where} names {visual}; expected exactly one of {', '.join(VISUAL_KEYS)}")
+    if "frames" in rec and not (isinstance(rec["frames"], list) and rec["frames"]):
+        raise SR3DInputError(f"{where}: frames must be a non-empty list of image paths")
+    src = rec.get("depth_source", "auto")
+    if src not in DEPTH_SOURCES:
+        raise SR3DInputError(f"{where}: depth_source={src!r}; expected one of {', '.join(DEPTH_SOURCES)}")
+    if "num_frames" in rec and (
+        not isinstance(rec["num_frames"], int) or isinstance(rec["num_frames"], bool) or rec["num_frames"] <= 0
+    ):
+        raise SR3DInputError(f"{where}: num_frames={rec['num_frames']!r}; expected a positive integer")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise SR3DInputError(f"{where}: conversations must be a non-empty list of {{'from', 'value'}} turns")
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SR3DInputError(f"{where}: turn {t} must be an object with 'from' and 'value'")
+        if turn["from"] not in _ROLES:
+            raise SR3DInputError(
+                f"{where}: turn {t} is from {turn['from']!r}; expected human, gpt (or user, assistant, system)"
+            )
+        if not isinstance(turn["value"], str):
+            raise SR3DInputError(f"{where}: turn {t} value must be a string")
+    if not any(_ROLES[t["from"]] == "assistant" for t in conv):
+        raise SR3DInputError(f"{where}: no gpt turn; nothing to learn from")
+    if not visual and any(_MARKERS.search(t["value"]) for t in conv):
+        raise SR3DInputError(f"{where} has <image> markers but no image, frames, scene or video")
+    regions = rec.get("regions", [])
+    if not isinstance(regions, list):
+        raise SR3DInputError(f"{where}: regions must be a list")
+    if regions and not visual:
+        raise SR3DInputError(f"{where} has regions but no visual input")
+
+
+# ----------------------------------------------------------------------------------------------
+# conversations
+# ----------------------------------------------------------------------------------------------
+
+
+def record_messages(rec: dict[str, Any], num_images: int, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """Chat messages of a record with exactly ``num_images`` ``<image>`` markers.
+
+    Markers (``<image>``/``<video>``, each with one following newline) are removed wherever they
+    were and ``num_images`` ``<image>`` markers are put at the start of the first user turn (where
+    VILA puts them), so records may carry none, one per frame, or a single ``<video>``.
+    """
+    messages: list[dict[str, str]] = []
+    if system_prompt is not None and not any(_ROLES[t["from"]] == "system" for t in rec["conversations"]):
+        messages.append({"role": "system", "content": system_prompt})
+    placed = num_images == 0
+    for turn in rec["conversations"]:
+        role = _ROLES[turn["from"]]
+        text = _MARKERS.sub("", turn["value"]) if role == "user" else turn["value"]
+        if role == "user" and not placed:
+            text = "<image>" * num_images + text.lstrip("\n")
+            placed = True
+        messages.append({"role": role, "content": text})
+    if not placed:
+        raise SR3DInputError(f"record {rec.get('id', '?')!r} has images but no human turn to attach them to")
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------
+# regions
+# ----------------------------------------------------------------------------------------------
+
+
+def _frame_of(value: Any, frames: Any, where: str) -> int:
+    """Frame index (after sampling) of a record region's ``frame`` (int, or ``"@ID"`` for an original frame id)."""
+    from sr3d_plugin.regions import RegionSpec, _frame_index  # the inference convention, one implementation
+
+    if value is None:
+        return _frame_index(RegionSpec("box", where), 0, frames)
+    if isinstance(value, str) and value.startswith("@"):
+        return _frame_index(RegionSpec("box", where, frame_id=value[1:]), 0, frames)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SR3DInputError(f"{where}: frame={value!r}; expected a frame index >= 0 or '@<frame id>'")
+    return _frame_index(RegionSpec("box", where, frame=int(value)), 0, frames)
+
+
+def region_from_record(item: Any, frames: Any, base: Path, where: str = "region") -> Region:
+    """One record region on ``frames`` (a FrameSet after sampling).
+
+    ``item`` is a spec string (``"frame=2 box=10,20,50,60"``, :mod:`sr3d_plugin.regions`) or an object
+    with ``frame`` (index after sampling or ``"@ID"``) and one of ``box`` ``[x0, y0, x1, y1]``,
+    ``mask`` (image path), ``rle`` (COCO RLE object or a JSON file), ``polygon`` ``[x0, y0, …]``, or
+    ``box3d`` ``[cx, cy, cz, sx, sy, sz(, yaw)]`` (metres in the scene's aligned world frame); plus an
+    optional ``label``. ``{"masks": [...], "box3d"?, "label"?}`` draws one region on several frames.
+    """
+    from sr3d_plugin.regions import REGION_KINDS, RegionSpec, decode_coco_rle, resolve_regions
+
+    if isinstance(item, str):
+        return resolve_regions([item], frames)[0]
+    if not isinstance(item, dict):
+        raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec string")
+    if "masks" in item:
+        return _multi_frame_region(item, frames, base, where)
+    unknown = sorted(set(item) - {"frame", "label", *REGION_KINDS})
+    if unknown:
+        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected frame, label and one of {REGION_KINDS}")
+    kinds = [k for k in REGION_KINDS if k in item]
+    if len(kinds) != 1:
+        raise SR3DInputError(f"{where} names {kinds}; expected exactly one of {', '.join(REGION_KINDS)}")
+    kind, value, label = kinds[0], item[kinds[0]], item.get("label")
+    text = f"{where} ({kind})"
+    if kind == "box3d":
+        if "frame" in item:
+            raise SR3DInputError(f"{where}: box3d regions cover every frame where the box is visible; drop 'frame'")
+        spec = RegionSpec("box3d", text, values=tuple(float(v) for v in value), label=label)
+        return resolve_regions([spec], frames)[0]
+    k = _frame_of(item.get("frame"), frames, where)
+    if kind == "rle" and isinstance(value, dict):
+        mask = decode_coco_rle(value, what=f"{where} RLE")
+        return resolve_regions([Region({k: mask}, label=label)], frames)[0]
+    if kind in ("box", "polygon"):
+        if not isinstance(value, (list, tuple)):
+            raise SR3DInputError(f"{where}: {kind} must be a list of numbers, got {value!r}")
+        spec = RegionSpec(kind, text, frame=k, values=tuple(float(v) for v in value), label=label)
+    else:
+        if not isinstance(value, str):
+            raise SR3DInputError(f"{where}: {kind} must be a file path, got {value!r}")
+        spec = RegionSpec(kind, text, frame=k, path=str(_path(value, base)), label=label)
+    return resolve_regions([spec], frames)[0]
+
+
+def _multi_frame_region(item: dict[str, Any], frames: Any, base: Path, where: str) -> Region:
+    """``{"masks": [{frame, box | mask | rle | polygon}, …], "box3d"?, "label"?}`` — one region drawn on
+    several frames (the layout ``sr3d prepare`` writes). Masks on frames that were not sampled are
+    skipped; with none left, the ``box3d`` is projected onto the sampled frames."""
+    unknown = sorted(set(item) - {"masks", "box3d", "label"})
+    if unknown:
+        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected masks, box3d and label")
+    if not isinstance(item["masks"], list):
+        raise SR3DInputError(f"{where}: masks must be a list of {{frame, box | mask | rle | polygon}} objects")
+    merged: dict[int, np.ndarray] = {}
+    for j, entry in enumerate(item["masks"]):
+        if not isinstance(entry, dict):
+            raise SR3DInputError(f"{where} mask {j} must be an object")
+        try:
+            part = region_from_record(entry, frames, base, f"{where} mask {j}")
+        except SR3DInputError as exc:
+            if "not among the" in str(exc) or "after sampling" in str(exc):
+                continue  # drawn on a frame that was not sampled
+            raise
+        for k, m in part.masks.items():
+            merged[k] = merged[k] | m if k in merged else m
+    if merged:
+        return Region(merged, label=item.get("label"))
+    if item.get("box3d") is not None:
+        return region_from_record({"box3d": item["box3d"], "label": item.get("label")}, frames, base, where)
+    raise SR3DInputError(f"{where}: none of its masks lies on a sampled frame and it has no box3d to project")
+
+
+# ----------------------------------------------------------------------------------------------
+# frames and positions
+# ----------------------------------------------------------------------------------------------
+
+
+def _path(value: Any, base: Path) -> Any:
+    if isinstance(value, str):
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    return value
+
+
+def _paths(value: Any, base: Path) -> Any:
+    if isinstance(value, list):
+        return [_path(v, base) for v in value]
+    return _path(value, base)
+
+
+def _matrix(value: Any, base: Path, shape: tuple[int, ...], what: str) -> np.ndarray:
+    from sr3d_plugin.sources.files import read_matrix
+
+    if isinstance(value, str):
+        m = read_matrix(_path(value, base), what)
+    else:
+        m = np.asarray(value, dtype=np.float64)
+    if m.shape != shape:
+        raise SR3DInputError(f"{what} must be {'×'.join(map(str, shape))}, got shape {m.shape}")
+    return m
+
+
+class _ConfigOnly:
+    """Carries a model config for :class:`~sr3d_plugin.inference.SR3DPipeline`'s frame and position readers.
+
+    The pipeline's ``read_frames`` / ``positions`` use only ``config`` and ``device``; data loaders
+    (often in worker processes) must not hold the model, so they get this instead.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+class RecordReader:
+    """Turns records into :class:`~sr3d_plugin.sources.base.FrameSet`, regions and canonical point maps.
+
+    Args:
+        config: the model's :class:`~sr3d_plugin.modeling.SR3DConfig` (frame count, canonical mode,
+            depth model, whether positions are needed).
+        num_frames: default frames sampled from frame lists, videos and scenes (a record's
+            ``num_frames`` wins).
+        depth_source: default point-map source for records that do not name one.
+        depth_model: Depth Anything V2 id or folder for ``depth_source: depth_anything``.
+        cache: point-map cache (False, True, a folder) — see :func:`sr3d_plugin.pointmap.pointmaps_with_cache`.
+        device: device of the depth estimator.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        num_frames: int | None = None,
+        depth_source: str = "auto",
+        depth_model: str | None = None,
+        cache: Any = False,
+        device: str = "cpu",
+    ) -> None:
+        from sr3d_plugin.inference import SR3DPipeline
+
+        if depth_source not in DEPTH_SOURCES:
+            raise SR3DInputError(f"depth_source={depth_source!r}; expected one of {', '.join(DEPTH_SOURCES)}")
+        self.config = config
+        self.num_frames = num_frames
+        self.depth_source = depth_source
+        self.depth_model = depth_model or getattr(config, "depth_model", None)
+        self.cache = cache
+        self.pipe = SR3DPipeline(_ConfigOnly(config), processor=None, device=device)
+
+    @property
+    def needs_positions(self) -> bool:
+        return bool(getattr(self.config, "use_position_encoding", True))
+
+    def frames(self, rec: dict[str, Any], base: Path) -> Any:
+        """The record's frames after uniform sampling (``meta["sampled_indices"]`` / ``["total_frames"]``)."""
+        depth_scale = float(rec.get("depth_scale", 1000.0))
+        n = int(rec.get("num_frames", self.num_frames or self.config.num_video_frames))
+        kwargs: dict[str, Any] = {"num_frames": n, "depth_scale": depth_scale}
+        if rec.get("image") is not None:
+            kwargs["image"] = _path(rec["image"], base)
+        elif rec.get("frames") is not None:
+            kwargs["frames"] = [_path(f, base) for f in rec["frames"]]
+        elif rec.get("scene") is not None:
+            kwargs["scene"] = _path(rec["scene"], base)
+        elif rec.get("video") is not None:
+            kwargs["video"] = _path(rec["video"], base)
+        else:
+            raise SR3DInputError(f"record {rec.get('id', '?')!r} has no visual input")
+        if rec.get("depth") is not None:
+            kwargs["depth"] = _paths(rec["depth"], base)
+        if rec.get("intrinsics") is not None:
+            k = rec["intrinsics"]
+            kwargs["intrinsics"] = _path(k, base) if isinstance(k, str) else np.asarray(k, dtype=np.float64)
+        if rec.get("poses") is not None:
+            poses = rec["poses"]
+            if isinstance(poses, str) or (isinstance(poses, list) and poses and isinstance(poses[0], str)):
+                kwargs["poses"] = _paths(poses, base)  # pose files
+            else:
+                kwargs["poses"] = np.asarray(poses, dtype=np.float64)  # 4×4 matrices
+        fs = self.pipe.read_frames(**kwargs)
+        if rec.get("axis_align") is not None:
+            a = _axis_align(rec["axis_align"], base)
+            if fs.cam_to_world is None:
+                raise SR3DInputError(f"record {rec.get('id', '?')!r} has axis_align but no poses")
+            fs.cam_to_world = a[None] @ fs.cam_to_world
+            fs.axis_align = a
+        return fs
+
+    def regions(self, rec: dict[str, Any], frames: Any, base: Path) -> list[Region]:
+        """The record's regions on ``frames``, in ``<mask>`` / ``<regionK>`` order."""
+        rid = rec.get("id", "?")
+        return [
+            region_from_record(item, frames, base, where=f"record {rid!r} region {i}")
+            for i, item in enumerate(rec.get("regions", []) or [])
+        ]
+
+    def positions(
+        self, rec: dict[str, Any], frames: Any, base: Path, cache: Any = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(canonical [V, H, W, 3], valid [V, H, W] or None)`` of ``frames``, or ``(None, None)`` when the
+        model needs no positions.
+
+        Sources, by ``depth_source`` (record, else the reader default; ``auto`` picks the first that
+        applies): ``points`` (reconstruction file) → ``relative_depth`` (a released single-view map:
+        8-bit, far = 255) → ``depth`` (+ ``intrinsics`` / ``poses``; metric back-projection) →
+        ``depth_anything``.
+        """
+        if not self.needs_positions:
+            return None, None
+        cache = self.cache if cache is None else cache
+        src = rec.get("depth_source", self.depth_source)
+        rid = rec.get("id", "?")
+        if src == "auto":
+            if rec.get("points") is not None:
+                src = "points"
+            elif rec.get("relative_depth") is not None:
+                src = "relative_depth"
+            elif frames.depth is not None:
+                src = "gt_depth"
+            else:
+                src = "depth_anything"
+        if src == "points":
+            if rec.get("points") is None:
+                raise SR3DInputError(f"record {rid!r}: depth_source 'points' needs a 'points' file")
+            canonical, valid, _ = self.pipe.positions(frames, points=_path(rec["points"], base))
+            return canonical, valid
+        if src == "relative_depth" and rec.get("relative_depth") is not None:
+            return self._relative(rec, frames, base, cache)
+        if src == "depth_anything":
+            if not self.depth_model:
+                raise SR3DInputError(f"record {rid!r} needs a depth model (no depth, points or relative_depth)")
+            canonical, valid, _ = self.pipe.positions(frames, depth_model=self.depth_model, cache=cache)
+            return canonical, valid
+        if frames.depth is None:
+            raise SR3DInputError(f"record {rid!r}: depth_source {src!r} needs depth maps")
+        canonical, valid, _ = self.pipe.positions(frames, cache=cache)
+        return canonical, valid
+
+    def _relative(self, rec: dict[str, Any], frames: Any, base: Path, cache: Any) -> tuple[torch.Tensor, None]:
+        """Released single-view relative depth (``d = 1 − minmax(pred)``, 8-bit, far = 1) → points (SR3D-FACTS §3)."""
+        from PIL import Image
+
+        from sr3d_plugin.pointmap import pointmaps_with_cache
+        from sr3d_plugin.sources.base import FrameSet
+
+        files = rec["relative_depth"]
+        files = [files] if isinstance(files, str) else list(files)
+        if len(files) != len(frames) and len(files) == int(frames.meta.get("total_frames", -1)):
+            files = [files[i] for i in frames.meta["sampled_indices"]]
+        if len(files) != len(frames):
+            raise SR3DInputError(
+                f"record {rec.get('id', '?')!r}: {len(files)} relative_depth file(s) for {len(frames)} frame(s)"
+            )
+        maps = []
+        for f in files:
+            with Image.open(_path(f, base)) as im:
+                arr = np.asarray(im)
+            if arr.ndim == 3:
+                arr = arr[..., 0]
+            top = (
+                255.0
+                if arr.dtype == np.uint8
+                else float(np.iinfo(arr.dtype).max)
+                if np.issubdtype(arr.dtype, np.integer)
+                else 1.0
+            )
+            maps.append(1.0 - arr.astype(np.float32) / top)  # near = 1: reads as disparity
+        fs = FrameSet(
+            images=frames.images,
+            depth=np.stack(maps),
+            frame_ids=list(frames.frame_ids),
+            source=frames.source,
+            meta={"input_files": [str(_path(f, base)) for f in files], "reader": "relative_depth"},
+        )
+        result = pointmaps_with_cache(fs, "relative_depth", cache=cache, disparity=True)
+        return result.canonical.to(torch.float32), None
+
+    def visual(self, rec: dict[str, Any], base: Path) -> VisualInput | None:
+        """The complete visual input of a record (None for text-only records)."""
+        if not any(rec.get(k) is not None for k in VISUAL_KEYS):
+            return None
+        fs = self.frames(rec, base)
+        regions = self.regions(rec, fs, base)
+        canonical, valid = self.positions(rec, fs, base)
+        return VisualInput(
+            list(fs.images), points=canonical, valid=valid, regions=regions, multi_view=rec.get("image") is None
+        )
+
+
+def _axis_align(value: Any, base: Path) -> np.ndarray:
+    if isinstance(value, str) and not value.strip().startswith("["):
+        from sr3d_plugin.sources.scannet import read_axis_alignment
+
+        p = _path(value, base)
+        if Path(p).suffix == ".txt":
+            try:
+                m = read_axis_alignment(p)
+            except SR3DInputError:
+                m = None
+            if m is not None:
+                return m
+    return _matrix(value, base, (4, 4), "axis_align")
+
+
+def subset_frames(frames: Any, keep: Sequence[int]) -> Any:
+    """``frames.select(keep)`` with ``meta["sampled_indices"]`` narrowed accordingly."""
+    sub = frames.select(list(keep))
+    sampled = frames.meta.get("sampled_indices")
+    if sampled is not None and len(sampled) == len(frames):
+        sub.meta["sampled_indices"] = [sampled[i] for i in keep]
+    sub.meta.pop("input_files", None)
+    return sub

@@ -1,0 +1,493 @@
+"""The training loop: accelerate for devices and scale-out, atomic checkpoints, exact resume.
+
+Why an accelerate loop rather than ``transformers.Trainer`` (see ``docs/training.md``): SR-3D batches
+carry tensors whose first axis is not the batch (tiles, regions), the loss is normalised by the
+supervised-token count of a whole accumulation window, checkpoints must appear atomically and carry
+only trained weights, and a resumed run must replay the exact sample order and augmentation. Each of
+these is a few lines here; with ``Trainer`` they meant overriding private methods. accelerate still
+provides everything distributed: DDP, FSDP and DeepSpeed, mixed precision, sharded checkpoints,
+RNG states, trackers.
+
+Run folder::
+
+    <output_dir>/recipe.yaml           the resolved recipe
+    <output_dir>/base-model/           random base weights (tiny from-scratch recipes only)
+    <output_dir>/checkpoint-<step>/    accelerate state (trained weights, optimizer, scheduler, RNG,
+                                       data position) + adapter/ (peft) + trainer_state.json
+    <output_dir>/adapter/              final adapter + processor (what ``sr3d merge`` takes);
+                                       model/ instead when training without LoRA
+    <output_dir>/logs/                 TensorBoard;  <output_dir>/log.jsonl  every logged event
+
+A checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed when complete, so a
+``checkpoint-<step>`` folder is never half-written; stale temporary folders are removed at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sr3d_plugin.errors import SR3DConfigError
+from sr3d_plugin.io_utils import atomic_dir, atomic_write_json, atomic_write_text
+
+__all__ = ["TrainState", "find_checkpoint", "train", "trained_weights_only"]
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (data position included)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+
+def find_checkpoint(output_dir: str | Path, which: str | bool | None = True) -> Path | None:
+    """A complete checkpoint: the newest in ``output_dir`` (``which`` True/"latest") or the folder ``which``."""
+    if which in (None, False):
+        return None
+    if isinstance(which, str) and which not in ("latest", ""):
+        p = Path(which)
+        if not (p / "trainer_state.json").is_file():
+            raise SR3DConfigError(f"--resume {which}: not a complete checkpoint folder (no trainer_state.json)")
+        return p
+    out = Path(output_dir)
+    found = []
+    if out.is_dir():
+        for d in out.iterdir():
+            m = _CKPT.match(d.name)
+            if m and (d / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v) if v is not None else "null"
+    return out
+
+
+def _recipe_yaml(recipe: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def _optimizer(groups: list[dict[str, Any]], tr: Any) -> torch.optim.Optimizer:
+    kw = {"lr": tr.learning_rate, "betas": (tr.adam_beta1, tr.adam_beta2), "eps": tr.adam_epsilon}
+    if tr.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kw)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if tr.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kw)
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(
+    recipe: Any,
+    resume: str | bool | None = None,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train ``recipe``; returns the final summary (also emitted as the ``end`` event).
+
+    Args:
+        recipe: a validated :class:`~sr3d_plugin.training.recipe.Recipe`.
+        resume: True / ``"latest"`` for the newest checkpoint in the output folder, a checkpoint path,
+            or None to start fresh (an output folder with checkpoints then is an error).
+        emit: called on the main process with each event (``start``, ``log``, ``checkpoint``, ``end``).
+        progress: show a progress bar (default ``logging.progress_bar``).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    from sr3d_plugin.training.data import EpochSampler, SR3DCollator, SR3DTrainDataset, load_training_source
+    from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
+
+    t_start = time.perf_counter()
+    tr, lg = recipe.training, recipe.logging
+    out = Path(tr.output_dir)
+    ga = tr.gradient_accumulation_steps
+
+    # ---- accelerator ----------------------------------------------------------------------------
+    trackers: list[str] = []
+    for name in lg.report_to:
+        if name == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                if emit:
+                    emit(
+                        {
+                            "event": "warning",
+                            "message": "wandb is not installed; skipping it (pip install sr3d-plugin[wandb])",
+                        }
+                    )
+                continue
+        if name in ("tensorboard", "wandb"):
+            trackers.append(name)
+    acc_kwargs: dict[str, Any] = {
+        "mixed_precision": tr.mixed_precision,
+        "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        "log_with": trackers or None,
+    }
+    if tr.deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise SR3DConfigError(
+                "training.deepspeed is set but DeepSpeed is not installed: pip install 'sr3d-plugin[deepspeed]'"
+            )
+        from accelerate import DeepSpeedPlugin
+
+        acc_kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            hf_ds_config=tr.deepspeed, gradient_accumulation_steps=ga, gradient_clipping=tr.max_grad_norm or 0.0
+        )
+        acc_kwargs["gradient_accumulation_steps"] = ga
+    elif tr.fsdp:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        acc_kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**tr.fsdp)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        acc_kwargs["cpu"] = True  # several CPU processes (torchrun): accelerate's MULTI_CPU with gloo
+    acc = Accelerator(**acc_kwargs)
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    main = acc.is_main_process
+    pending: list[str] = []
+    if tr.fsdp and acc.distributed_type != DistributedType.FSDP:
+        pending.append(f"training.fsdp is set but accelerate runs {acc.distributed_type} here (FSDP needs GPUs)")
+
+    def send(event: dict[str, Any]) -> None:
+        if not main:
+            return
+        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event, default=str) + "\n")
+        if emit:
+            emit(event)
+
+    # ---- run folder -----------------------------------------------------------------------------
+    ckpt = find_checkpoint(out, resume) if resume else None
+    if resume and ckpt is None:
+        raise SR3DConfigError(f"--resume: no complete checkpoint in {out}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".checkpoint-*.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if not resume and find_checkpoint(out, True) is not None:
+            raise SR3DConfigError(
+                f"{out} already holds checkpoints; pass --resume to continue, or choose another training.output_dir"
+            )
+        atomic_write_text(out / "recipe.yaml", _recipe_yaml(recipe))
+    acc.wait_for_everyone()
+    set_seed(tr.seed)
+    if tr.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # ---- model (main process first: it may write the tiny base model or generated data) --------
+    base_dir = out / "base-model" if (recipe.model.path is None and recipe.model.preset == "tiny") else None
+    with acc.main_process_first():
+        model, processor, base_path = build_model(recipe, device=acc.device, base_dir=base_dir)
+        source = load_training_source(recipe.data, out_dir=out / "data")
+    model, report = prepare_for_training(model, recipe)
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and base_path:
+        for cfg in peft_config.values():
+            cfg.base_model_name_or_path = str(Path(base_path).resolve())
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+
+    # ---- data -----------------------------------------------------------------------------------
+    dataset = SR3DTrainDataset(source, processor, config, recipe.data, seed=tr.seed)
+    sampler = EpochSampler(len(dataset), seed=tr.seed, shuffle=recipe.data.shuffle)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=tr.per_device_batch_size,
+        sampler=sampler,
+        collate_fn=SR3DCollator(pad),
+        num_workers=recipe.data.num_workers,
+        persistent_workers=recipe.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(tr.seed),
+        pin_memory=acc.device.type == "cuda",
+    )
+    optimizer = _optimizer(optimizer_groups(model, recipe), tr)
+    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    batches_per_epoch = len(loader)
+    if batches_per_epoch == 0:
+        raise SR3DConfigError("the data loader is empty (fewer samples than processes?)")
+    steps_per_epoch = math.ceil(batches_per_epoch / ga)
+    total = tr.max_steps if tr.max_steps > 0 else max(1, math.ceil(tr.num_epochs * steps_per_epoch))
+    scheduler = get_scheduler(
+        tr.lr_scheduler, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * total), num_training_steps=total
+    )
+    state = TrainState()
+    acc.register_for_checkpointing(scheduler, state)
+    trainable = _trainable_names(model)
+
+    acc.register_save_state_pre_hook(trained_weights_only)
+
+    if ckpt is not None:
+        _check_checkpoint(ckpt, trainable, deepspeed)
+        load_kwargs = {"load_module_strict": False} if deepspeed else {"strict": False}
+        acc.load_state(str(ckpt), **load_kwargs)
+        send({"event": "resume", "checkpoint": str(ckpt), **state.state_dict()})
+        changed = _recipe_changes(ckpt, recipe)
+        if changed:
+            send({"event": "warning", "message": f"the recipe differs from the checkpoint's in {', '.join(changed)}"})
+
+    for message in pending:
+        send({"event": "warning", "message": message})
+    if acc.is_main_process and trackers:
+        acc.init_trackers(lg.run_name or out.name, config=_flat(recipe.to_dict()))
+    send(
+        {
+            "event": "start",
+            "output_dir": str(out),
+            "base_model": base_path or None,
+            "processes": acc.num_processes,
+            "device": str(acc.device),
+            "distributed": str(acc.distributed_type),
+            "samples": len(dataset),
+            "batches_per_epoch": batches_per_epoch,
+            "total_steps": total,
+            **report.to_dict(),
+        }
+    )
+
+    show = (lg.progress_bar if progress is None else progress) and main
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+
+    # ---- loop -----------------------------------------------------------------------------------
+    model.train()
+    last_loss = float("nan")
+    losses: list[float] = []
+    saved_at = -1
+    while state.global_step < total:
+        sampler.set_epoch(state.epoch)
+        epoch_loader = acc.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        it = iter(epoch_loader)
+        epoch_done = False
+        while state.global_step < total and not epoch_done:
+            window = []
+            for _ in range(ga):
+                try:
+                    window.append(next(it))
+                except StopIteration:
+                    break
+            if not window:
+                epoch_done = True
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                break
+            n_items = sum((mb["labels"][:, 1:] != -100).sum() for mb in window).to(acc.device)
+            n_global = acc.reduce(n_items.clone(), "sum") if acc.num_processes > 1 else n_items
+            denom = n_global.float().clamp_min(1) / acc.num_processes
+            loss_sum = torch.zeros((), device=acc.device)
+            for i, mb in enumerate(window):
+                last = i == len(window) - 1
+                sync = contextlib.nullcontext() if (last or deepspeed) else acc.no_sync(model)
+                with sync, acc.autocast():
+                    outputs = model(**mb, num_items_in_batch=denom, loss_on_label_positions=tr.loss_on_label_positions)
+                    loss = outputs.loss
+                acc.backward(loss * ga if deepspeed else loss)
+                loss_sum += loss.detach().float()
+            grad_norm = None
+            if tr.max_grad_norm and not deepspeed:
+                grad_norm = acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tr.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.batch_in_epoch += len(window)
+            state.samples_seen += sum(int(mb["input_ids"].shape[0]) for mb in window) * acc.num_processes
+            state.tokens_seen += int(n_global)
+            if state.batch_in_epoch >= batches_per_epoch:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                epoch_done = True
+            loss_value = float(acc.reduce(loss_sum, "mean")) if acc.num_processes > 1 else float(loss_sum)
+            last_loss = loss_value
+            losses.append(loss_value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if state.global_step % tr.logging_steps == 0 or state.global_step == 1 or state.global_step == total:
+                row = {
+                    "event": "log",
+                    "step": state.global_step,
+                    "epoch": state.epoch + state.batch_in_epoch / batches_per_epoch,
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "supervised_tokens": int(n_global),
+                }
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                send(row)
+                if trackers:
+                    acc.log({k: v for k, v in row.items() if k not in ("event", "step")}, step=state.global_step)
+            if tr.save_steps and state.global_step % tr.save_steps == 0:
+                path = _save_checkpoint(acc, model, processor, state, out, recipe, deepspeed)
+                saved_at = state.global_step
+                send({"event": "checkpoint", "step": state.global_step, "path": str(path)})
+    if bar is not None:
+        bar.close()
+
+    # ---- final export ---------------------------------------------------------------------------
+    if saved_at != state.global_step:
+        path = _save_checkpoint(acc, model, processor, state, out, recipe, deepspeed)
+        send({"event": "checkpoint", "step": state.global_step, "path": str(path)})
+    final = _export_final(acc, model, processor, out)
+    if trackers:
+        acc.end_training()
+    summary = {
+        "event": "end",
+        "steps": state.global_step,
+        "epochs": state.epoch + state.batch_in_epoch / batches_per_epoch,
+        "final_loss": last_loss,
+        "first_loss": losses[0] if losses else None,
+        "output": str(final),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    send(summary)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _recipe_changes(ckpt: Path, recipe: Any) -> list[str]:
+    """Keys whose values differ between the checkpoint's recipe and this one (output folder excluded)."""
+    import yaml
+
+    try:
+        before = yaml.safe_load((ckpt / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    old, new = _flat(before), _flat(recipe.to_dict())
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "training.output_dir")
+
+
+def trained_weights_only(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate ``save_state`` pre-hook: keep only trainable tensors in the saved model state.
+
+    The frozen base (billions of weights) is reloaded from its own folder on resume; a checkpoint
+    holds the adapters and the trained SR-3D modules (plus optimizer, scheduler, RNG and data position).
+    """
+    for mod, w in zip(models, weights):
+        keep = _trainable_names(mod)
+        for k in list(w):
+            if k not in keep:
+                del w[k]
+
+
+def _check_checkpoint(ckpt: Path, trainable: set[str], deepspeed: bool) -> None:
+    """Refuse a checkpoint whose trained weights do not cover this recipe's trainable parameters."""
+    if deepspeed:
+        return
+    f = ckpt / "model.safetensors"
+    if not f.is_file():
+        return  # FSDP: sharded model state, checked by accelerate
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as fh:
+        keys = set(fh.keys())
+    missing = sorted(trainable - keys)
+    if missing:
+        raise SR3DConfigError(
+            f"checkpoint {ckpt} lacks {len(missing)} trainable weight(s) of this recipe (e.g. {missing[0]}); "
+            "was it written by another recipe?"
+        )
+
+
+def _save_trained(model: Any, folder: Path, state_dict: dict[str, Any], processor: Any) -> None:
+    """peft adapter (LoRA + modules_to_save) or, without LoRA, the whole model; plus the processor."""
+    model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(str(folder))
+
+
+def _save_checkpoint(
+    acc: Any, model: Any, processor: Any, state: TrainState, out: Path, recipe: Any, deepspeed: bool
+) -> Path:
+    name = f"checkpoint-{state.global_step}"
+    final = out / name
+    tmp = out / f".{name}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+    state_dict = acc.get_state_dict(model)
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
+        _save_trained(unwrapped, tmp / sub, state_dict, processor)
+        atomic_write_text(tmp / "recipe.yaml", _recipe_yaml(recipe))
+        atomic_write_json(tmp / "trainer_state.json", {**state.state_dict(), "saved": sub})  # completion marker
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(out, recipe.training.save_total_limit)
+    acc.wait_for_everyone()
+    return final
+
+
+def _rotate(out: Path, limit: int | None) -> None:
+    if not limit or limit <= 0:
+        return
+    found = sorted(
+        (int(m.group(1)), d)
+        for d in out.iterdir()
+        if (m := _CKPT.match(d.name)) and (d / "trainer_state.json").is_file()
+    )
+    for _, d in found[:-limit]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _export_final(acc: Any, model: Any, processor: Any, out: Path) -> Path:
+    state_dict = acc.get_state_dict(model)
+    unwrapped = acc.unwrap_model(model)
+    sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
+    dest = out / sub
+    if acc.is_main_process:
+        with atomic_dir(dest) as tmp:
+            _save_trained(unwrapped, tmp, state_dict, processor)
+    acc.wait_for_everyone()
+    return dest
