@@ -64,8 +64,56 @@ DEPTH_SOURCES = ("auto", "gt_depth", "relative_depth", "depth_anything", "points
 # ----------------------------------------------------------------------------------------------
 
 
+#: evaluation tasks whose prepared records (``sr3d prepare``) can be trained on directly
+TRAINABLE_EVAL_TASKS = ("scanqa", "sqa3d", "scan2cap")
+
+
+_PATH_KEYS = ("image", "frames", "scene", "video", "depth", "intrinsics", "poses", "axis_align", "points")
+
+
+def eval_record_to_training(rec: dict[str, Any], task: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A training record from a prepared evaluation record (``<data>/<task>/<split>.jsonl``).
+
+    The user turn is the task's own evaluation prompt (the bundled lmms-eval task YAML, so training
+    and evaluation ask the same way); the answer is the first reference answer (ScanQA / SQA3D) or
+    caption (Scan2Cap). Visual keys and regions are kept; relative file paths, which prepared data
+    gives relative to the data folder ``root``, are made absolute.
+    """
+    from sr3d_plugin.evaluation.lmms_tasks import doc_to_text, task_prompt_kwargs
+
+    if task not in TRAINABLE_EVAL_TASKS:
+        raise SR3DInputError(f"records of task {task!r} cannot be trained on; expected one of {TRAINABLE_EVAL_TASKS}")
+    where = f"{task} record {rec.get('question_id', '?')!r}"
+    targets = rec.get("references") if task == "scan2cap" else rec.get("answers")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        field = "references" if task == "scan2cap" else "answers"
+        raise SR3DInputError(f"{where}: {field} must be a non-empty list of strings to train on")
+    prompt = doc_to_text(task, rec, task_prompt_kwargs(task))
+    out = {k: rec[k] for k in RECORD_KEYS - {"id", "conversations", "meta"} if rec.get(k) is not None}
+    out["id"] = str(rec.get("question_id", rec.get("id", "")))
+    out["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": targets[0].strip()}]
+    if root is not None:
+        base = Path(root)
+
+        def absolute(value: Any) -> Any:
+            if isinstance(value, str) and not Path(value).is_absolute():
+                return str(base / value)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return [absolute(v) for v in value]
+            return value
+
+        for key in _PATH_KEYS:
+            if key in out:
+                out[key] = absolute(out[key])
+    return out
+
+
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON list or a JSONL file of records (each checked with :func:`validate_record`)."""
+    """Read a JSON list or a JSONL file of records (each checked with :func:`validate_record`).
+
+    Prepared evaluation files (``<data>/scanqa|sqa3d|scan2cap/<split>.jsonl`` from ``sr3d prepare``,
+    records without ``conversations``) are converted with :func:`eval_record_to_training`.
+    """
     p = Path(path)
     if not p.is_file():
         raise SR3DInputError(f"data file {str(p)!r} does not exist; expected a JSON or JSONL file of records")
@@ -88,6 +136,14 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise SR3DInputError(f"{p}, line {n}: not valid JSON ({exc})") from exc
     if not records:
         raise SR3DInputError(f"{p} holds no records")
+    task = p.resolve().parent.name
+    if task in TRAINABLE_EVAL_TASKS:
+        records = [
+            eval_record_to_training(rec, task, p.resolve().parent.parent)
+            if isinstance(rec, dict) and "conversations" not in rec
+            else rec
+            for rec in records
+        ]
     for i, rec in enumerate(records):
         validate_record(rec, f"{p.name} record {i}")
     return records

@@ -213,3 +213,35 @@ def test_prepare_command(raw: dict[str, Any], tmp_path: Path, capsys: pytest.Cap
     assert "no dataset converter named 'nope'" in capsys.readouterr().err
     assert main(["prepare", "scanqa", "--raw", str(raw["scanqa"]), "--out", str(out), "--videos", "v"]) == 2
     assert "do not apply" in capsys.readouterr().err
+
+
+def test_prepared_records_train_with_the_evaluation_prompts(prepared: tuple[Path, dict[str, Any]]) -> None:
+    """``sr3d prepare`` output is training data: the user turn is the task's own evaluation prompt."""
+    from sr3d_plugin.evaluation.lmms_tasks import doc_to_text, task_prompt_kwargs
+    from sr3d_plugin.records import load_records as load_training_records
+
+    out, _ = prepared
+    for task in ("scanqa", "sqa3d", "scan2cap"):
+        path = next(p for p in sorted((out / task).glob("*.jsonl")) if p.name.count(".") == 1)
+        evaluation = load_records(path, task)
+        training = load_training_records(path)
+        assert len(training) == len(evaluation)
+        first, rec = training[0], evaluation[0]
+        assert first["conversations"][0]["value"] == doc_to_text(task, rec, task_prompt_kwargs(task))
+        target = rec["references"][0] if task == "scan2cap" else rec["answers"][0]
+        assert first["conversations"][1]["value"] == target.strip()
+        assert first.get("regions", []) == rec.get("regions", [])
+        if task == "scan2cap":
+            assert "<mask>" in first["conversations"][0]["value"] and first["regions"]
+    # and they become real training batches (scene frames, depth, poses and projected box masks)
+    from sr3d_plugin.testing import build_tiny_model
+    from sr3d_plugin.training.data import SR3DTrainDataset, TrainingSource
+    from sr3d_plugin.training.recipe import DataSection
+
+    model, processor = build_tiny_model()
+    path = out / "scan2cap" / "val.jsonl"
+    source = TrainingSource(records=load_training_records(path), base=path.parent)
+    dataset = SR3DTrainDataset(source, processor, model.config, DataSection(train_file=str(path), num_frames=4))
+    item = dataset[0]
+    assert item["region_weights"].shape[0] == 1 and item["tile_xyz"].shape[0] == item["num_tiles"] == 4
+    assert (item["labels"] != -100).any()

@@ -274,6 +274,29 @@ _RECORDS = _RecordStore()
 # ----------------------------------------------------------------------------------------------
 
 
+def task_prompt_kwargs(task: str) -> dict[str, Any]:
+    """``lmms_eval_specific_kwargs`` of a bundled task YAML (the prompt texts), read without lmms-eval.
+
+    ``!function`` tags are read as plain strings, everything else with the safe loader.
+    """
+    import yaml
+
+    from sr3d_plugin.resources import eval_tasks_dir
+
+    if task not in TASK_NAMES:
+        raise SR3DConfigError(f"unknown task {task!r}; expected one of {sorted(TASK_NAMES)}")
+    name = TASK_NAMES[task]
+    path = eval_tasks_dir() / name / f"{name}.yaml"
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    with open(path, encoding="utf-8") as fh:
+        config = yaml.load(fh, Loader=_Loader)  # a SafeLoader subclass
+    return dict(config.get("lmms_eval_specific_kwargs") or {})
+
+
 def _kw(kwargs: Mapping[str, Any] | None, key: str, task: str) -> str:
     kwargs = kwargs or {}
     value = kwargs.get(key)

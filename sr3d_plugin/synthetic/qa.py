@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ __all__ = [
     "multi_view_scene",
     "scene_questions",
     "single_view_scene",
+    "training_samples",
 ]
 
 SINGLE_VIEW_FAMILIES = (
@@ -248,7 +250,7 @@ class MultiViewScene:
     canonical: torch.Tensor  # [F, H, W, 3]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)
 def multi_view_scene(seed: int, num_frames: int = 6, image_size: int = 64, room: float = 5.0) -> MultiViewScene:
     """A fixed-size furnished room seen from ``num_frames`` frames (cached: scenes are reused)."""
     scene = generate_scene(
@@ -554,6 +556,39 @@ class SpatialQADataset(torch.utils.data.Dataset):
             raise IndexError(index)
         family = self.families[index % len(self.families)]
         return make_sample(self.split, index // len(self.families), family, self.seed, self.cfg, self.scenes)
+
+
+def training_samples(
+    size: int = 6000,
+    families: str | Sequence[str] = "all",
+    split: str = "train",
+    seed: int = 0,
+    scenes: int = 200,
+    image_size: int = 64,
+    out_dir: str | None = None,
+) -> list[QASample]:
+    """A materialised list of ``size`` samples (the ``data.generator`` of the tiny recipes).
+
+    Args:
+        size: number of samples (families interleaved round-robin).
+        families: ``"single"``, ``"multi"``, ``"all"`` or a list of family names.
+        split: ``train`` / ``val`` / ``test`` (disjoint scene seeds).
+        seed: sample seed.
+        scenes: multi-view scenes of the split (shared by the multi-view questions).
+        image_size: render size (the tiny model's tile size).
+        out_dir: ignored (the trainer passes its run folder to generators).
+    """
+    del out_dir
+    names = {"single": SINGLE_VIEW_FAMILIES, "multi": MULTI_VIEW_FAMILIES, "all": SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES}
+    fams = tuple(names[families]) if isinstance(families, str) and families in names else tuple(families)
+    cfg = SpatialQAConfig(image_size=image_size, mv_image_size=image_size)
+    dataset = SpatialQADataset(split, size=size, families=fams, seed=seed, cfg=cfg, scenes=scenes)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
+    try:
+        return [dataset[i] for i in range(size)]
+    finally:
+        torch.set_num_threads(previous)
 
 
 #: seed range of demo scenes (disjoint from every split)
