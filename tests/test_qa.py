@@ -119,3 +119,12 @@ def test_dataset_and_errors() -> None:
         qa.SpatialQADataset("train", size=3, families=("teleport",))
     with pytest.raises(SR3DInputError, match="unknown split"):
         qa.make_sample("holdout", 0, "closer")
+
+
+def test_weighted_families_never_repeat_a_question() -> None:
+    ds = qa.SpatialQADataset("train", size=6, families=("closer", "closer", "count"))
+    fams = [ds[i].family for i in range(6)]
+    assert fams == ["closer", "closer", "count"] * 2
+    closer = [ds[i] for i in (0, 1, 3, 4)]
+    assert len({np.asarray(s.visual.images[0]).tobytes() for s in closer}) == 4
+    assert len(qa.training_samples(4, {"closer": 3, "count": 1}, image_size=32)) == 4

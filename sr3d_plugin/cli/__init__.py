@@ -13,6 +13,7 @@ from sr3d_plugin.errors import SR3DError
 #: sub-command modules, in the order ``sr3d --help`` lists them
 COMMAND_MODULES: list[str] = [
     "sr3d_plugin.cli.demo_cmd",
+    "sr3d_plugin.cli.ablation_cmd",
     "sr3d_plugin.cli.plugins_cmd",
     "sr3d_plugin.cli.ask_cmd",
     "sr3d_plugin.cli.pointmap_cmd",

@@ -527,7 +527,8 @@ def _family_code(family: str) -> int:
 class SpatialQADataset(torch.utils.data.Dataset):
     """A deterministic map-style dataset of :class:`QASample` items mixing several families.
 
-    Item ``i`` is family ``families[i % len(families)]`` with per-family index ``i // len(families)``.
+    Item ``i`` is family ``families[i % len(families)]``; a family listed several times is drawn that
+    many times as often (each draw is a different question: per-family indices never repeat).
     """
 
     def __init__(
@@ -554,13 +555,17 @@ class SpatialQADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> QASample:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        family = self.families[index % len(self.families)]
-        return make_sample(self.split, index // len(self.families), family, self.seed, self.cfg, self.scenes)
+        slot = index % len(self.families)
+        family = self.families[slot]
+        repeats = self.families.count(family)
+        occurrence = self.families[:slot].count(family)
+        family_index = (index // len(self.families)) * repeats + occurrence
+        return make_sample(self.split, family_index, family, self.seed, self.cfg, self.scenes)
 
 
 def training_samples(
     size: int = 6000,
-    families: str | Sequence[str] = "all",
+    families: str | Sequence[str] | dict[str, int] = "all",
     split: str = "train",
     seed: int = 0,
     scenes: int = 200,
@@ -571,7 +576,8 @@ def training_samples(
 
     Args:
         size: number of samples (families interleaved round-robin).
-        families: ``"single"``, ``"multi"``, ``"all"`` or a list of family names.
+        families: ``"single"``, ``"multi"``, ``"all"``, a list of family names (a name listed ``k``
+            times is drawn ``k`` times as often), or a mapping family → weight (integer).
         split: ``train`` / ``val`` / ``test`` (disjoint scene seeds).
         seed: sample seed.
         scenes: multi-view scenes of the split (shared by the multi-view questions).
@@ -580,7 +586,12 @@ def training_samples(
     """
     del out_dir
     names = {"single": SINGLE_VIEW_FAMILIES, "multi": MULTI_VIEW_FAMILIES, "all": SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES}
-    fams = tuple(names[families]) if isinstance(families, str) and families in names else tuple(families)
+    if isinstance(families, str) and families in names:
+        fams: tuple[str, ...] = tuple(names[families])
+    elif isinstance(families, dict):
+        fams = tuple(f for f, weight in families.items() for _ in range(int(weight)))
+    else:
+        fams = tuple(families)
     cfg = SpatialQAConfig(image_size=image_size, mv_image_size=image_size)
     dataset = SpatialQADataset(split, size=size, families=fams, seed=seed, cfg=cfg, scenes=scenes)
     previous = torch.get_num_threads()
