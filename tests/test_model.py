@@ -218,3 +218,38 @@ def test_fresh_position_encoder_uses_xavier_gain_from_config() -> None:
     first = model.perception_encoder.layers.position_embedding_head[0].weight.detach()
     assert float(first.abs().max()) <= bound + 1e-12
     assert float(first.abs().max()) > bound / 2  # initialised, not zero
+
+
+@pytest.mark.parametrize("kind", ["single_tile", "grid_with_thumbnail", "multi_view"])
+def test_processor_positions_come_from_the_pixels_under_each_token(tiny, kind: str) -> None:
+    """PE alignment end to end: a point map holding pixel coordinates goes through SR3DProcessor; the
+    position given to vision token (r, c) of every tile must be the centre of the pixels under it."""
+    _, proc = tiny
+    s, g = proc.tile_size, proc.grid_size
+    sizes = {"single_tile": [(56, 56)], "grid_with_thumbnail": [(170, 60)], "multi_view": [(64, 48)] * 3}[kind]
+    images = [_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    points = []
+    for w, h in sizes:
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+        )
+        points.append(torch.stack([xs, ys, torch.zeros_like(xs)], -1))
+    visual = VisualInput(images, points=torch.stack(points))
+    layouts = proc.layouts(visual)
+    xyz = proc(proc.build_prompt("Hi", visual), visual)["tile_xyz"]
+    assert xyz.shape == (sum(lay.num_tiles for lay in layouts), g, g, 3)
+    t = 0
+    centers = torch.arange(g, dtype=torch.float32) * (s / g) + (s / g) / 2
+    for (w, h), lay in zip(sizes, layouts):
+        if kind == "grid_with_thumbnail":
+            assert lay.cols * lay.rows > 1 and lay.thumbnail and lay.cols != lay.rows
+        for k in range(lay.num_tiles):
+            thumb = lay.thumbnail and k == lay.num_tiles - 1
+            cols, rows = (1, 1) if thumb else (lay.cols, lay.rows)
+            r, c = (0, 0) if thumb else divmod(k, lay.cols)
+            sx, sy = w / (s * cols), h / (s * rows)
+            ex, ey = (c * s + centers) * sx - 0.5, (r * s + centers) * sy - 0.5
+            tol = max(sx, sy) + 1e-4
+            assert torch.allclose(xyz[t, 0, :, 0], ex, atol=tol), (kind, k)
+            assert torch.allclose(xyz[t, :, 0, 1], ey, atol=tol), (kind, k)
+            t += 1
