@@ -70,6 +70,25 @@ class Converter:
     ) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def start(
+        self, out: str | os.PathLike, split: str | None, overwrite: bool, options: Mapping[str, Any]
+    ) -> tuple[str, Path, Path, dict[str, Any] | None]:
+        """The prologue every split converter shares.
+
+        Checks the options and resolves ``(split, out folder, destination .jsonl, done)``; ``done`` is
+        the result to return at once when the split is already prepared (and ``overwrite`` is off).
+        """
+        check_options(self, options)
+        resolved = split or self.default_split
+        if resolved is None:
+            raise SR3DConfigError(f"{self.name}: give --split (this dataset has no default split)")
+        folder = Path(out).expanduser()
+        dest = folder / self.name / f"{resolved}.jsonl"
+        done = None
+        if dest.is_file() and not overwrite:
+            done = {"dataset": self.name, "split": resolved, "written": str(dest), "already_prepared": True}
+        return resolved, folder, dest, done
+
 
 def check_options(converter: Any, given: Mapping[str, Any]) -> None:
     """Raise :class:`SR3DConfigError` for options the converter does not take (naming the ones it does)."""

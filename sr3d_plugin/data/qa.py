@@ -22,7 +22,6 @@ from typing import Any
 from sr3d_plugin.data.common import (
     Converter,
     as_bool,
-    check_options,
     find_file,
     load_json,
     missing_scene_error,
@@ -96,18 +95,14 @@ class ScanQAConverter(Converter):
         progress: bool = True,
         **options: Any,
     ) -> dict[str, Any]:
-        check_options(self, options)
-        split = split or self.default_split
-        assert split is not None
-        out = Path(out).expanduser()
+        split, out, _dest, done = self.start(out, split, overwrite, options)
         if split.startswith("test"):
             raise SR3DInputError(
                 f"scanqa: split {split!r} has no public answers (ScanQA's test sets are scored by its server); "
                 "use --split val"
             )
-        dest = out / self.name / f"{split}.jsonl"
-        if dest.is_file() and not overwrite:
-            return {"dataset": self.name, "split": split, "written": str(dest), "already_prepared": True}
+        if done is not None:
+            return done
         source = find_file(raw, [f"ScanQA_v1.0_{split}.json"], "scanqa")
         data = load_json(source, "ScanQA file")
         if not isinstance(data, list):
@@ -163,13 +158,9 @@ class SQA3DConverter(Converter):
         progress: bool = True,
         **options: Any,
     ) -> dict[str, Any]:
-        check_options(self, options)
-        split = split or self.default_split
-        assert split is not None
-        out = Path(out).expanduser()
-        dest = out / self.name / f"{split}.jsonl"
-        if dest.is_file() and not overwrite:
-            return {"dataset": self.name, "split": split, "written": str(dest), "already_prepared": True}
+        split, out, _dest, done = self.start(out, split, overwrite, options)
+        if done is not None:
+            return done
         raw = Path(raw).expanduser()
         qfile = find_file(
             raw.parent if raw.is_file() else raw, [f"v1_balanced_questions_{split}_scannetv2.json"], "sqa3d"

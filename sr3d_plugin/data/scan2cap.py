@@ -46,7 +46,6 @@ from sr3d_plugin.data.common import (
     Converter,
     as_bool,
     as_int,
-    check_options,
     find_file,
     load_json,
     missing_scene_error,
@@ -198,13 +197,9 @@ class Scan2CapConverter(Converter):
         progress: bool = True,
         **options: Any,
     ) -> dict[str, Any]:
-        check_options(self, options)
-        split = split or self.default_split
-        assert split is not None
-        out = Path(out).expanduser()
-        dest = out / self.name / f"{split}.jsonl"
-        if dest.is_file() and not overwrite:
-            return {"dataset": self.name, "split": split, "written": str(dest), "already_prepared": True}
+        split, out, dest, done = self.start(out, split, overwrite, options)
+        if done is not None:
+            return done
         num_frames = as_int(options.get("num_frames", 32), "num_frames")
         skip = as_bool(options.get("skip_missing", False), "skip_missing")
         boxes = _BoxSource(options.get("boxes"), out)

@@ -19,7 +19,6 @@ from typing import Any
 from sr3d_plugin.data.common import (
     Converter,
     as_bool,
-    check_options,
     link_or_copy,
     progress_bar,
     symlink,
@@ -100,13 +99,10 @@ class VSIBenchConverter(Converter):
             validate_record,
         )
 
-        check_options(self, options)
-        split = split or self.default_split
-        assert split is not None
-        raw, out = Path(raw).expanduser(), Path(out).expanduser()
-        dest = out / self.name / f"{split}.jsonl"
-        if dest.is_file() and not overwrite:
-            return {"dataset": self.name, "split": split, "written": str(dest), "already_prepared": True}
+        split, out, dest, done = self.start(out, split, overwrite, options)
+        if done is not None:
+            return done
+        raw = Path(raw).expanduser()
         videos = (
             Path(options["videos"]).expanduser() if options.get("videos") else (raw if raw.is_dir() else raw.parent)
         )
