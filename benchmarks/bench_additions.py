@@ -4,21 +4,12 @@ Small / Large forward times (the real cost for single images)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
+from benchmarks._timing import best_of
+
 DESCRIPTION = __doc__.replace("\n", " ")
-
-
-def _best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _depth_anything(hidden: int, layers: int, heads: int, neck: list[int], features: int, out_idx: list[int]):
@@ -76,22 +67,22 @@ def run(quick: bool = False) -> dict:
             extractor(f, mask)
 
         reps = 3 if quick else 5
-        t_tower = _best_of(lambda: tower(pixels, output_hidden_states=True), 1 if quick else 2)
-        t_proj = _best_of(lambda: projector(feats), reps)
-        t_points = _best_of(lambda: image_token_positions(canonicalize(points), layout, grid=32), reps)
+        t_tower = best_of(lambda: tower(pixels, output_hidden_states=True), 1 if quick else 2)
+        t_proj = best_of(lambda: projector(feats), reps)
+        t_points = best_of(lambda: image_token_positions(canonicalize(points), layout, grid=32), reps)
         xyz = torch.rand(1, 1024, 3)
-        t_pe = _best_of(lambda: pe(xyz), reps)
-        t_region = _best_of(lambda: extractor(feats, mask), reps)
-        t_add = _best_of(additions, reps)
+        t_pe = best_of(lambda: pe(xyz), reps)
+        t_region = best_of(lambda: extractor(feats, mask), reps)
+        t_add = best_of(additions, reps)
 
         image = torch.randn(1, 3, 518, 518)
         small = _depth_anything(384, 12, 6, [48, 96, 192, 384], 64, [3, 6, 9, 12])
-        t_small = _best_of(lambda: small(image), 1 if quick else 2)
+        t_small = best_of(lambda: small(image), 1 if quick else 2)
         if quick:
             t_large = float("nan")
         else:
             large = _depth_anything(1024, 24, 16, [256, 512, 1024, 1024], 256, [5, 12, 18, 24])
-            t_large = _best_of(lambda: large(image), 1)
+            t_large = best_of(lambda: large(image), 1)
     base = t_tower + t_proj
     return {
         "siglip_layers": layers,

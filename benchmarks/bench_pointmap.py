@@ -3,10 +3,10 @@ and the 3D PE's cost against a SigLIP-so400m-sized vision tower forward on one t
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
+
+from benchmarks._timing import best_of
 
 DESCRIPTION = __doc__.replace("\n", " ")
 
@@ -76,23 +76,14 @@ def torch_pipeline(
     return frame_token_positions(can, grid=grid, tile_size=tile)
 
 
-def _best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def run(quick: bool = False) -> dict:
     frames = 8 if quick else 32
     depth, k, poses = _inputs(frames)
     ref = numpy_loop(depth, k, poses)
     ours = torch_pipeline(depth, k, poses).numpy()
     max_diff = float(np.abs(ref - ours).max())
-    t_np = _best_of(lambda: numpy_loop(depth, k, poses), 1 if quick else 2)
-    t_torch = _best_of(lambda: torch_pipeline(depth, k, poses), 2 if quick else 5)
+    t_np = best_of(lambda: numpy_loop(depth, k, poses), 1 if quick else 2)
+    t_torch = best_of(lambda: torch_pipeline(depth, k, poses), 2 if quick else 5)
 
     # PE vs a SigLIP-so400m-sized tower on one 448 tile (random weights)
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -112,8 +103,8 @@ def run(quick: bool = False) -> dict:
     pixels = torch.randn(1, 3, 448, 448)
     xyz = torch.rand(1, 1024, 3) * 2 - 1
     with torch.no_grad():
-        t_tower = _best_of(lambda: tower(pixels, output_hidden_states=True), 1 if quick else 2)
-        t_pe = _best_of(lambda: pe(xyz), 5)
+        t_tower = best_of(lambda: tower(pixels, output_hidden_states=True), 1 if quick else 2)
+        t_pe = best_of(lambda: pe(xyz), 5)
     return {
         "frames": frames,
         "numpy_loop_s": round(t_np, 3),

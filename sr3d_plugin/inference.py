@@ -66,12 +66,9 @@ def _is_path(value: Any) -> bool:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SR3DConfigError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1' or 'auto'") from exc
+    from sr3d_plugin.sources.depth_anything import resolve_device
+
+    return resolve_device(device)
 
 
 def _to_image(value: Any, what: str) -> Image.Image:
