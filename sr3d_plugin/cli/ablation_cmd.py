@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="docs/ablation", help="report folder (default: docs/ablation)")
     p.add_argument("--work", default="runs/ablation", help="run folders (default: runs/ablation)")
-    p.add_argument("--stage1-steps", type=int, default=2400, help="single-view pre-training steps (default 2400)")
+    p.add_argument("--stage1-steps", type=int, default=2000, help="single-view pre-training steps (default 2000)")
     p.add_argument("--stage2-steps", type=int, default=1200, help="multi-view steps (default 1200)")
     p.add_argument("--per-family", type=int, default=100, help="test questions per family (default 100)")
     p.add_argument("--parallel", type=int, default=2, help="training jobs at once (default 2)")

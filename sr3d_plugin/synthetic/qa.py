@@ -649,12 +649,6 @@ def scene_questions(seed: int = 0, cfg: SpatialQAConfig | None = None, objects: 
         DISTANCE_BUCKETS[facts["bucket"]][1],
         {"distance": facts["distance"]},
     )
-    facts = _sv_accept("left_right", [objs[i], objs[j]], None, rng)
-    if facts is not None:
-        q, answers = _SV_QUESTIONS["left_right"]
-        add("left_right", [i, j], q, answers[0] if facts["first"] else answers[1], {})
-    facts = _sv_accept("count", objs, None, rng)
-    add("count", [], f"How many {facts['color']} objects are there?", str(facts["count"]), {})
     mv_seed = DEMO_SEED_BASE + int(seed)
     for family in MULTI_VIEW_FAMILIES:
         try:
