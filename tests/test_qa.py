@@ -128,3 +128,16 @@ def test_weighted_families_never_repeat_a_question() -> None:
     closer = [ds[i] for i in (0, 1, 3, 4)]
     assert len({np.asarray(s.visual.images[0]).tobytes() for s in closer}) == 4
     assert len(qa.training_samples(4, {"closer": 3, "count": 1}, image_size=32)) == 4
+
+
+def test_two_choice_answers_are_exactly_balanced_and_still_true() -> None:
+    for family in ("closer", "front_behind", "mv_closer_to_third"):
+        samples = [qa.make_sample("val", i, family, scenes=12) for i in range(8)]
+        answers = [s.answer for s in samples]
+        choices = qa.ANSWER_CHOICES[family]
+        assert answers == [choices[i % 2] for i in range(8)]
+    for s in [qa.make_sample("val", i, "closer") for i in range(8)]:
+        d0, d1 = s.meta["depth"][:2]
+        assert (s.answer == "Region [0]") == (d0 < d1)
+    buckets = [qa.make_sample("val", i, "distance").answer for i in range(8)]
+    assert buckets == [qa.DISTANCE_BUCKETS[i % 4][1] for i in range(8)]

@@ -367,9 +367,14 @@ _SV_QUESTIONS = {
 }
 
 
-def _sv_sample(rng: np.random.Generator, family: str, cfg: SpatialQAConfig) -> tuple[str, str, VisualInput, dict]:
+def _sv_sample(
+    rng: np.random.Generator, family: str, cfg: SpatialQAConfig, bucket: int | None = None
+) -> tuple[str, str, VisualInput, dict]:
     n_regions = 3 if family == "closer_to_third" else (0 if family == "count" else 2)
-    want = int(rng.integers(len(DISTANCE_BUCKETS))) if family == "distance" else int(rng.integers(2))
+    if family == "distance":
+        want = int(rng.integers(len(DISTANCE_BUCKETS))) if bucket is None else int(bucket) % len(DISTANCE_BUCKETS)
+    else:
+        want = int(rng.integers(2))
     for _attempt in range(2000):
         if family == "count":
             n = int(rng.integers(2, 5))
@@ -500,9 +505,9 @@ def make_sample(
     base = SPLIT_SEED_BASE[split]
     rng = np.random.default_rng([base + index, seed, _family_code(family)])
     if family in SINGLE_VIEW_FAMILIES:
-        q, ans, visual, meta = _sv_sample(rng, family, cfg)
+        q, ans, visual, meta = _sv_sample(rng, family, cfg, bucket=index)
     elif family in MULTI_VIEW_FAMILIES:
-        target = int(rng.integers(len(MV_DISTANCE_BUCKETS)))
+        target = index % len(MV_DISTANCE_BUCKETS)
         for shift in range(scenes):
             scene_seed = base + (index + shift) % scenes
             try:
@@ -516,7 +521,38 @@ def make_sample(
         raise SR3DInputError(
             f"unknown question family {family!r}; expected one of {SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES}"
         )
-    return QASample(f"{split}-{family}-{index}", family, q, ans, visual, meta)
+    sample = QASample(f"{split}-{family}-{index}", family, q, ans, visual, meta)
+    return _balanced(sample, index)
+
+
+#: two-choice families whose answer flips when regions 0 and 1 are swapped
+_SWAPPABLE = {"closer", "front_behind", "left_right", "above_below", "larger", "closer_to_third", "mv_closer_to_third"}
+
+
+def _balanced(sample: QASample, index: int) -> QASample:
+    """Give two-choice questions the answer ``choices[index % 2]`` by swapping regions 0 and 1.
+
+    The questions are symmetric in the two regions, so the swap flips the answer and nothing else;
+    every split then has exactly balanced answers (a constant guess scores chance, to the question).
+    Distance buckets are balanced by drawing bucket ``index % 4``.
+    """
+    if sample.family not in _SWAPPABLE:
+        return sample
+    choices = ANSWER_CHOICES[sample.family]
+    if sample.answer == choices[index % 2]:
+        return sample
+    regions = list(sample.visual.regions)
+    regions[0], regions[1] = regions[1], regions[0]
+    meta = dict(sample.meta)
+    for key in ("area", "row", "col", "depth", "pixel_distance", "frames", "objects"):
+        if isinstance(meta.get(key), list) and len(meta[key]) >= 2:
+            values = list(meta[key])
+            values[0], values[1] = values[1], values[0]
+            meta[key] = values
+    v = sample.visual
+    visual = VisualInput(list(v.images), points=v.points, valid=v.valid, regions=regions, multi_view=v.multi_view)
+    other = choices[1] if sample.answer == choices[0] else choices[0]
+    return QASample(sample.id, sample.family, sample.question, other, visual, meta)
 
 
 def _family_code(family: str) -> int:
@@ -585,7 +621,11 @@ def training_samples(
         out_dir: ignored (the trainer passes its run folder to generators).
     """
     del out_dir
-    names = {"single": SINGLE_VIEW_FAMILIES, "multi": MULTI_VIEW_FAMILIES, "all": SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES}
+    names = {
+        "single": SINGLE_VIEW_FAMILIES,
+        "multi": MULTI_VIEW_FAMILIES,
+        "all": SINGLE_VIEW_FAMILIES + MULTI_VIEW_FAMILIES,
+    }
     if isinstance(families, str) and families in names:
         fams: tuple[str, ...] = tuple(names[families])
     elif isinstance(families, dict):
