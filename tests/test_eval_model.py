@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +97,29 @@ def test_manifest_and_entry_point() -> None:
     from lmms_eval.models import get_model
     from lmms_eval.models.registry_v2 import ModelManifest
 
+    from sr3d_plugin.evaluation.lmms_entry import manifests
     from sr3d_plugin.evaluation.lmms_model import MANIFEST, SR3DLmms
 
     eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "sr3d"]
-    assert len(eps) == 1 and eps[0].load() is MANIFEST
-    assert isinstance(MANIFEST, ModelManifest) and MANIFEST.chat_class_path is None
+    assert len(eps) == 1 and eps[0].load() is manifests
+    (made,) = manifests()
+    assert isinstance(made, ModelManifest) and made == MANIFEST and MANIFEST.chat_class_path is None
     assert get_model("sr3d") is SR3DLmms and SR3DLmms.is_simple is True
+
+
+@pytest.mark.parametrize("first", ["sr3d_plugin.evaluation.lmms_model", "lmms_eval.models", "sr3d_plugin"])
+def test_registry_finds_sr3d_whatever_is_imported_first(first: str) -> None:
+    """Regression: the entry point used to live in the model module, which imports lmms_eval.models; importing
+    our module first built the registry while it was half-initialised and `sr3d` went missing."""
+    code = (
+        f"import {first}\n"
+        "from lmms_eval.models import get_model\n"
+        "print(get_model('sr3d').__module__ + '.' + get_model('sr3d').__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "sr3d_plugin.evaluation.lmms_model.SR3DLmms"
+    assert "Failed to load model entry-point" not in out.stderr
 
 
 def test_batched_generation_equals_one_by_one(env: dict[str, Any]) -> None:

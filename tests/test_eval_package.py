@@ -31,7 +31,7 @@ def test_wheel_contains_every_task_and_recipe_file(tmp_path: Path) -> None:
     assert any(p.endswith(".yaml") and p.startswith("eval_tasks/") for p in expected)
     missing = sorted(p for p in expected if f"sr3d_plugin/{p}" not in names)
     assert not missing, f"not in the wheel: {missing}"
-    assert "[lmms_eval.models]\nsr3d = sr3d_plugin.evaluation.lmms_model:MANIFEST" in entry_points
+    assert "[lmms_eval.models]\nsr3d = sr3d_plugin.evaluation.lmms_entry:manifests" in entry_points
     # installed from the wheel, the package finds its task folder inside itself (resources.py is standalone)
     spec = importlib.util.spec_from_file_location("wheel_resources", tmp_path / "site" / "sr3d_plugin" / "resources.py")
     assert spec is not None and spec.loader is not None

@@ -48,13 +48,15 @@ from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DError, SR3DInputError
+from sr3d_plugin.evaluation.lmms_entry import MODEL_CLASS_PATH, MODEL_ID
 from sr3d_plugin.evaluation.record_inputs import DEPTH_SOURCES, RecordInputBuilder
 from sr3d_plugin.evaluation.schema import record_label
 
 __all__ = ["MANIFEST", "SR3DLmms"]
 
-#: the entry point's payload (``[project.entry-points."lmms_eval.models"] sr3d = "…:MANIFEST"``)
-MANIFEST = ModelManifest(model_id="sr3d", simple_class_path="sr3d_plugin.evaluation.lmms_model.SR3DLmms")
+#: the ``sr3d`` manifest; the entry point itself is :func:`sr3d_plugin.evaluation.lmms_entry.manifests`
+#: (this module imports ``lmms_eval.models``, so an entry point here would be circular)
+MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path=MODEL_CLASS_PATH)
 
 _ON_ERROR = ("empty", "raise")
 # lmms-eval passes these to every model; they mean nothing here
