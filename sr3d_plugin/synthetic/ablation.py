@@ -15,6 +15,7 @@ reported beside them, so the gap between the columns means something.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,10 +107,12 @@ def _run_job(job: AblationJob, threads: int, log_dir: Path) -> float:
         return 0.0  # finished in an earlier invocation (resumable)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     log = log_dir / f"{job.name}.log"
+    # an interrupted job continues from its last checkpoint (same weights as an uninterrupted run)
+    resume = ["--resume"] if any(job.model_dir.parent.glob("checkpoint-*")) else []
     start = time.perf_counter()
-    with open(log, "w") as fh:
+    with open(log, "a" if resume else "w") as fh:
         proc = subprocess.run(
-            [sys.executable, "-m", "sr3d_plugin.training", job.recipe, *job.overrides],
+            [sys.executable, "-m", "sr3d_plugin.training", job.recipe, *job.overrides, *resume],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
@@ -118,6 +121,28 @@ def _run_job(job: AblationJob, threads: int, log_dir: Path) -> float:
     if proc.returncode != 0:
         raise SR3DInputError(f"ablation job {job.name} failed (exit {proc.returncode}); see {log}")
     return time.perf_counter() - start
+
+
+def _trainer_time(run_dir: Path) -> dict[str, Any]:
+    """Training time of one job by the trainer's own clock (``log.jsonl``), in seconds.
+
+    A job resumed from a checkpoint only timed its last invocation; its full-run time is
+    extrapolated from that invocation's steps per second (``resumed_from`` says from which step).
+    """
+    resumed_from, end = 0, None
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "resume":  # logged just before its invocation's "start"
+                resumed_from = int(event.get("global_step", 0))
+            elif event.get("event") == "end":
+                end = event
+    if end is None or not end.get("seconds"):
+        return {"seconds": None, "steps_per_s": None, "resumed_from": resumed_from}
+    rate = (int(end["steps"]) - resumed_from) / float(end["seconds"])
+    full = int(end["steps"]) / rate if rate > 0 else None
+    return {"seconds": round(full, 1) if full else None, "steps_per_s": round(rate, 2), "resumed_from": resumed_from}
 
 
 def run_ablation(
@@ -185,6 +210,7 @@ def run_ablation(
         "seed": seed,
         "train_wall_s": round(train_wall, 1),
         "job_seconds": durations,
+        "trainer_time": {job.name: _trainer_time(job.model_dir.parent) for job in jobs},
         "parallel_jobs": parallel,
         "threads_per_job": threads,
     }
@@ -270,9 +296,21 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
             "",
             f"Budget: stage 1 {b['stage1_steps']} steps + stage 2 {b['stage2_steps']} steps (PT off: "
             f"{b['stage1_steps'] + b['stage2_steps']} steps on stage-2 data), batch {b['batch_size']}, seed {b['seed']}; "
-            f"{results['test_questions']} test questions ({results['per_family']} per family); training wall time "
-            f"{b['train_wall_s'] / 60:.1f} min ({b['parallel_jobs']} jobs at a time, {b['threads_per_job']} thread(s) each).",
+            f"{results['test_questions']} test questions ({results['per_family']} per family).",
         ]
+        times = b.get("trainer_time", {})
+        if times and all(t.get("seconds") for t in times.values()):
+            total = sum(t["seconds"] for t in times.values())
+            lines += [
+                "",
+                "Training time per job (trainer's clock, "
+                f"{b['threads_per_job']} thread(s) each, {b['parallel_jobs']} jobs at a time): "
+                + ", ".join(
+                    f"{name} {t['seconds'] / 60:.1f} min" + (" (resumed, extrapolated)" if t["resumed_from"] else "")
+                    for name, t in times.items()
+                )
+                + f"; {total / 60:.0f} min of job time in all.",
+            ]
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(12, 4.2))
