@@ -26,7 +26,9 @@ def _depth_anything(hidden: int, layers: int, heads: int, neck: list[int], featu
         reshape_hidden_states=False,
         apply_layernorm=True,
     )
-    cfg = DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=neck, fusion_hidden_size=features)
+    cfg = DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=hidden, neck_hidden_sizes=neck, fusion_hidden_size=features
+    )
     return DepthAnythingForDepthEstimation(cfg).eval()
 
 
