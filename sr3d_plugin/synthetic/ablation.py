@@ -37,7 +37,7 @@ CELLS: tuple[tuple[str, bool, bool], ...] = (
     ("no PE, no PT", False, False),
     ("PT only", False, True),
     ("3D PE only", True, False),
-    ("3D PE + PT (demo model)", True, True),
+    ("3D PE + PT", True, True),
 )
 
 
@@ -200,9 +200,10 @@ def run_ablation(
         "no PE, no PT": work / "nope-nopt" / "model",
         "PT only": work / "nope-pt" / "model",
         "3D PE only": work / "pe-nopt" / "model",
-        "3D PE + PT (demo model)": work / "pe-pt" / "model",
+        "3D PE + PT": work / "pe-pt" / "model",
     }
     results = evaluate_models(models, per_family=per_family)
+    results["exported_demo"] = str(export_demo) if export_demo is not None else None
     results["budget"] = {
         "stage1_steps": stage1_steps,
         "stage2_steps": stage2_steps,
@@ -219,7 +220,7 @@ def run_ablation(
         dest = Path(export_demo)
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(models["3D PE + PT (demo model)"], dest)
+        shutil.copytree(models["3D PE + PT"], dest)
     return results
 
 
@@ -298,6 +299,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
             f"{b['stage1_steps'] + b['stage2_steps']} steps on stage-2 data), batch {b['batch_size']}, seed {b['seed']}; "
             f"{results['test_questions']} test questions ({results['per_family']} per family).",
         ]
+        if results.get("exported_demo"):
+            lines += ["", f"The 3D PE + PT model of this run is the bundled demo model (`{results['exported_demo']}`)."]
         times = b.get("trainer_time", {})
         if times and all(t.get("seconds") for t in times.values()):
             total = sum(t["seconds"] for t in times.values())
