@@ -16,13 +16,7 @@ DESCRIPTION = "memory planner: estimate/measured on a small model (CPU), qlora-8
 
 
 def _measure(checkpointing: bool, frames: int, bf16: bool) -> tuple[float, float]:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from sr3d_plugin.modeling.inputs import Region, VisualInput
-    from sr3d_plugin.training.memory import LiveTensorMeter, plan_memory
-    from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
+    from sr3d_plugin.training.memory import measure_training_step
     from sr3d_plugin.training.recipe import load_recipe
 
     recipe, _ = load_recipe(
@@ -35,48 +29,8 @@ def _measure(checkpointing: bool, frames: int, bf16: bool) -> tuple[float, float
         ],
     )
     recipe.model.config_overrides = {"tile_size": 112, "llm_hidden": 128, "llm_layers": 4, "vision_hidden": 64}
-    torch.manual_seed(0)
-    model, proc, _ = build_model(recipe)
-    model, _ = prepare_for_training(model, recipe)
-    model.train()
-    rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(frames)]
-    vis = VisualInput(
-        imgs, points=torch.rand(frames, 112, 112, 3) * 2 - 1, regions=[Region.from_box(1, (8, 8, 60, 60), (112, 112))]
-    )
-    msgs = [
-        {"role": "user", "content": "<image>" * frames + "What is <mask>? Describe the object in the region."},
-        {"role": "assistant", "content": "A wooden table next to the wall. A lamp on the floor."},
-    ]
-    text, spans = proc.assistant_spans(msgs)
-    batch = proc(text, vis, supervised_spans=[spans], padding_side="right")
-    opt = torch.optim.AdamW(optimizer_groups(model, recipe), lr=1e-4)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    meter = LiveTensorMeter()
-    meter.include(list(model.parameters()) + list(model.buffers()))
-    meter.include([v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)])
-    meter.include([v for v in batch.values() if torch.is_tensor(v)])
-    with meter:
-        meter.reset_peak()
-        step()
-    config = model.get_base_model().config
-    plan = plan_memory(
-        recipe,
-        config=config,
-        tiles=frames,
-        text_tokens=batch["input_ids"].shape[1] - frames * (config.tokens_per_tile + 2),
-        answer_tokens=int((batch["labels"] != -100).sum()),
-        device="cpu",
-    )
-    return plan.allocated_peak_bytes / 2**20, meter.peak / 2**20
+    plan, peak = measure_training_step(recipe, frames)
+    return plan.allocated_peak_bytes / 2**20, peak / 2**20
 
 
 def run(quick: bool = False) -> dict[str, Any]:

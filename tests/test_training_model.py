@@ -14,7 +14,7 @@ from PIL import Image
 
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.testing import build_tiny_model
-from sr3d_plugin.training.memory import LiveTensorMeter, plan_memory
+from sr3d_plugin.training.memory import measure_training_step
 from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
 from sr3d_plugin.training.recipe import load_recipe
 
@@ -188,45 +188,6 @@ def test_memory_plan_matches_measured_peak(checkpointing: bool, frames: int) -> 
         f"data.num_frames={frames}",
     )
     recipe.model.config_overrides = {"tile_size": 112, "llm_hidden": 128, "llm_layers": 4, "vision_hidden": 64}
-    torch.manual_seed(0)
-    model, proc, _ = build_model(recipe)
-    model, _ = prepare_for_training(model, recipe)
-    model.train()
-    rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(frames)]
-    vis = VisualInput(
-        imgs, points=torch.rand(frames, 112, 112, 3) * 2 - 1, regions=[Region.from_box(1, (10, 10, 60, 60), (112, 112))]
-    )
-    msgs = [
-        {"role": "user", "content": "<image>" * frames + "What is <mask>? Describe the object in the region."},
-        {"role": "assistant", "content": "A wooden table next to the wall. A lamp on the floor."},
-    ]
-    text, spans = proc.assistant_spans(msgs)
-    batch = proc(text, vis, supervised_spans=[spans], padding_side="right")
-    opt = torch.optim.AdamW(optimizer_groups(model, recipe), lr=1e-4)
-
-    def step() -> None:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # optimizer states exist from here on
-    meter = LiveTensorMeter()
-    meter.include(list(model.parameters()) + list(model.buffers()))
-    meter.include([v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)])
-    meter.include([v for v in batch.values() if torch.is_tensor(v)])
-    with meter:
-        meter.reset_peak()
-        step()
-    seq = batch["input_ids"].shape[1]
-    config = model.get_base_model().config
-    plan = plan_memory(
-        recipe,
-        config=config,
-        tiles=frames,
-        text_tokens=seq - frames * (config.tokens_per_tile + 2),
-        answer_tokens=int((batch["labels"] != -100).sum()),
-        device="cpu",
-    )
-    ratio = plan.allocated_peak_bytes / meter.peak
-    assert 0.85 < ratio < 1.15, (plan.to_dict(), meter.peak)
+    plan, peak = measure_training_step(recipe, frames)
+    ratio = plan.allocated_peak_bytes / peak
+    assert 0.85 < ratio < 1.15, (plan.to_dict(), peak)

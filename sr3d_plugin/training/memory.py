@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["GIB", "LiveTensorMeter", "MemoryPlan", "plan_memory"]
+__all__ = ["GIB", "LiveTensorMeter", "MemoryPlan", "measure_training_step", "plan_memory"]
 
 GIB = float(2**30)
 #: CUDA context + caching-allocator slack assumed on a GPU (not part of torch's allocated bytes)
@@ -444,6 +444,71 @@ class LiveTensorMeter(TorchDispatchMode):
             if isinstance(x, torch.Tensor):
                 self._track(x)
         return out
+
+
+def measure_training_step(recipe: Any, frames: int, *, tile_size: int = 112) -> tuple[MemoryPlan, int]:
+    """The planner's estimate next to the measured peak of one real training step, on the CPU.
+
+    Builds the recipe's model (random weights; set ``recipe.model.config_overrides`` for the size),
+    prepares it for training, and runs one step (forward, backward, AdamW) on ``frames`` random
+    ``tile_size``² frames with random point maps and one region, so that optimizer states exist; the
+    second step runs under :class:`LiveTensorMeter` with weights, buffers, optimizer states and the
+    batch included — the CPU analogue of ``torch.cuda.max_memory_allocated``. With
+    ``training.mixed_precision=bf16`` the step runs under CPU autocast.
+
+    Returns:
+        ``(plan, peak_bytes)``: :func:`plan_memory` for the same sequence (tiles, text and answer
+        tokens) and the measured peak in bytes.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from sr3d_plugin.modeling.inputs import Region, VisualInput
+    from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
+
+    torch.manual_seed(0)
+    model, proc, _ = build_model(recipe)
+    model, _ = prepare_for_training(model, recipe)
+    model.train()
+    rng = np.random.default_rng(0)
+    size = (tile_size, tile_size)
+    imgs = [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(frames)]
+    points = torch.rand(frames, *size, 3) * 2 - 1
+    vis = VisualInput(imgs, points=points, regions=[Region.from_box(1, (10, 10, 60, 60), size)])
+    msgs = [
+        {"role": "user", "content": "<image>" * frames + "What is <mask>? Describe the object in the region."},
+        {"role": "assistant", "content": "A wooden table next to the wall. A lamp on the floor."},
+    ]
+    text, spans = proc.assistant_spans(msgs)
+    batch = proc(text, vis, supervised_spans=[spans], padding_side="right")
+    opt = torch.optim.AdamW(optimizer_groups(model, recipe), lr=1e-4)
+    bf16 = recipe.training.mixed_precision == "bf16"
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # optimizer states exist from here on
+    meter = LiveTensorMeter()
+    meter.include(list(model.parameters()) + list(model.buffers()))
+    meter.include([v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)])
+    meter.include([v for v in batch.values() if torch.is_tensor(v)])
+    with meter:
+        meter.reset_peak()
+        step()
+    config = model.get_base_model().config
+    plan = plan_memory(
+        recipe,
+        config=config,
+        tiles=frames,
+        text_tokens=batch["input_ids"].shape[1] - frames * (config.tokens_per_tile + 2),
+        answer_tokens=int((batch["labels"] != -100).sum()),
+        device="cpu",
+    )
+    return plan, meter.peak
 
 
 def round_gib(x: float) -> float:
