@@ -107,8 +107,10 @@ def _run_job(job: AblationJob, threads: int, log_dir: Path) -> float:
         return 0.0  # finished in an earlier invocation (resumable)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     log = log_dir / f"{job.name}.log"
-    # an interrupted job continues from its last checkpoint (same weights as an uninterrupted run)
-    resume = ["--resume"] if any(job.model_dir.parent.glob("checkpoint-*")) else []
+    from sr3d_plugin.training.trainer import find_checkpoint
+
+    # an interrupted job continues from its last complete checkpoint (same weights as an uninterrupted run)
+    resume = ["--resume"] if find_checkpoint(job.output_dir) is not None else []
     start = time.perf_counter()
     with open(log, "a" if resume else "w") as fh:
         proc = subprocess.run(
@@ -211,7 +213,7 @@ def run_ablation(
         "seed": seed,
         "train_wall_s": round(train_wall, 1),
         "job_seconds": durations,
-        "trainer_time": {job.name: _trainer_time(job.model_dir.parent) for job in jobs},
+        "trainer_time": {job.name: _trainer_time(job.output_dir) for job in jobs},
         "parallel_jobs": parallel,
         "threads_per_job": threads,
     }
