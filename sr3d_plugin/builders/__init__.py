@@ -22,7 +22,6 @@ what it created fresh or could not reproduce.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,12 @@ CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    from sr3d_plugin.builders._common import read_json
+
     cfg = path / "config.json"
     if not cfg.is_file():
         raise SR3DInputError(f"{path} has no config.json; expected a model folder")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise SR3DInputError(f"{cfg} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SR3DInputError(f"{cfg} holds a JSON {type(data).__name__}; expected an object")
-    return data
+    return read_json(cfg)
 
 
 def detect_builder(path: str | Path) -> str:
