@@ -74,11 +74,10 @@ class SceneGeometry:
 
 
 def _norm_frame_id(value: Any) -> str:
-    s = str(value).strip()
-    if s.startswith("@"):
-        s = s[1:].strip()
-    stem = Path(s).stem if "." in s else s
-    return str(int(stem)) if stem.isdigit() else stem
+    """A frame id as regions compare them (``"@0120"``, ``"0120.jpg"`` and ``120`` are the same frame)."""
+    from sr3d_plugin.regions import _normalise_id
+
+    return _normalise_id(str(value).strip().removeprefix("@"))
 
 
 class RecordInputBuilder:
