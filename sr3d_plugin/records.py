@@ -283,6 +283,19 @@ def region_from_record(item: Any, frames: Any, base: Path, where: str = "region"
     return resolve_regions([spec], frames)[0]
 
 
+def _on_sampled_frame(value: Any, frames: Any) -> bool:
+    """False when a mask's ``frame`` (``"@ID"`` or an index after sampling) names a frame that sampling
+    left out; True otherwise, including for a missing or malformed value, which
+    :func:`region_from_record` then reports."""
+    from sr3d_plugin.regions import _normalise_id
+
+    if isinstance(value, str) and value.startswith("@"):
+        return _normalise_id(value[1:]) in {_normalise_id(f) for f in frames.frame_ids}
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return value < len(frames)
+    return True
+
+
 def _multi_frame_region(item: dict[str, Any], frames: Any, base: Path, where: str) -> Region:
     """``{"masks": [{frame, box | mask | rle | polygon}, …], "box3d"?, "label"?}`` — one region drawn on
     several frames (the layout ``sr3d prepare`` writes). Masks on frames that were not sampled are
@@ -296,12 +309,9 @@ def _multi_frame_region(item: dict[str, Any], frames: Any, base: Path, where: st
     for j, entry in enumerate(item["masks"]):
         if not isinstance(entry, dict):
             raise SR3DInputError(f"{where} mask {j} must be an object")
-        try:
-            part = region_from_record(entry, frames, base, f"{where} mask {j}")
-        except SR3DInputError as exc:
-            if "not among the" in str(exc) or "after sampling" in str(exc):
-                continue  # drawn on a frame that was not sampled
-            raise
+        if not _on_sampled_frame(entry.get("frame"), frames):
+            continue  # drawn on a frame that was not sampled
+        part = region_from_record(entry, frames, base, f"{where} mask {j}")
         for k, m in part.masks.items():
             merged[k] = merged[k] | m if k in merged else m
     if merged:

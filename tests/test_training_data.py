@@ -231,3 +231,9 @@ def test_multi_frame_regions_skip_unsampled_frames(toy: Path, tiny) -> None:
     assert region.frames == [0] and region.label == "chair"
     with pytest.raises(SR3DInputError, match="no box3d"):
         region_from_record({"masks": [{"frame": f"@{missing}", "box": [1, 1, 9, 9]}]}, frames, toy.parent)
+    # an index past the sampled frames is skipped like an id that was not sampled
+    past = {"masks": [{"frame": 0, "box": [1, 1, 20, 20]}, {"frame": len(ids), "box": [1, 1, 9, 9]}]}
+    assert region_from_record(past, frames, toy.parent).frames == [0]
+    # a mask that does not say its frame is an error, not a silently dropped mask
+    with pytest.raises(SR3DInputError, match="does not say which frame"):
+        region_from_record({"masks": [{"box": [1, 1, 9, 9]}], "box3d": [0, 0, 0, 1, 1, 1]}, frames, toy.parent)
