@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.resources import package_dir
 
@@ -87,11 +85,6 @@ def run_demo(
     return result
 
 
-def _pointmap_rgb(points: Any) -> np.ndarray:
-    p = points.detach().cpu().numpy() if hasattr(points, "detach") else np.asarray(points)
-    return np.clip((p + 1.0) / 2.0, 0.0, 1.0)
-
-
 def render_demo_png(samples: list, rows: list[dict[str, Any]], path: str | Path) -> None:
     """Frames with the region boxes, the coloured canonical point maps and the answers, in one PNG."""
     import matplotlib
@@ -99,6 +92,8 @@ def render_demo_png(samples: list, rows: list[dict[str, Any]], path: str | Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    from sr3d_plugin.pointmap import colour_pointmap
 
     single = next((s for s in samples if not s.visual.multi_view), None)
     multi = next((s for s in samples if s.visual.multi_view), None)
@@ -122,7 +117,7 @@ def render_demo_png(samples: list, rows: list[dict[str, Any]], path: str | Path)
         ax.set_title("single view (regions of Q1)", fontsize=8)
         ax.axis("off")
         ax = fig.add_subplot(grid[0, 1])
-        ax.imshow(_pointmap_rgb(single.visual.points[0]))
+        ax.imshow(colour_pointmap(single.visual.points[0]))
         ax.set_title("canonical xyz → RGB", fontsize=8)
         ax.axis("off")
     if multi is not None:
@@ -133,7 +128,7 @@ def render_demo_png(samples: list, rows: list[dict[str, Any]], path: str | Path)
             ax.set_title(f"frame {f}", fontsize=8)
             ax.axis("off")
             ax = fig.add_subplot(grid[2, f])
-            ax.imshow(_pointmap_rgb(multi.visual.points[f]))
+            ax.imshow(colour_pointmap(multi.visual.points[f]))
             ax.axis("off")
     ax = fig.add_subplot(grid[3, :])
     ax.axis("off")

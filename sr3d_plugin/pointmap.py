@@ -35,6 +35,7 @@ __all__ = [
     "PointMapResult",
     "canonical_pointmaps",
     "choose_source",
+    "colour_pointmap",
     "compute_pointmaps",
     "default_cache_root",
     "frame_token_positions",
@@ -46,6 +47,19 @@ __all__ = [
 
 #: bump when the numbers a source or the canonicalisation produce change (invalidates caches)
 PIPELINE_VERSION = 1
+
+
+def colour_pointmap(canonical: Any, valid: Any = None) -> np.ndarray:
+    """``[H, W, 3]`` canonical coordinates (in [-1, 1]) → ``[H, W, 3]`` uint8 RGB, ``(c + 1) / 2``.
+
+    ``valid`` (``[H, W]`` bool, optional) paints invalid pixels black. Accepts tensors or arrays.
+    """
+    c = canonical.detach().cpu().numpy() if torch.is_tensor(canonical) else np.asarray(canonical)
+    rgb = np.clip((c + 1.0) / 2.0, 0.0, 1.0) * 255.0
+    if valid is not None:
+        v = valid.detach().cpu().numpy() if torch.is_tensor(valid) else np.asarray(valid)
+        rgb = np.where(v[..., None], rgb, 0.0)
+    return rgb.round().astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------

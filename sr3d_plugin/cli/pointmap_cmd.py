@@ -158,13 +158,6 @@ def _source_and_options(args: argparse.Namespace, frames: Any) -> tuple[str, dic
     return name, options
 
 
-def _colour(canonical: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``[H, W, 3]`` canonical coordinates → uint8 RGB, ``(c + 1) / 2``; invalid pixels black."""
-    rgb = np.clip((canonical + 1.0) / 2.0, 0.0, 1.0) * 255.0
-    rgb = np.where(valid[..., None], rgb, 0.0)
-    return rgb.round().astype(np.uint8)
-
-
 def write_preview(path: str | Path, images: list, canonical: np.ndarray, valid: np.ndarray) -> tuple[int, int]:
     """Save a PNG of each frame beside its canonical point map (coloured by xyz), frames in a grid.
 
@@ -173,6 +166,7 @@ def write_preview(path: str | Path, images: list, canonical: np.ndarray, valid: 
     from PIL import Image
 
     from sr3d_plugin.io_utils import atomic_path
+    from sr3d_plugin.pointmap import colour_pointmap
 
     v = len(images)
     cell_h = 240 if v == 1 else (160 if v <= 8 else 120)
@@ -187,7 +181,7 @@ def write_preview(path: str | Path, images: list, canonical: np.ndarray, valid: 
         x0 = c * (2 * cell_w + 3 * gap) + gap
         y0 = r * (cell_h + gap) + gap
         sheet.paste(im.convert("RGB").resize((cell_w, cell_h), Image.Resampling.BILINEAR), (x0, y0))
-        pm = Image.fromarray(_colour(canonical[i], valid[i])).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+        pm = Image.fromarray(colour_pointmap(canonical[i], valid[i])).resize((cell_w, cell_h), Image.Resampling.NEAREST)
         sheet.paste(pm, (x0 + cell_w + gap, y0))
     out = Path(path)
     with atomic_path(out, suffix=".png") as tmp:
