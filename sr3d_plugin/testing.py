@@ -321,7 +321,7 @@ def write_tiny_llava_hf(root: str | Path, model_type: str = "llava", seed: int =
     tokenizer has ``<image>`` (and ``<vila/video>``) but no ``<mask>``. Random weights.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, CLIPImageProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     root = Path(root)
     tokenizer = build_tiny_tokenizer(without=(SR3D_SPECIAL_TOKENS["mask"],))
@@ -363,19 +363,26 @@ def write_tiny_llava_hf(root: str | Path, model_type: str = "llava", seed: int =
     model.save_pretrained(str(root))
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(str(root))
+    _save_clip_processor(root, tile_size)
+    return root
+
+
+def _save_clip_processor(root: Path, tile_size: int) -> None:
+    """A CLIP image processor (resize + centre crop to ``tile_size``, mean/std 0.5) saved into ``root``."""
+    from transformers import CLIPImageProcessor
+
     CLIPImageProcessor(
         size={"shortest_edge": tile_size},
         crop_size={"height": tile_size, "width": tile_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(str(root))
-    return root
 
 
 def write_tiny_clip_vision(root: str | Path, seed: int = 0, tile_size: int = 56) -> Path:
     """Write a tiny CLIP vision tower folder with transformers-4.x key names (``vision_model.…``)."""
     import torch
-    from transformers import AutoModel, CLIPImageProcessor
+    from transformers import AutoModel
 
     root = Path(root)
     config = _tiny_vision_config("clip_vision_model", tile_size)
@@ -384,12 +391,7 @@ def write_tiny_clip_vision(root: str | Path, seed: int = 0, tile_size: int = 56)
         tower = AutoModel.from_config(config)
     _write_json(root / "config.json", {**config.to_dict(), "architectures": ["CLIPVisionModel"]})
     _save_tensors(root / "model.safetensors", {f"vision_model.{k}": v for k, v in tower.state_dict().items()})
-    CLIPImageProcessor(
-        size={"shortest_edge": tile_size},
-        crop_size={"height": tile_size, "width": tile_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    ).save_pretrained(str(root))
+    _save_clip_processor(root, tile_size)
     return root
 
 
