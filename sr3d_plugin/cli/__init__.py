@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "sr3d_plugin.cli.train_cmd",
     "sr3d_plugin.cli.merge_cmd",
     "sr3d_plugin.cli.recipes_cmd",
+    "sr3d_plugin.cli.conformance_cmd",
 ]
 
 
