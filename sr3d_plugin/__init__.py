@@ -1,24 +1,33 @@
 """sr3d-plugin: SR-3D (3D-aware, region-prompted VLM) as a plugin for the VLM frameworks people use.
 
-Importing the package registers the ``sr3d`` model type with transformers' Auto classes.
+``import sr3d_plugin`` is cheap: it imports neither torch nor transformers. Public names load on first
+access (PEP 562): ``Region`` / ``VisualInput`` need torch; ``SR3DConfig``,
+``SR3DForConditionalGeneration`` and ``SR3DProcessor`` need transformers ≥ 5 and raise
+:class:`~sr3d_plugin.errors.SR3DDependencyError` on an older one (the core and
+:mod:`sr3d_plugin.integrations.vila` work there, e.g. inside a VILA environment). Transformers' Auto
+classes learn the ``sr3d`` model type on their own once this package is imported
+(:mod:`sr3d_plugin._compat` says when); :func:`register_auto_classes` does it explicitly.
 
 Submodules: :mod:`~sr3d_plugin.geometry`, :mod:`~sr3d_plugin.tiling`, :mod:`~sr3d_plugin.modeling`,
-:mod:`~sr3d_plugin.sources`, :mod:`~sr3d_plugin.synthetic`, :mod:`~sr3d_plugin.plugins`.
+:mod:`~sr3d_plugin.sources`, :mod:`~sr3d_plugin.synthetic`, :mod:`~sr3d_plugin.plugins`,
+:mod:`~sr3d_plugin.integrations.vila`.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sr3d_plugin._compat import install_auto_hook, register_auto_classes
 from sr3d_plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
-from sr3d_plugin.modeling import (
-    Region,
-    SR3DConfig,
-    SR3DForConditionalGeneration,
-    SR3DProcessor,
-    VisualInput,
-)
+if TYPE_CHECKING:  # pragma: no cover
+    from sr3d_plugin.modeling import Region, SR3DConfig, SR3DForConditionalGeneration, SR3DProcessor, VisualInput
+
+#: names served lazily from sr3d_plugin.modeling
+_LAZY = ("Region", "SR3DConfig", "SR3DForConditionalGeneration", "SR3DProcessor", "VisualInput")
 
 __all__ = [
     "Region",
@@ -28,4 +37,20 @@ __all__ = [
     "VisualInput",
     "__version__",
     "hookimpl",
+    "register_auto_classes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module("sr3d_plugin.modeling"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+install_auto_hook()

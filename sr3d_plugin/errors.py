@@ -6,7 +6,7 @@ without reading the source.
 
 from __future__ import annotations
 
-__all__ = ["SR3DConfigError", "SR3DError", "SR3DInputError", "SR3DPluginError"]
+__all__ = ["SR3DConfigError", "SR3DDependencyError", "SR3DError", "SR3DInputError", "SR3DPluginError"]
 
 
 class SR3DError(Exception):
@@ -23,3 +23,7 @@ class SR3DConfigError(SR3DError, ValueError):
 
 class SR3DPluginError(SR3DError, LookupError):
     """A component name is not registered, or a plugin failed to load."""
+
+
+class SR3DDependencyError(SR3DError, ImportError):
+    """An installed dependency is too old (or missing) for the part of sr3d-plugin that was asked for."""

@@ -1,17 +1,54 @@
-"""SR-3D modules and the transformers model (configuration / modeling / processing).
+"""SR-3D modules (core: torch only) and the transformers model classes (transformers ≥ 5), loaded lazily.
 
-Importing this package registers ``sr3d`` with transformers' Auto classes, so
-``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` load our
-folders without ``trust_remote_code``.
+Core names — ``PositionEncoder3D``, ``sinusoidal_encoding``, the projectors, ``RegionExtractor``,
+``mask_weights``, ``Region``, ``VisualInput`` — need torch only and work beside any transformers
+(VILA's 4.46 included). The model classes — ``SR3DConfig``, ``SR3DForConditionalGeneration``,
+``SR3DPreTrainedModel``, ``SR3DProcessor`` — need transformers ≥ 5; on an older one, asking for them
+raises :class:`~sr3d_plugin.errors.SR3DDependencyError` naming the installed version. Every name is
+imported on first access (PEP 562), so ``import sr3d_plugin.modeling`` itself imports neither torch nor
+transformers.
+
+Auto classes: ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` load
+our folders without ``trust_remote_code`` once ``sr3d_plugin`` is imported; see :mod:`sr3d_plugin._compat`
+for when the registration happens, and :func:`register_auto_classes` to do it explicitly.
 """
 
-from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
-from sr3d_plugin.modeling.inputs import Region, VisualInput
-from sr3d_plugin.modeling.modeling_sr3d import SR3DForConditionalGeneration, SR3DPreTrainedModel
-from sr3d_plugin.modeling.position_encoding import PositionEncoder3D, sinusoidal_encoding
-from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
-from sr3d_plugin.modeling.projectors import PROJECTOR_KINDS, Projector, SpatialDownsample, build_projector
-from sr3d_plugin.modeling.region_extractor import RegionExtractor, mask_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sr3d_plugin._compat import register_auto_classes, require_model_classes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+    from sr3d_plugin.modeling.inputs import Region, VisualInput
+    from sr3d_plugin.modeling.modeling_sr3d import SR3DForConditionalGeneration, SR3DPreTrainedModel
+    from sr3d_plugin.modeling.position_encoding import PositionEncoder3D, sinusoidal_encoding
+    from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+    from sr3d_plugin.modeling.projectors import PROJECTOR_KINDS, Projector, SpatialDownsample, build_projector
+    from sr3d_plugin.modeling.region_extractor import RegionExtractor, mask_weights
+
+#: public name → submodule; the core ones need torch only
+_CORE: dict[str, str] = {
+    "PROJECTOR_KINDS": "projectors",
+    "PositionEncoder3D": "position_encoding",
+    "Projector": "projectors",
+    "Region": "inputs",
+    "RegionExtractor": "region_extractor",
+    "SpatialDownsample": "projectors",
+    "VisualInput": "inputs",
+    "build_projector": "projectors",
+    "mask_weights": "region_extractor",
+    "sinusoidal_encoding": "position_encoding",
+}
+#: the model classes: transformers ≥ 5
+_MODEL: dict[str, str] = {
+    "SR3DConfig": "configuration_sr3d",
+    "SR3DForConditionalGeneration": "modeling_sr3d",
+    "SR3DPreTrainedModel": "modeling_sr3d",
+    "SR3DProcessor": "processing_sr3d",
+}
 
 __all__ = [
     "PROJECTOR_KINDS",
@@ -32,29 +69,16 @@ __all__ = [
 ]
 
 
-def register_auto_classes() -> None:
-    """Register the ``sr3d`` model type with transformers' Auto classes (idempotent)."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-    )
-
-    try:
-        AutoConfig.register("sr3d", SR3DConfig)
-    except ValueError:  # already registered
-        pass
-    for auto in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
-        try:
-            auto.register(SR3DConfig, SR3DForConditionalGeneration)
-        except ValueError:
-            pass
-    try:
-        AutoProcessor.register(SR3DConfig, SR3DProcessor)
-    except ValueError:
-        pass
+def __getattr__(name: str) -> Any:
+    module = _CORE.get(name) or _MODEL.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _MODEL:
+        require_model_classes(f"sr3d_plugin.modeling.{name}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 
-register_auto_classes()
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

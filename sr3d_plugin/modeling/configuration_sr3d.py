@@ -8,11 +8,15 @@ encoder or region extractor is selected by putting its registered name in the co
 
 from __future__ import annotations
 
+import sr3d_plugin._model_layer  # noqa: F401  (first, raises SR3DDependencyError on transformers < 5)
+
+# isort: split
 from typing import Any, ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from sr3d_plugin._compat import register_model_classes
 from sr3d_plugin.errors import SR3DConfigError
 
 __all__ = ["DTYPE_NAMES", "SR3D_SPECIAL_TOKENS", "SR3DConfig", "parse_dtype"]
@@ -130,6 +134,8 @@ class SR3DConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self.validate_sr3d()
+        # first use of the model layer: the Auto model / processor classes learn ``sr3d`` now (see _compat)
+        register_model_classes()
 
     # ------------------------------------------------------------------------------------------
 
@@ -186,3 +192,7 @@ class SR3DConfig(PreTrainedConfig):
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> PreTrainedConfig:
         return self.text_config
+
+
+# importing this module registers ``sr3d`` with AutoConfig (sr3d_plugin._compat explains when that happens)
+AutoConfig.register("sr3d", SR3DConfig, exist_ok=True)

@@ -15,6 +15,9 @@ same length and ``generate`` works on stock transformers.
 
 from __future__ import annotations
 
+import sr3d_plugin._model_layer  # noqa: F401  (first, raises SR3DDependencyError on transformers < 5)
+
+# isort: split
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from sr3d_plugin import plugins
+from sr3d_plugin._compat import register_model_classes
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
 from sr3d_plugin.modeling.position_encoding import PositionEncoder3D
@@ -414,3 +418,7 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         prompt = input_ids.to(new_tokens.device)
         # placeholder ids may lie outside the vocabulary; keep them as they were given
         return torch.cat([prompt, new_tokens], dim=1)
+
+
+# importing the model registers it (and the processor) with the Auto classes (see sr3d_plugin._compat)
+register_model_classes()

@@ -1,0 +1,241 @@
+"""What of sr3d-plugin works with the installed transformers, and how ``sr3d`` reaches transformers' Auto classes.
+
+The package has two layers (docs/vila.md, README "Layers"):
+
+* **core** — :mod:`~sr3d_plugin.geometry`, :mod:`~sr3d_plugin.tiling`, :mod:`~sr3d_plugin.sources`,
+  :mod:`~sr3d_plugin.regions`, :mod:`~sr3d_plugin.plugins`, ``PositionEncoder3D``, the projectors,
+  ``RegionExtractor`` and :mod:`sr3d_plugin.integrations.vila`: torch + numpy, and transformers ≥ 4.46
+  only where a tokenizer or vision tower is involved. This is what runs inside a VILA environment
+  (transformers 4.46 pinned).
+* **model classes** — ``SR3DConfig``, ``SR3DForConditionalGeneration``, ``SR3DProcessor``, the builders
+  and the Auto registration: transformers ≥ 5 (:data:`MODEL_CLASSES_MIN_TRANSFORMERS`). They are loaded
+  lazily (PEP 562 ``__getattr__`` in ``sr3d_plugin`` and ``sr3d_plugin.modeling``); on an older
+  transformers they raise :class:`~sr3d_plugin.errors.SR3DDependencyError` naming the installed version.
+
+Auto registration (decided here, tested in ``tests/test_lazy_imports.py``):
+
+1. ``import sr3d_plugin`` imports neither torch nor transformers. It registers ``sr3d`` → ``SR3DConfig``
+   with ``AutoConfig`` and ``SR3DConfig`` → ``SR3DProcessor`` with ``AutoProcessor`` as soon as
+   transformers has loaded the corresponding Auto module (``transformers.models.auto.configuration_auto``
+   / ``processing_auto``): at once if it is already loaded, otherwise through a small import hook that
+   lets the module load as usual and registers right after it. Only what that module itself already
+   imported is needed then (the config class; the processor class for ``AutoProcessor``).
+2. The model and processor classes are registered when the model layer is first used: on import of
+   ``sr3d_plugin.modeling.modeling_sr3d`` and on the first ``SR3DConfig`` instance (which is how
+   ``AutoModel*.from_pretrained`` meets our folders: it builds the config before it looks the model
+   class up). So ``AutoModelForImageTextToText.from_pretrained(folder)`` works in a process that only
+   did ``import sr3d_plugin``.
+3. :func:`register_auto_classes` does all of it explicitly (idempotent).
+
+On transformers < 5 none of this happens (the hook does nothing).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.metadata
+import logging
+import sys
+import threading
+import warnings
+from typing import Any
+
+from sr3d_plugin.errors import SR3DDependencyError
+
+__all__ = [
+    "MODEL_CLASSES_MIN_TRANSFORMERS",
+    "install_auto_hook",
+    "model_classes_available",
+    "register_auto_classes",
+    "register_model_classes",
+    "require_model_classes",
+    "transformers_version",
+]
+
+logger = logging.getLogger("sr3d_plugin")
+
+#: lowest transformers release the model classes (SR3DConfig, SR3DForConditionalGeneration, …) support
+MODEL_CLASSES_MIN_TRANSFORMERS = "5.0"
+#: lowest transformers release the core (and the VILA integration) supports
+CORE_MIN_TRANSFORMERS = "4.46"
+
+_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+
+#: what works on an older transformers (said in every SR3DDependencyError)
+_CORE_NOTE = (
+    "With transformers {version} the core works: sr3d_plugin.geometry, tiling, sources, regions, plugins, "
+    "sr3d_plugin.modeling.PositionEncoder3D / projectors / RegionExtractor / Region / VisualInput, and "
+    "sr3d_plugin.integrations.vila (SR-3D inside VILA, see docs/vila.md). Load the folders VILA saves with "
+    "the `vila` builder in an environment with transformers>=5 (pip install 'transformers>=5,<6')."
+)
+
+
+def transformers_version() -> str | None:
+    """The transformers version in use (the imported module's, else the installed distribution's), or None."""
+    module = sys.modules.get("transformers")
+    version = getattr(module, "__version__", None) if module is not None else None
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def model_classes_available() -> bool:
+    """True when the installed transformers supports the model classes (≥ 5.0)."""
+    version = transformers_version()
+    return version is not None and _release(version) >= _release(MODEL_CLASSES_MIN_TRANSFORMERS)
+
+
+def require_model_classes(what: str) -> None:
+    """Raise :class:`SR3DDependencyError` unless transformers ≥ 5 is installed.
+
+    Args:
+        what: the name that was asked for (e.g. ``"sr3d_plugin.SR3DForConditionalGeneration"``).
+    """
+    version = transformers_version()
+    if version is None:
+        raise SR3DDependencyError(
+            f"{what} needs transformers>={MODEL_CLASSES_MIN_TRANSFORMERS}, which is not installed. "
+            + _CORE_NOTE.format(version="absent")
+        )
+    if _release(version) < _release(MODEL_CLASSES_MIN_TRANSFORMERS):
+        raise SR3DDependencyError(
+            f"{what} needs transformers>={MODEL_CLASSES_MIN_TRANSFORMERS}, but transformers {version} is installed. "
+            + _CORE_NOTE.format(version=version)
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Auto registration
+# ----------------------------------------------------------------------------------------------
+
+_lock = threading.RLock()
+_models_registered = False
+
+
+def register_config_class() -> None:
+    """Register ``sr3d`` → ``SR3DConfig`` with ``AutoConfig`` (importing the config module registers it)."""
+    import sr3d_plugin.modeling.configuration_sr3d  # noqa: F401  (registers on import)
+
+
+def register_model_classes() -> None:
+    """Register the model and processor classes with the Auto classes (idempotent, re-entrant safe)."""
+    global _models_registered
+    with _lock:
+        if _models_registered:
+            return
+        _models_registered = True  # before the imports: the modules below create configs of their own
+        try:
+            from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+            from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+            from sr3d_plugin.modeling.modeling_sr3d import SR3DForConditionalGeneration
+            from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+            for auto in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
+                auto.register(SR3DConfig, SR3DForConditionalGeneration, exist_ok=True)
+            AutoProcessor.register(SR3DConfig, SR3DProcessor, exist_ok=True)
+        except BaseException:
+            _models_registered = False
+            raise
+
+
+def register_auto_classes() -> None:
+    """Register the ``sr3d`` model type with transformers' Auto classes (idempotent; transformers ≥ 5).
+
+    ``AutoConfig``, ``AutoModel``, ``AutoModelForImageTextToText``, ``AutoModelForCausalLM`` and
+    ``AutoProcessor`` then load our folders without ``trust_remote_code``. Usually not needed: see the
+    module docstring for when this happens on its own.
+    """
+    require_model_classes("sr3d_plugin.register_auto_classes")
+    register_config_class()
+    register_model_classes()
+
+
+class _AutoHook(importlib.abc.MetaPathFinder):
+    """Lets transformers' Auto modules load as usual, then registers our classes with them (one shot each)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _HOOKED:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            find = getattr(finder, "find_spec", None)
+            if find is not None:
+                spec = find(fullname, path, target)
+                if spec is not None:
+                    break
+        loader = getattr(spec, "loader", None)
+        original = getattr(loader, "exec_module", None)
+        if original is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            original(module)
+            _registered_after_import(fullname)
+
+        loader.exec_module = exec_module  # this loader instance serves this one module only
+        return spec
+
+
+def register_processor_class() -> None:
+    """Register ``SR3DConfig`` → ``SR3DProcessor`` with ``AutoProcessor``."""
+    from transformers import AutoProcessor
+
+    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+    from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+    AutoProcessor.register(SR3DConfig, SR3DProcessor, exist_ok=True)
+
+
+#: transformers module → what to register right after it loaded. AutoProcessor may pick the processor
+#: class by the name in processor_config.json without building a config, hence its own entry.
+_HOOKED: dict[str, Any] = {
+    _CONFIG_AUTO: register_config_class,
+    "transformers.models.auto.processing_auto": register_processor_class,
+}
+
+
+def _registered_after_import(module: str) -> None:
+    if not model_classes_available():
+        return
+    try:
+        _HOOKED[module]()
+    except Exception as exc:  # never break transformers' own import
+        warnings.warn(f"sr3d-plugin could not register with {module}: {exc}", RuntimeWarning, stacklevel=2)
+
+
+_hook: _AutoHook | None = None
+
+
+def install_auto_hook() -> None:
+    """Arrange for our classes to reach transformers' Auto modules (called by ``import sr3d_plugin``; cheap)."""
+    global _hook
+    with _lock:
+        pending = False
+        for module in _HOOKED:
+            if module in sys.modules:
+                _registered_after_import(module)
+            else:
+                pending = True
+        if pending and _hook is None:
+            _hook = _AutoHook()
+            sys.meta_path.insert(0, _hook)
