@@ -33,8 +33,6 @@ On transformers < 5 none of this happens (the hook does nothing).
 from __future__ import annotations
 
 import importlib.abc
-import importlib.metadata
-import logging
 import sys
 import threading
 import warnings
@@ -51,8 +49,6 @@ __all__ = [
     "require_model_classes",
     "transformers_version",
 ]
-
-logger = logging.getLogger("sr3d_plugin")
 
 #: lowest transformers release the model classes (SR3DConfig, SR3DForConditionalGeneration, …) support
 MODEL_CLASSES_MIN_TRANSFORMERS = "5.0"
@@ -76,6 +72,8 @@ def transformers_version() -> str | None:
     version = getattr(module, "__version__", None) if module is not None else None
     if isinstance(version, str):
         return version
+    import importlib.metadata  # here, not at module level: ``import sr3d_plugin`` stays cheap
+
     try:
         return importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:

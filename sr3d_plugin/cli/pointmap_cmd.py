@@ -19,11 +19,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sr3d_plugin.errors import SR3DInputError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `sr3d --help` stays light
+    import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -195,6 +196,7 @@ def write_preview(path: str | Path, images: list, canonical: np.ndarray, valid: 
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     from tqdm import tqdm
 
     from sr3d_plugin.io_utils import atomic_path

@@ -17,17 +17,10 @@ import torch
 from torch import nn
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
+from sr3d_plugin.modeling._projector_kinds import PROJECTOR_KINDS
 
 __all__ = ["PROJECTOR_KINDS", "Projector", "SpatialDownsample", "build_projector", "downsample_rate"]
 
-PROJECTOR_KINDS = (
-    "mlp_downsample_3x3_fix",
-    "mlp_downsample_2x2_fix",
-    "mlp_downsample",
-    "linear",
-    "mlp2x_gelu",
-    "identity",
-)
 
 
 class SpatialDownsample(nn.Module):
