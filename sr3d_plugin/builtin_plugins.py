@@ -32,7 +32,7 @@ def register_position_encoders(register: Register) -> None:
 
 @hookimpl
 def register_projectors(register: Register) -> None:
-    from sr3d_plugin.modeling._projector_kinds import PROJECTOR_KINDS  # names only: no torch
+    from sr3d_plugin.modeling._names import PROJECTOR_KINDS  # names only: no torch
 
     for kind in PROJECTOR_KINDS:
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS
+from sr3d_plugin.modeling._names import SR3D_SPECIAL_TOKENS
 
 __all__ = [
     "CHATML_TEMPLATE",

@@ -37,7 +37,8 @@ What the encoder does, and the VILA seams it uses (read from VILA's source, not 
 Side channel for 3D positions and masks (VILA's collator passes only ``block_sizes`` in
 ``media_config``): positions travel *inside the image tensors* — each tile is ``[6, S, S]``, the
 normalised RGB followed by the canonical xyz of every pixel (:func:`pack_tiles`); the encoder area-pools
-xyz onto the token grid exactly like :class:`~sr3d_plugin.modeling.SR3DProcessor`. Alternatively,
+xyz onto the token grid exactly like :class:`~sr3d_plugin.modeling.SR3DProcessor` (and returns packed
+per-patch values unchanged). Alternatively,
 ``media_config["image"]["tile_xyz"]`` (``[T, g, g, 3]``, all tiles of the batch in order) is honoured
 for direct ``generate`` calls. Each region is one ``"mask"`` media object: a ``[T_k, h, w]`` mask
 (or pooling weights) over the ``T_k`` tiles of its own sample, in tile order (zeros on tiles without
@@ -73,6 +74,7 @@ __all__ = [
     "SR3DImageEncoder",
     "SR3DRegionEncoder",
     "install",
+    "pack_sample",
     "pack_tiles",
     "save_sr3d_parts",
     "to_vila_inputs",
@@ -88,6 +90,22 @@ class _ForwardPass:
 
     plan: list[tuple[int, int]] = field(default_factory=list)  # per <mask>: (first tile, number of tiles)
     features: torch.Tensor | None = None  # [T, L, C] PE-augmented tokens of the real (non-dummy) tiles
+
+
+def _pool_positions(xyz: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[T, 3, S, S]`` per-pixel xyz → ``[T, g, g, 3]`` token positions (area average, SR3D-FACTS §2 step 3).
+
+    Tiles packed by :func:`pack_tiles` hold one value per token patch; those values are returned
+    exactly (an average of 196 equal floats is not always that float, and the PE's highest frequency,
+    2⁷·π, turns a 1e-7 change of x into ~4e-5 in the encoding).
+    """
+    size = xyz.shape[-1]
+    if size % grid == 0:
+        step = size // grid
+        corners = xyz[:, :, ::step, ::step]
+        if torch.equal(corners.repeat_interleave(step, dim=2).repeat_interleave(step, dim=3), xyz):
+            return corners.permute(0, 2, 3, 1)
+    return F.adaptive_avg_pool2d(xyz, (grid, grid)).permute(0, 2, 3, 1)
 
 
 def _embed_tokens(parent: Any) -> nn.Module:
@@ -202,8 +220,7 @@ class SR3DImageEncoder(nn.Module):
                 "[6, S, S] tiles (RGB + canonical xyz, see sr3d_plugin.integrations.vila.pack_tiles) or "
                 "media_config['image']['tile_xyz'] (or set use_position_encoding=False in image_encoder)"
             )
-        # area average of the per-pixel xyz on the token grid (SR3D-FACTS §2 step 3)
-        return F.adaptive_avg_pool2d(xyz_pixels.float(), (grid, grid)).permute(0, 2, 3, 1)
+        return _pool_positions(xyz_pixels.float(), grid)
 
     def forward(self, images: Sequence[torch.Tensor], config: dict[str, Any] | None = None, *args: Any, **kwargs: Any):
         """Encode tiles: ``images`` is a list of ``[3 | 6, S, S]`` tiles; returns one ``[N (+ end), H]`` tensor each."""
@@ -613,3 +630,86 @@ def to_vila_inputs(batch: dict[str, Any], processor: Any) -> dict[str, Any]:
             media[MASK_MEDIA].append(weights[r, starts[b] : starts[b] + counts[b]].reshape(counts[b], g, g))
     config = {"image": {"block_sizes": [None] * len(media["image"])}, "video": {}}
     return {"input_ids": input_ids, "attention_mask": attention, "media": media, "media_config": config}
+
+
+def pack_sample(
+    pixel_tiles: torch.Tensor,
+    points: torch.Tensor | Any,
+    regions: Sequence[Any] = (),
+    *,
+    image_size: tuple[int, int] | None = None,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    grid: int | None = None,
+    valid: torch.Tensor | Any | None = None,
+    multi_view: bool = False,
+) -> dict[str, list[torch.Tensor]]:
+    """One training / inference sample in VILA's media format, with the core only (no transformers 5).
+
+    Inside a VILA environment :class:`~sr3d_plugin.modeling.SR3DProcessor` is not available
+    (transformers 4.46); this packs what VILA's own data code produced — the RGB tiles of
+    ``llava.mm_utils.process_image(..., enable_dynamic_res=True)`` (single image) or one resized tile
+    per frame (multi-view) — with SR-3D's 3D positions and region masks, computed exactly as the
+    processor does (same tiling, same area pooling, thumbnail last).
+
+    Args:
+        pixel_tiles: ``[T, 3, S, S]`` normalised RGB tiles, in VILA's order.
+        points: ``[H, W, 3]`` canonical point map of the image (``[F, H, W, 3]`` with ``multi_view``).
+        regions: :class:`~sr3d_plugin.modeling.Region` objects, in ``<mask>`` order.
+        image_size: ``(width, height)`` of the original image (single image; needed to re-plan VILA's
+            tile grid). Defaults to the point map's size.
+        min_tiles, max_tiles, use_thumbnail: VILA's ``min_tiles`` / ``max_tiles`` (and thumbnail) settings.
+        grid: vision tokens per tile side (``S // patch``); defaults to ``S // 14``.
+        valid: optional ``[H, W]`` (``[F, H, W]``) validity of ``points``.
+        multi_view: frames of one scene, one tile each.
+
+    Returns:
+        ``{"image": [T × [6, S, S]], "mask": [R × [T, S, S] bool]}`` — the ``instance["image"]`` /
+        ``instance["mask"]`` lists VILA's collator gathers.
+    """
+    from sr3d_plugin.pointmap import frame_token_positions, image_token_positions
+    from sr3d_plugin.tiling import frame_layout, plan_tiles, tile_array, tile_mask
+
+    if pixel_tiles.dim() != 4 or pixel_tiles.shape[1] != 3 or pixel_tiles.shape[2] != pixel_tiles.shape[3]:
+        raise SR3DInputError(f"pixel_tiles must be [T, 3, S, S], got {tuple(pixel_tiles.shape)}")
+    t, _, s, _ = pixel_tiles.shape
+    g = int(grid) if grid else s // 14
+    pts = torch.as_tensor(points, dtype=torch.float32)
+    mask_valid = None if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+    if multi_view:
+        if pts.dim() != 4 or pts.shape[0] != t:
+            raise SR3DInputError(
+                f"multi-view points must be [{t}, H, W, 3] (one map per frame), got {tuple(pts.shape)}"
+            )
+        layouts = [frame_layout(s) for _ in range(t)]
+        xyz = frame_token_positions(pts, mask_valid, grid=g, tile_size=s)
+    else:
+        if pts.dim() != 3 or pts.shape[-1] != 3:
+            raise SR3DInputError(f"points must be [H, W, 3] for one image, got {tuple(pts.shape)}")
+        width, height = image_size if image_size is not None else (int(pts.shape[1]), int(pts.shape[0]))
+        layout = plan_tiles(int(width), int(height), min_tiles, max_tiles, s, use_thumbnail)
+        if layout.num_tiles != t:
+            raise SR3DInputError(
+                f"{t} RGB tile(s) but a {width}×{height} image makes {layout.num_tiles} tile(s) with "
+                f"min_tiles={min_tiles}, max_tiles={max_tiles}; pass VILA's own settings (and image_size)"
+            )
+        layouts = [layout]
+        xyz = image_token_positions(pts, layout, grid=g, valid=mask_valid)
+    masks = []
+    for index, region in enumerate(regions):
+        per_view = []
+        for v, lay in enumerate(layouts):
+            m = region.masks.get(v)
+            if m is None:
+                per_view.append(torch.zeros(lay.num_tiles, s, s, dtype=torch.bool))
+                continue
+            tiled = tile_mask(m, lay)
+            if not bool(tiled.any()):  # thinner than a resized pixel: keep it with area resizing
+                tiled = tile_array(torch.as_tensor(m, dtype=torch.float32)[None], lay, "area")[:, 0] > 0
+            per_view.append(tiled)
+        stacked = torch.cat(per_view, dim=0)
+        if not bool(stacked.any()):
+            raise SR3DInputError(f"region {index} covers no pixel of any tile")
+        masks.append(stacked)
+    return {"image": list(pack_tiles(pixel_tiles, xyz)), MASK_MEDIA: masks}

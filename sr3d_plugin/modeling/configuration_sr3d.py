@@ -18,11 +18,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 from sr3d_plugin._compat import register_model_classes
 from sr3d_plugin.errors import SR3DConfigError
+from sr3d_plugin.modeling._names import SR3D_SPECIAL_TOKENS
 
 __all__ = ["DTYPE_NAMES", "SR3D_SPECIAL_TOKENS", "SR3DConfig", "parse_dtype"]
 
-#: placeholder tokens the processor and model agree on
-SR3D_SPECIAL_TOKENS = {"image": "<image>", "mask": "<mask>", "video": "<vila/video>", "sentinel": "<vila/sentinel>"}
 
 #: the only dtype spellings accepted from checkpoint files (never ``eval`` a config string, SR3D-FACTS §9)
 DTYPE_NAMES = {

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
-from sr3d_plugin.modeling._projector_kinds import PROJECTOR_KINDS
+from sr3d_plugin.modeling._names import PROJECTOR_KINDS
 
 __all__ = ["PROJECTOR_KINDS", "Projector", "SpatialDownsample", "build_projector", "downsample_rate"]
 
