@@ -279,3 +279,55 @@ def build_standin(model: nn.Module, processor: Any, root: str | None = None, **e
     )
     tower = VisionTowerStandIn(model.vision_tower, processor.image_processor, cfg.vision_feature_layer, "cls_patch")
     return VILAStandIn(config, model.llm, processor.tokenizer, tower, model.mm_projector)
+
+
+def build_standin_from_parts(seed: int = 0, root: str | None = None, **encoder_kwargs: Any) -> VILAStandIn:
+    """A stand-in VILA model from plain transformers parts (any transformers ≥ 4.46, no SR-3D model class).
+
+    Qwen2 LLM + SigLIP tower + ``mlp_downsample_3x3_fix`` projector, tiny and random (``seed``), like the
+    folders a VILA user trains from; the image encoder is selected by ``_target_`` as in a VILA config.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from sr3d_plugin.modeling.projectors import build_projector
+    from sr3d_plugin.testing import _tiny_text_config, _tiny_vision_config, build_tiny_tokenizer, tiny_image_processor
+
+    tokenizer = build_tiny_tokenizer()
+    text_config = _tiny_text_config("qwen2", tokenizer)
+    vision_config = _tiny_vision_config("siglip_vision_model", 56)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        llm = AutoModelForCausalLM.from_config(text_config)
+        tower = AutoModel.from_config(vision_config)
+        projector = build_projector("mlp_downsample_3x3_fix", vision_config.hidden_size, text_config.hidden_size)
+    encoder = {"_target_": "sr3d_plugin.integrations.vila.SR3DImageEncoder", **encoder_kwargs}
+    config = SimpleNamespace(
+        hidden_size=text_config.hidden_size,
+        mm_hidden_size=vision_config.hidden_size,
+        mm_projector="mlp_downsample_3x3_fix",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="cls_patch",
+        image_aspect_ratio="dynamic",
+        min_tiles=1,
+        max_tiles=6,
+        model_dtype="torch.float32",
+        image_encoder=json.dumps(encoder),
+        video_encoder=json.dumps({"_target_": "_vila_standin.BasicEncoderStandIn"}),
+        _name_or_path=root or "",
+    )
+    vision = VisionTowerStandIn(tower, tiny_image_processor(56), -2, "cls_patch")
+    return VILAStandIn(config, llm, tokenizer, vision, projector)
+
+
+def image_tiles(image: Any, image_processor: Any, max_tiles: int = 6) -> torch.Tensor:
+    """``[T, 3, S, S]`` tiles of one image as VILA's ``process_image(..., enable_dynamic_res=True)`` makes them.
+
+    VILA's ``dynamic_preprocess`` picks the same grid as :func:`sr3d_plugin.tiling.plan_tiles` (the
+    real-VILA conformance case checks the tile count); the crops come from the core tiler here.
+    """
+    from sr3d_plugin.tiling import plan_tiles, tile_image
+
+    s = image_processor.size["height"]
+    layout = plan_tiles(*image.size, 1, max_tiles, s, True)
+    crops = tile_image(image.convert("RGB"), layout)
+    return image_processor(images=crops, return_tensors="pt")["pixel_values"]
