@@ -220,3 +220,15 @@ def test_fresh_parts_are_initialised_even_under_vila_no_init_weights(monkeypatch
     assert torch.isfinite(pe[0].weight).all() and 0 < pe[0].weight.abs().max() < 0.01  # xavier gain 0.001
     assert torch.equal(pe[1].weight, torch.ones_like(pe[1].weight)) and not pe[0].bias.any()
     assert torch.isfinite(model.region_extractor.projector.weight).all()
+
+
+def test_fresh_parts_are_the_same_in_every_process() -> None:
+    """VILA's LoRA loader rebuilds the base and adds the deltas: a fresh PE must not depend on the global RNG."""
+    torch.manual_seed(1)
+    a = vs.build_standin_from_parts(seed=0, weights_from=None)
+    torch.manual_seed(2)
+    b = vs.build_standin_from_parts(seed=0, weights_from=None)
+    for part in ("perception_encoder", "region_extractor"):
+        for x, y in zip(getattr(a, part).state_dict().values(), getattr(b, part).state_dict().values()):
+            assert torch.equal(x, y)
+    assert a.region_extractor.projector.weight.std() > 0  # and not constant

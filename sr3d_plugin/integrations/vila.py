@@ -327,27 +327,42 @@ class SR3DRegionEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+#: seed of the generator that initialises fresh SR-3D parts (see :func:`_initialise`)
+FRESH_INIT_SEED = 0x5E3D
+
+
 @torch.no_grad()
-def _initialise(module: nn.Module, gain: float | None) -> None:
-    """Initialise a fresh module with tensor methods only.
+def _initialise(module: nn.Module, gain: float | None, seed: int = FRESH_INIT_SEED) -> None:
+    """Initialise a fresh module with tensor methods only, from a fixed-seed generator.
 
     VILA builds models under transformers' ``no_init_weights``, which turns the ``torch.nn.init``
     functions into no-ops (parameters would keep uninitialised memory). Linear weights: xavier-uniform
     with ``gain`` (the PE convention, SR3D-FACTS §5) or, when ``gain`` is None, PyTorch's default
     ``U(±1/√fan_in)``; biases 0 (PE) or ``U(±1/√fan_in)``; LayerNorm 1 / 0.
+
+    The generator is seeded with ``seed`` (not the global RNG), so every process creates the same
+    fresh parts: VILA's LoRA path rebuilds the base model from ``model_base`` at load time and adds
+    the saved LoRA deltas to it — VILA's ``find_all_linear_names`` puts adapters on these Linear
+    layers too — which is only right if the fresh base is the one training started from.
     """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def draw(tensor: torch.Tensor, bound: float) -> None:
+        values = torch.empty(tensor.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+        tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))
+
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             fan_out, fan_in = sub.weight.shape
             if gain is not None:
-                sub.weight.uniform_(-1.0, 1.0).mul_(gain * math.sqrt(6.0 / (fan_in + fan_out)))
+                draw(sub.weight, gain * math.sqrt(6.0 / (fan_in + fan_out)))
                 if sub.bias is not None:
                     sub.bias.zero_()
             else:
                 bound = 1.0 / math.sqrt(fan_in)
-                sub.weight.uniform_(-bound, bound)
+                draw(sub.weight, bound)
                 if sub.bias is not None:
-                    sub.bias.uniform_(-bound, bound)
+                    draw(sub.bias, bound)
         elif isinstance(sub, nn.LayerNorm):
             if sub.weight is not None:
                 sub.weight.fill_(1.0)
