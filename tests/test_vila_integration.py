@@ -175,6 +175,8 @@ def test_errors_name_the_problem(vila) -> None:
     with pytest.raises(SR3DConfigError, match="dynamic_s2"):
         vila(input_ids=ids[None], media={"image": sample["image"], MASK_MEDIA: sample[MASK_MEDIA]},
              media_config={"image": {"block_sizes": [(2, 1), None, None]}, "video": {}})  # fmt: skip
+    with pytest.raises(SR3DConfigError, match=r"encoder\(images, config\)"):  # the SR-3D fork's call
+        vila.encoders["image"](sample["image"], torch.rand(3, 4, 4, 3), sample[MASK_MEDIA], {})
     # positions may also come as media_config["image"]["tile_xyz"] with RGB-only tiles
     xyz = torch.stack([t[3:6, ::14, ::14].permute(1, 2, 0) for t in sample["image"]])
     assert torch.allclose(_forward(vila, ids, rgb_only, tile_xyz=xyz), _forward(vila, ids, sample), atol=1e-6)

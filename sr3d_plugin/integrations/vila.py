@@ -224,6 +224,12 @@ class SR3DImageEncoder(nn.Module):
 
     def forward(self, images: Sequence[torch.Tensor], config: dict[str, Any] | None = None, *args: Any, **kwargs: Any):
         """Encode tiles: ``images`` is a list of ``[3 | 6, S, S]`` tiles; returns one ``[N (+ end), H]`` tensor each."""
+        if isinstance(config, (torch.Tensor, list, tuple)):
+            raise SR3DConfigError(
+                "SR3DImageEncoder is called as upstream VILA calls image encoders, encoder(images, config) with "
+                f"config a dict; got a {type(config).__name__} (the SR-3D fork's encoder(images, xyzs, masks, config) "
+                "call?). Pack xyz into [6, S, S] tiles (pack_sample / pack_tiles) and regions as media['mask']"
+            )
         if kwargs.get("ps3") or (args and args[0] is True):
             raise SR3DConfigError("SR3DImageEncoder does not support VILA's PS3 top-down selection (ps3=True)")
         config = dict(config or {})
