@@ -22,7 +22,6 @@ from sr3d_plugin.modeling._names import PROJECTOR_KINDS
 __all__ = ["PROJECTOR_KINDS", "Projector", "SpatialDownsample", "build_projector", "downsample_rate"]
 
 
-
 class SpatialDownsample(nn.Module):
     """Concatenate each ``k×k`` block of a square token grid: ``[N, s², C] → [N, ⌈s/k⌉², k²·C]``."""
 
