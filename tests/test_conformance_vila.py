@@ -35,6 +35,10 @@ def test_case_is_a_vila_saved_folder_with_the_sr3d_encoder(case_dir) -> None:
     encoder = top["image_encoder"] if isinstance(top["image_encoder"], dict) else json.loads(top["image_encoder"])
     assert encoder["_target_"] == "sr3d_plugin.integrations.vila.SR3DImageEncoder"
     assert meta["vila_reload_max_abs_logit_diff"] <= 1e-6  # VILA rebuilt its own folder faithfully
+    # VILA's find_all_linear_names (--lora_enable) wraps the SR-3D Linear layers too (docs/vila.md §2.3)
+    assert {"perception_encoder.layers.position_embedding_head.0", "region_extractor.projector"} <= set(
+        meta["vila_lora_targets_in_sr3d_parts"]
+    )
 
 
 def test_vila_builder_replays_both_requests(case_dir) -> None:

@@ -283,6 +283,14 @@ def main() -> int:
         work = Path(tmp)
         llm_dir, tower_dir = write_start_folders(work, args.seed)
         model, data_args = build_vila(llm_dir, tower_dir, work / "run")
+        from llava.train.train import find_all_linear_names
+
+        # what VILA's --lora_enable would wrap (docs/vila.md §2.3): the SR-3D Linear layers are among them
+        lora_targets = sorted(
+            name
+            for name in find_all_linear_names(model, lora_llm=True, lora_vt=False)
+            if name.startswith(("perception_encoder", "region_extractor"))
+        )
         loss = train_step(model, data_args, requests, inputs)
         packed = [pack_request(r, inputs, data_args, model.tokenizer, with_answer=False) for r in requests]
         before = [vila_outputs(model, p) for p in packed]
@@ -319,6 +327,7 @@ def main() -> int:
         "requests": len(requests),
         "vila_train_loss": round(loss, 6),
         "vila_reload_max_abs_logit_diff": reload_diff,
+        "vila_lora_targets_in_sr3d_parts": lora_targets,
     }
     (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
