@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-WORDS = (
+_CORPUS_WORDS = (
     "the a an image photo picture shows show is are of in on at to left right top bottom red green blue "
     "yellow black white cat dog car tree house chair table person man woman sky road water small large "
     "what where how many which color there here near far behind front next one two three four five "
-    "describe answer question user assistant system detail detailed helpful and with this that it its".split()
+    "describe answer question user assistant system detail detailed helpful and with this that it its"
 )
+WORDS = _CORPUS_WORDS.split()
 
 #: the chat template of the llava-hf LLaVA-1.5 / LLaVA-NeXT-vicuna processors (images first, then text)
 LLAVA_TEMPLATE = (
@@ -115,10 +116,22 @@ PINPOINTS_OV = [[56, 56], [56, 112], [112, 56], [112, 112], [168, 168], [224, 22
 
 def build(kind: str, tok) -> tuple:
     from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-        LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
-        LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor, LlavaProcessor, Qwen2Config, SiglipVisionConfig,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
     )  # fmt: skip
 
     image_id = tok.convert_tokens_to_ids("<image>")

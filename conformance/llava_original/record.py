@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-WORDS = (
+_CORPUS_WORDS = (
     "the a an image photo picture shows show is are of in on at to left right top bottom red green blue "
     "yellow black white cat dog car tree house chair table person man woman sky road water small large "
     "what where how many which color there here near far behind front next one two three four five "
     "describe answer question user assistant chat human artificial intelligence helpful detailed polite "
-    "gives answers questions curious between and with this that it its".split()
+    "gives answers questions curious between and with this that it its"
 )
+WORDS = _CORPUS_WORDS.split()
 
 
 def train_tokenizer(folder: Path, legacy: bool) -> None:
@@ -55,8 +56,11 @@ def train_tokenizer(folder: Path, legacy: bool) -> None:
         if rng.random() < 0.3:
             sent = sent + "\n" + " ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), 3))
         lines.append(sent)
-    lines += ["USER: ASSISTANT: Human: Assistant: ###", "A chat between a curious human and an artificial "
-              "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."]
+    lines += [
+        "USER: ASSISTANT: Human: Assistant: ###",
+        "A chat between a curious human and an artificial "
+        "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     prefix = folder / "_spm"
     spm.SentencePieceTrainer.train(
