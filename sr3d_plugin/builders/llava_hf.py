@@ -200,6 +200,13 @@ class LlavaHFBuilder:
         if kind in ("llava_next", "llava_onevision"):
             pinpoints = getattr(src_config, "image_grid_pinpoints", None) or [[tile, tile]]
             ip_pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+            wants_native = overrides.get("image_aspect_ratio", "native") == "native"
+            if ip_pinpoints is None and wants_native:
+                raise SR3DConfigError(
+                    f"{path}: a {kind} model cuts images into any-resolution patches, but the folder's image "
+                    f"processor {type(image_processor).__name__} has no image_grid_pinpoints; expected the "
+                    f"{kind} image processor (or pass image_aspect_ratio='dynamic' for SR-3D tiling)"
+                )
             if ip_pinpoints is not None and [list(map(int, p)) for p in ip_pinpoints] != [
                 list(map(int, p)) for p in pinpoints
             ]:
