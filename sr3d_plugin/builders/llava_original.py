@@ -360,6 +360,7 @@ class LlavaOriginalBuilder:
         # the original's CLIPImageProcessor is PIL-based: use transformers' PIL backend for the same pixels
         image_processor = AutoImageProcessor.from_pretrained(str(tower_dir), backend="pil")
         processor = SR3DProcessor.from_model_config(
-            config, image_processor, tokenizer, default_system=None, image_marker_suffix="\n"
-        )
+            config, image_processor, tokenizer, default_system=None, image_marker_suffix="\n",
+            pixel_backend="pil",
+        )  # fmt: skip
         return model, processor

@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.modeling.llava_conventions import HOST_IMAGE_MODES, host_layout, host_tiles
 from sr3d_plugin.modeling.region_extractor import mask_weights
@@ -87,6 +87,8 @@ class SR3DProcessor(ProcessorMixin):
             original LLaVA's ``<image>\\n`` + question).
         call_adds_special_tokens: the default of ``__call__``'s ``add_special_tokens`` (True for
             transformers' LLaVA folders, whose processors tokenise with the tokenizer's BOS rule).
+        pixel_backend: ``"pil"`` when the image processor must be transformers' PIL backend
+            (original LLaVA's ``CLIPImageProcessor`` is PIL-based); kept across ``save_pretrained``.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class SR3DProcessor(ProcessorMixin):
         structured_chat_content: bool = False,
         image_marker_suffix: str = "",
         call_adds_special_tokens: bool = False,
+        pixel_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -142,9 +145,27 @@ class SR3DProcessor(ProcessorMixin):
         self.structured_chat_content = structured_chat_content
         self.image_marker_suffix = image_marker_suffix
         self.call_adds_special_tokens = call_adds_special_tokens
+        self.pixel_backend = pixel_backend
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> SR3DProcessor:  # type: ignore[override]
+        """transformers' loading, then the image processor's backend restored (``pixel_backend``)."""
+        proc = super().from_pretrained(*args, **kwargs)
+        ip = getattr(proc, "image_processor", None)
+        if getattr(proc, "pixel_backend", None) == "pil" and ip is not None:
+            name = type(ip).__name__
+            if not name.endswith("Pil"):
+                import transformers
+
+                pil_cls = getattr(transformers, name + "Pil", None)
+                if pil_cls is None:
+                    raise SR3DConfigError(f"the image processor {name} has no PIL backend (pixel_backend='pil')")
+                config = {k: v for k, v in ip.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+                proc.image_processor = pil_cls(**config)
+        return proc
 
     @classmethod
     def from_model_config(cls, config: Any, image_processor: Any, tokenizer: Any, **overrides: Any) -> SR3DProcessor:
