@@ -28,7 +28,7 @@ import torch
 
 from sr3d_plugin.conformance import CaseResult
 
-__all__ = ["collapse_image_runs", "run"]
+__all__ = ["collapse_image_runs", "replay_processor", "run"]
 
 
 def collapse_image_runs(ids: list[int], image_id: int, marker: int = -200) -> list[int]:
@@ -84,14 +84,16 @@ def _trim_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def run(case_dir: Path, meta: dict[str, Any]) -> list[CaseResult]:
-    """Replay one LLaVA case through the processor, ``SR3DPipeline.ask`` and ``sr3d ask``."""
+def replay_processor(case_dir: Path, meta: dict[str, Any]) -> tuple[CaseResult, Any, Any]:
+    """The ``processor`` path of one case: ``(result, model, processor)``.
+
+    ``result.detail`` also says whether the prompt text, the input ids (image placeholders
+    collapsed to the original's one ``-200`` per image) and the pixel values equal the recorded ones.
+    """
     from PIL import Image
     from safetensors.torch import load_file
 
     from sr3d_plugin.builders import load_model
-    from sr3d_plugin.cli import main as cli_main
-    from sr3d_plugin.inference import SR3DPipeline
     from sr3d_plugin.modeling.inputs import VisualInput
 
     case = str(meta.get("name") or case_dir.name)
@@ -101,9 +103,6 @@ def run(case_dir: Path, meta: dict[str, Any]) -> list[CaseResult]:
     question = json.loads((case_dir / "inputs" / "prompt.json").read_text())["question"]
     options = dict(meta.get("load_options") or {"use_position_encoding": False, "use_region_extractor": False})
     n_new = int(meta.get("max_new_tokens", expected["greedy_tokens"].numel()))
-    results: list[CaseResult] = []
-
-    # --- 1. processor + model ---------------------------------------------------------------
     model, proc = load_model(model_dir, dtype="float32", **options)
     visual = VisualInput([Image.open(image_path).convert("RGB")])
     prompt = proc.build_prompt(question, visual)
@@ -114,26 +113,43 @@ def run(case_dir: Path, meta: dict[str, Any]) -> list[CaseResult]:
     if (expected["input_ids"] < 0).any():  # original LLaVA: one -200 per image
         ids_equal = collapse_image_runs(ids, image_id) == exp_ids
     else:
-        ids_equal = [(-1 if t == image_id else t) for t in ids] == [
-            (-1 if t == int(meta.get("image_token_id", image_id)) else t) for t in exp_ids
-        ]
+        ids_equal = ids == exp_ids
     pv = batch["pixel_values"]
     ref_pv = expected["pixel_values"]
     pixel_diff = float((pv - ref_pv).abs().max()) if pv.shape == ref_pv.shape else math.inf
     tok = proc.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
-        out = model(**batch)
-        logits = out.logits[0, -1]
+        logits = model(**batch).logits[0, -1]
         gen = model.generate(**batch, max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
     tokens = gen[0, batch["input_ids"].shape[1] :].tolist()
-    results.append(
-        _compare(
-            case, "processor", logits, tokens, expected,
-            prompt_equal=prompt == meta.get("prompt"), input_ids_equal=ids_equal, pixel_max_abs_diff=pixel_diff,
-            image_tokens=int((batch["input_ids"] == image_id).sum()),
-        )
+    result = _compare(
+        case, "processor", logits, tokens, expected,
+        prompt_equal=prompt == meta.get("prompt"), input_ids_equal=ids_equal, pixel_max_abs_diff=pixel_diff,
+        image_tokens=int((batch["input_ids"] == image_id).sum()),
     )  # fmt: skip
+    return result, model, proc
+
+
+def run(case_dir: Path, meta: dict[str, Any]) -> list[CaseResult]:
+    """Replay one LLaVA case through the processor, ``SR3DPipeline.ask`` and ``sr3d ask``."""
+    from safetensors.torch import load_file
+
+    from sr3d_plugin.cli import main as cli_main
+    from sr3d_plugin.inference import SR3DPipeline
+
+    case = str(meta.get("name") or case_dir.name)
+    expected = load_file(str(case_dir / "expected.safetensors"))
+    model_dir = case_dir / meta.get("model", "checkpoint")
+    image_path = case_dir / "inputs" / "image.png"
+    question = json.loads((case_dir / "inputs" / "prompt.json").read_text())["question"]
+    options = dict(meta.get("load_options") or {"use_position_encoding": False, "use_region_extractor": False})
+    n_new = int(meta.get("max_new_tokens", expected["greedy_tokens"].numel()))
+
+    # --- 1. processor + model ---------------------------------------------------------------
+    first_result, model, proc = replay_processor(case_dir, meta)
+    results = [first_result]
+    tok = proc.tokenizer
     eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
     expected_answer = tok.decode(expected["greedy_tokens"].tolist(), skip_special_tokens=True).strip()
 
