@@ -103,6 +103,12 @@ def test_tokenizer_image_token_keeps_the_sentencepiece_piece_before_the_newline(
     assert after == ["▁", "\n"] or after == ["▁", "<0x0A>"]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert collapse_image_runs([5, 9, 9, 9, 6, 9], 9) == [5, -200, 6, -200]
+    # tokenizer_image_token's output on further prompts, recorded from the original with its slow tokenizer
+    probes = json.loads((data_root() / "llava_original_v15_pad" / "inputs" / "tokenizer_probes.json").read_text())
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for probe in probes:
+        ids, _, _ = lc.split_at_images(tok, probe["prompt"], "<image>")
+        assert [-200 if t == image_id else t for t in ids] == probe["input_ids"], probe["prompt"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -289,6 +289,22 @@ def record(name: str, case: dict, out_root: Path, max_new_tokens: int) -> None:
         }
         save_file(tensors, str(case_dir / "expected.safetensors"))
         (inputs / "prompt.json").write_text(json.dumps({"question": case["question"]}, indent=2) + "\n")
+        # tokenizer_image_token on further prompts: chunks that start with a newline, a space, two
+        # spaces, a tab, several images (the slow SentencePiece tokenizer always adds its dummy prefix)
+        probes = [
+            "USER: <image>\nWhat is it? ASSISTANT:",
+            "USER: <image> What is it?",
+            "<image>\n<image>\nCompare  them.",
+            "A<image>\tB<image>",
+            " leading space <image>",
+        ]
+        (inputs / "tokenizer_probes.json").write_text(
+            json.dumps(
+                [{"prompt": q, "input_ids": tokenizer_image_token(q, tokenizer, IMAGE_TOKEN_INDEX)} for q in probes],
+                indent=1,
+            )
+            + "\n"
+        )
         meta = {
             "name": name,
             "lineage": "llava_original",

@@ -246,10 +246,15 @@ def split_at_images(
     chunks = prompt.split(image_token)
     image_id = int(tokenizer.convert_tokens_to_ids(image_token))
     bos = tokenizer.bos_token_id
+    dummy = _always_prefixes(tokenizer)
     encoded = []
     for chunk in chunks:
-        enc = tokenizer(chunk, add_special_tokens=True, return_offsets_mapping=offsets)
-        encoded.append((list(enc["input_ids"]), list(enc["offset_mapping"]) if offsets else None))
+        # SentencePiece adds its dummy "▁" to every encoded text, also before a leading space; a
+        # converted tokenizer (Metaspace, prepend_scheme "first") skips it there, so add it back
+        extra = 1 if dummy and chunk.startswith(" ") else 0
+        enc = tokenizer(" " * extra + chunk, add_special_tokens=True, return_offsets_mapping=offsets)
+        spans = [(max(a - extra, 0), max(b - extra, 0)) for a, b in enc["offset_mapping"]] if offsets else None
+        encoded.append((list(enc["input_ids"]), spans))
     drop = 1 if encoded and encoded[0][0] and bos is not None and encoded[0][0][0] == bos else 0
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -269,6 +274,19 @@ def split_at_images(
             spans.append((start, start + len(image_token)))
             start += len(image_token)
     return ids, (spans if offsets else None), positions
+
+
+def _always_prefixes(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is a converted SentencePiece tokenizer that prepends ``▁`` only to text not
+    already starting with one (``Metaspace(prepend_scheme="first")``), unlike SentencePiece itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None:
+        return False
+    from tokenizers import pre_tokenizers
+
+    parts = list(pre) if isinstance(pre, pre_tokenizers.Sequence) else [pre]
+    return any(isinstance(p, pre_tokenizers.Metaspace) and p.prepend_scheme == "first" for p in parts)
 
 
 # ----------------------------------------------------------------------------------------------
