@@ -453,3 +453,27 @@ def test_pe_on_batch_follows_the_host_tiles() -> None:
     )
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_anyres_batches_and_frames_splice_every_image_in_order() -> None:
+    """Variable tokens per image: a batch of two prompts (different image shapes) gives each row the
+    logits it gets alone, and several frames in one prompt get one anyres block each."""
+    folder = data_root() / "llava_original_v16_anyres" / "checkpoint" / "llava-v1.6-vicuna-tiny"
+    model, proc = load_model(folder, dtype="float32", use_position_encoding=False, use_region_extractor=False)
+    visuals = [VisualInput([_image(150, 40, 1)]), VisualInput([_image(45, 100, 2)])]
+    prompts = [proc.build_prompt("Left?", visuals[0]), proc.build_prompt("What is on the right side?", visuals[1])]
+    batch = proc(prompts, visuals, padding_side="right")
+    with torch.no_grad():
+        both = model(**batch).logits
+        for b, (prompt, vis) in enumerate(zip(prompts, visuals)):
+            alone = proc(prompt, vis)
+            last = int(batch["attention_mask"][b].sum()) - 1
+            ref = model(**alone).logits[0, -1]
+            assert float((both[b, last] - ref).abs().max()) < 1e-4
+    frames = VisualInput([_image(150, 40, 1), _image(45, 100, 2)], multi_view=True)
+    batch = proc(proc.build_prompt("Same scene?", frames), frames)
+    counts = [layout.num_tokens for layout in proc.layouts(frames)]
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == sum(counts)
+    assert batch["image_sizes"].tolist() == [[40, 150], [100, 45]]
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()

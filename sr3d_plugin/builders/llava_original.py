@@ -66,7 +66,7 @@ from sr3d_plugin.builders._common import (
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, parse_dtype
 
-__all__ = ["LLM_TYPES", "VICUNA_TEMPLATE", "LlavaOriginalBuilder", "load_sentencepiece_tokenizer", "map_original_keys"]
+__all__ = ["LLM_TYPES", "LlavaOriginalBuilder", "load_sentencepiece_tokenizer", "map_original_keys"]
 
 #: original-LLaVA architecture → transformers model type of its language model
 LLM_TYPES = {
@@ -75,16 +75,6 @@ LLM_TYPES = {
     "LlavaQwen2ForCausalLM": "qwen2",
     "LlavaQwenForCausalLM": "qwen2",
 }
-
-#: LLaVA-1.5's "vicuna_v1" conversation format as a chat template (used when the tokenizer has none)
-VICUNA_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 _PROJECTORS = ("mlp2x_gelu", "linear")
 _TOWER_PREFIX = "model.vision_tower.vision_tower."
