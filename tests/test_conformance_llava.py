@@ -477,3 +477,26 @@ def test_anyres_batches_and_frames_splice_every_image_in_order() -> None:
     assert batch["image_sizes"].tolist() == [[40, 150], [100, 45]]
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+@pytest.mark.parametrize("name", ["llava_original_v15_pad", "llava_original_v16_anyres"])
+def test_original_llava_on_further_image_shapes(name: str) -> None:
+    """The same prompt on other image shapes (portrait, square, extreme), recorded from the original:
+    image-token count and last-position logits."""
+    from safetensors.torch import load_file
+
+    case_dir = data_root() / name
+    meta = load_case(case_dir)
+    probes = load_file(str(case_dir / "probes.safetensors"))
+    model, proc = load_model(case_dir / meta["model"], dtype="float32", use_position_encoding=False)
+    question = json.loads((case_dir / "inputs" / "prompt.json").read_text())["question"]
+    assert len(meta["probes"]) >= 5
+    for probe in meta["probes"]:
+        image = Image.open(case_dir / probe["image"]).convert("RGB")
+        vis = VisualInput([image])
+        batch = proc(proc.build_prompt(question, vis), vis)
+        assert int((batch["input_ids"] == model.config.image_token_id).sum()) == probe["num_image_tokens"], probe
+        ref = probes[f"logits_{image.size[0]}x{image.size[1]}"]
+        with torch.no_grad():
+            logits = model(**batch).logits[0, -1, : ref.shape[0]]
+        assert float((logits - ref).abs().max()) <= 1e-4, probe

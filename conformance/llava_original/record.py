@@ -325,11 +325,48 @@ def record(name: str, case: dict, out_root: Path, max_new_tokens: int) -> None:
             "load_options": {"use_position_encoding": False, "use_region_extractor": False},
             "num_image_tokens": int(embeds.shape[1] - (input_ids.shape[1] - 1)),
         }
+        meta["probes"] = record_probes(case, model, tokenizer, image_processor, prompt, case_dir)
         (case_dir / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(name, "prompt:", repr(prompt), "ids:", input_ids.shape[1], "embeds:", embeds.shape[1],
               "tokens:", gen[0].tolist())  # fmt: skip
     finally:
         os.chdir(cwd)
+
+
+PROBE_SHAPES = {
+    "pad": [(50, 80), (64, 64), (123, 31), (31, 123), (57, 56)],
+    "anyres": [(150, 40), (40, 150), (64, 64), (200, 199), (97, 41), (33, 170)],
+}
+
+
+def record_probes(case: dict, model, tokenizer, image_processor, prompt: str, case_dir: Path) -> list[dict]:
+    """The same prompt on further image shapes: image-token count and last-position logits per shape
+    (``probes.safetensors``: ``logits_<w>x<h>``), images in ``inputs/probes/``."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+    from safetensors.torch import save_file
+
+    folder = case_dir / "inputs" / "probes"
+    folder.mkdir(parents=True)
+    input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+    out, tensors = [], {}
+    for k, (w, h) in enumerate(PROBE_SHAPES[case["aspect"]]):
+        name = f"{w}x{h}.png"
+        make_image(w, h, seed=case["seed"] + 200 + k).save(folder / name)
+        image = Image.open(folder / name).convert("RGB")
+        images = process_images([image], image_processor, model.config)
+        images = [x.float() for x in images] if isinstance(images, list) else images.float()
+        with torch.no_grad():
+            embeds = model.prepare_inputs_labels_for_multimodal(
+                input_ids, None, None, None, None, images, [image.size]
+            )[4]
+            logits = model(input_ids=input_ids, images=images, image_sizes=[image.size]).logits
+        tensors[f"logits_{w}x{h}"] = logits[0, -1].contiguous()
+        out.append(
+            {"image": f"inputs/probes/{name}", "num_image_tokens": int(embeds.shape[1] - (input_ids.shape[1] - 1))}
+        )
+    save_file(tensors, str(case_dir / "probes.safetensors"))
+    return out
 
 
 def main() -> None:
