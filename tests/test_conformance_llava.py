@@ -372,6 +372,12 @@ def test_conv_mode_option_and_errors_for_unreproducible_folders(tmp_path) -> Non
     (folder / "config.json").write_text(json.dumps({**cfg, "image_aspect_ratio": "anyres"}))
     with pytest.raises(SR3DConfigError, match="image_grid_pinpoints"):
         load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "mm_vision_select_feature": "cls_patch"}))
+    with pytest.raises(SR3DConfigError, match="cls_patch.*CLS token"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "s2": True}))
+    with pytest.raises(SR3DConfigError, match="s2=true"):
+        load_model(folder)
 
 
 def test_sentencepiece_tokenizer_needs_a_clear_dependency(monkeypatch) -> None:

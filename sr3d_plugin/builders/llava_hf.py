@@ -160,6 +160,11 @@ class LlavaHFBuilder:
         if strategy not in _SELECT:
             raise SR3DConfigError(f"{path}: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
 
+        if strategy == "full" and getattr(src_config.vision_config, "model_type", "") == "clip_vision_model":
+            raise SR3DConfigError(
+                f"{path}: vision_feature_select_strategy='full' keeps CLIP's CLS token (grid² + 1 tokens per tile); "
+                "the plugin lays vision tokens on a grid (3D PE, regions), so this is not supported; expected 'default'"
+            )
         notes: list[str] = []
         source_dtype = dtype if isinstance(dtype, torch.dtype) else "auto"
         source = AutoModelForImageTextToText.from_pretrained(str(path), dtype=source_dtype)

@@ -258,6 +258,11 @@ class LlavaOriginalBuilder:
         text_config = AutoConfig.for_model(llm_type, **text_keys)
         vision_config = AutoConfig.from_pretrained(str(tower_dir))
         vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        if select == "cls_patch" and getattr(vision_config, "model_type", "") == "clip_vision_model":
+            raise SR3DConfigError(
+                f"{path}: mm_vision_select_feature='cls_patch' keeps CLIP's CLS token (grid² + 1 tokens per tile); "
+                "the plugin lays vision tokens on a grid (3D PE, regions), so this is not supported; expected 'patch'"
+            )
         mm_hidden = raw.get("mm_hidden_size")
         if mm_hidden is not None and int(mm_hidden) != int(vision_config.hidden_size):
             raise SR3DConfigError(

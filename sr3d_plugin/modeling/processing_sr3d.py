@@ -11,6 +11,11 @@ Prompt layout (VILA/NVILA, confirmed from VILA's ``mm_utils.dynamic_process_imag
   so they are never merged with the following text by the BPE;
 * each ``<mask>`` is one region embedding, in order; ``<regionK>`` aliases select region ``K``.
 
+LLaVA host conventions (``image_aspect_ratio`` ``"pad"`` / ``"anyres"`` / ``"native"``, see
+:mod:`~sr3d_plugin.modeling.llava_conventions`) keep one ``<image>`` id per image, expanded to that
+image's token count (variable under anyres), tokenise like ``tokenizer_image_token`` when
+``tokenize_image_chunks`` is set, and render prompts with the folder's conversation style.
+
 Everything the vision path needs is computed here on the CPU: ``pixel_values [T, 3, S, S]``,
 ``tile_xyz [T, g, g, 3]`` (canonical position of every vision token: the point map tiled exactly
 like the image, then area-pooled onto the token grid) and ``region_weights [R, T, g²]`` (region
