@@ -506,3 +506,27 @@ def test_original_llava_on_further_image_shapes(name: str) -> None:
         with torch.no_grad():
             logits = model(**batch).logits[0, -1, : ref.shape[0]]
         assert float((logits - ref).abs().max()) <= 1e-4, probe
+
+
+def test_converted_llava_folder_keeps_the_conventions(tmp_path) -> None:
+    """``sr3d convert`` of an original LLaVA-1.6 folder: the SR-3D folder answers like the original."""
+    from safetensors.torch import load_file
+
+    from sr3d_plugin.builders import convert_checkpoint
+    from sr3d_plugin.modeling import SR3DProcessor
+
+    case_dir = data_root() / "llava_original_v16_anyres"
+    meta = load_case(case_dir)
+    expected = load_file(str(case_dir / "expected.safetensors"))
+    dst = tmp_path / "converted"
+    convert_checkpoint(case_dir / meta["model"], dst, dtype="float32", use_position_encoding=False)
+    model, proc = load_model(dst)
+    assert isinstance(proc, SR3DProcessor) and type(proc.image_processor).__name__ == "CLIPImageProcessorPil"
+    assert (proc.conv_mode, proc.tokenize_image_chunks, proc.image_aspect_ratio) == ("llava_v1", True, "anyres")
+    vis = VisualInput([Image.open(case_dir / "inputs" / "image.png").convert("RGB")])
+    question = json.loads((case_dir / "inputs" / "prompt.json").read_text())["question"]
+    prompt = proc.build_prompt(question, vis)
+    assert prompt == meta["prompt"]
+    with torch.no_grad():
+        logits = model(**proc(prompt, vis)).logits[0, -1, : expected["last_logits"].shape[0]]
+    assert float((logits - expected["last_logits"]).abs().max()) <= 1e-4
