@@ -530,3 +530,29 @@ def test_converted_llava_folder_keeps_the_conventions(tmp_path) -> None:
     with torch.no_grad():
         logits = model(**proc(prompt, vis)).logits[0, -1, : expected["last_logits"].shape[0]]
     assert float((logits - expected["last_logits"]).abs().max()) <= 1e-4
+
+
+def test_unfreeze_mm_vision_tower_uses_the_stored_tower_and_deviations_stay_available(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    src = data_root() / "llava_original_v16_anyres" / "checkpoint"
+    root = tmp_path / "ckpt"
+    shutil.copytree(src, root)
+    folder = root / "llava-v1.6-vicuna-tiny"
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "unfreeze_mm_vision_tower": True}))
+    model, _ = load_model(folder, dtype="float32", use_position_encoding=False)
+    stored = load_file(str(folder / "model.safetensors"))
+    key = "embeddings.patch_embedding.weight"
+    want = next(v for k, v in stored.items() if k.endswith(key) and k.startswith("model.vision_tower."))
+    assert torch.equal(model.vision_tower.state_dict()[key], want)
+    # the named deviations: squash to one tile, or SR-3D's dynamic tiles (no image_newline then)
+    image = _image(90, 40)
+    for mode, tiles in (("resize", 1), ("dynamic", 2)):  # dynamic: a 2×1 grid (no thumbnail unless asked)
+        model, proc = load_model(src / "llava-v1.6-vicuna-tiny", dtype="float32", image_aspect_ratio=mode)
+        assert model.config.mm_patch_merge_type == "flat"
+        vis = VisualInput([image], points=torch.rand(1, 40, 90, 3))
+        batch = proc(proc.build_prompt("What?", vis), vis)
+        assert batch["pixel_values"].shape[0] == tiles
+        with torch.no_grad():
+            assert torch.isfinite(model(**batch).logits).all()
