@@ -363,7 +363,19 @@ def write_tiny_llava_hf(root: str | Path, model_type: str = "llava", seed: int =
     model.save_pretrained(str(root))
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(str(root))
-    _save_clip_processor(root, tile_size)
+    if model_type == "llava":
+        _save_clip_processor(root, tile_size)
+    else:  # the family's own any-resolution image processor, as transformers saves it
+        from transformers import LlavaNextImageProcessor, LlavaOnevisionImageProcessor
+
+        common = {"image_grid_pinpoints": pinpoints, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+        if model_type == "llava_next":
+            ip = LlavaNextImageProcessor(
+                size={"shortest_edge": tile_size}, crop_size={"height": tile_size, "width": tile_size}, **common
+            )
+        else:
+            ip = LlavaOnevisionImageProcessor(size={"height": tile_size, "width": tile_size}, **common)
+        ip.save_pretrained(str(root))
     return root
 
 

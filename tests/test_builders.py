@@ -219,20 +219,27 @@ def test_llava_hf_matches_transformers_llava_logits(folders) -> None:
     assert torch.allclose(a[..., :vocab], b, atol=1e-5)
 
 
-def test_llava_onevision_loads_and_says_what_is_not_reproduced(folders) -> None:
+def test_llava_onevision_reproduces_its_anyres_convention(folders) -> None:
+    # was: "loads and says what is not reproduced" (SR-3D tiling replaced anyres); the folder's own
+    # convention now wins: its image processor's patches, unpadding, image_newline (issue 9)
+    from transformers import AutoImageProcessor
+
     root = folders["onevision"]
     model, proc = load_model(root, dtype="float32")
-    ref = AutoModelForImageTextToText.from_pretrained(root, dtype=torch.float32)
+    ref = AutoModelForImageTextToText.from_pretrained(root, dtype=torch.float32).eval()
     assert torch.equal(
         model.mm_projector.layers[0].weight, ref.model.multi_modal_projector.linear_1.weight
     ) and torch.equal(model.llm.lm_head.weight[: ref.lm_head.weight.shape[0]], ref.lm_head.weight)
-    notes = " ".join(model.load_notes)
-    assert "image_newline" in notes and "anyres" in notes and "dynamic tiling" in notes
-    assert not any("image_newline" in k for k in model.state_dict())
-    assert model.config.image_aspect_ratio == "dynamic" and model.config.vision_feature_select == "full"
+    assert torch.equal(model.image_newline, ref.model.image_newline)
+    assert model.config.image_aspect_ratio == "native" and model.config.vision_feature_select == "full"
     vis = _visual()
     batch = proc(proc.build_prompt("<mask>?", vis), vis)
-    assert batch["pixel_values"].shape[0] == 3  # 2×1 tiles + thumbnail replace anyres patches
+    hf = AutoImageProcessor.from_pretrained(root)(images=vis.images[0], return_tensors="pt")
+    n_patches = hf["pixel_values"].shape[1]
+    assert n_patches > 1 and batch["pixel_values"].shape[0] == n_patches  # base + anyres patches
+    assert torch.equal(batch["pixel_values"], hf["pixel_values"][0])
+    assert torch.equal(batch["image_sizes"], hf["image_sizes"])
+    assert batch["tile_xyz"].shape[0] == n_patches and batch["region_weights"].shape[1] == n_patches
     assert torch.isfinite(model(**batch).logits).all()
 
 

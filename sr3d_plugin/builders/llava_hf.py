@@ -20,12 +20,20 @@ one tile of the vision tower's ``image_size``, ``image_end_text`` None and ``til
 (LLaVA prompts carry their own newline). The 3D position encoder and region extractor are created
 fresh and ``<mask>`` is added to the tokenizer.
 
-Not reproduced for ``llava_next`` / ``llava_onevision``: their "anyres" path (a base image plus a grid of
-high-resolution patches chosen from ``image_grid_pinpoints``, the learned ``image_newline`` embedding
-after every row of patch features, and the unpadding of patch features). Our dynamic tiling (tiles
-plus a thumbnail, SR3D-FACTS §4, up to as many tiles as the largest pin-point grid) replaces it,
-``image_newline`` is dropped, and the model's ``load_notes`` say so: such a model answers
-differently from the original until it is fine-tuned with SR-3D tiling.
+The folder's own conventions are reproduced (``docs/conformance-llava.md``):
+
+* images go through the folder's own image processor (``image_aspect_ratio="native"``):
+  ``CLIPImageProcessor``'s shortest-edge resize + centre crop for ``llava``; the any-resolution
+  patches of ``LlavaNextImageProcessor`` / ``LlavaOnevisionImageProcessor`` (base image + patches of
+  the best ``image_grid_pinpoints`` resolution) for ``llava_next`` / ``llava_onevision``, whose patch
+  features are unpadded (``int(round(x, 7))``), shrunk past ``anyres_max_N`` (OneVision) and followed
+  by the learned ``image_newline`` after every row (``model.image_newline`` → ``image_newline``);
+  ``image_grid_pinpoints`` are stored as ``[width, height]`` (transformers writes ``[height, width]``);
+* prompts: the folder's chat template with transformers' content lists (``{"type": "image"}`` first),
+  no default system message, and the tokenizer's own special tokens, as ``LlavaProcessor`` calls it.
+
+Point maps and region masks follow each tile's geometry (:mod:`sr3d_plugin.modeling.llava_conventions`).
+Named deviation: ``image_aspect_ratio="dynamic"`` (SR-3D tiles + thumbnail; drops ``image_newline``).
 """
 
 from __future__ import annotations
@@ -79,6 +87,9 @@ def llava_state_to_sr3d(source: Any) -> dict[str, torch.Tensor]:
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features, dtype=layer.weight.dtype)
         state[f"mm_projector.{dst}.bias"] = bias.detach()
     state.update({f"llm.model.{k}": v for k, v in decoder.state_dict().items()})
+    newline = getattr(getattr(source, "model", source), "image_newline", None)
+    if newline is not None:
+        state["image_newline"] = newline.detach()
     state["llm.lm_head.weight"] = head.weight.detach()
     if getattr(head, "bias", None) is not None:
         state["llm.lm_head.bias"] = head.bias.detach()
@@ -149,6 +160,11 @@ class LlavaHFBuilder:
         if strategy not in _SELECT:
             raise SR3DConfigError(f"{path}: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
 
+        if strategy == "full" and getattr(src_config.vision_config, "model_type", "") == "clip_vision_model":
+            raise SR3DConfigError(
+                f"{path}: vision_feature_select_strategy='full' keeps CLIP's CLS token (grid² + 1 tokens per tile); "
+                "the plugin lays vision tokens on a grid (3D PE, regions), so this is not supported; expected 'default'"
+            )
         notes: list[str] = []
         source_dtype = dtype if isinstance(dtype, torch.dtype) else "auto"
         source = AutoModelForImageTextToText.from_pretrained(str(path), dtype=source_dtype)
@@ -171,13 +187,13 @@ class LlavaHFBuilder:
             except (OSError, ValueError, TypeError):
                 pass
         tile = int(vision_config.image_size)
-        image_processor = AutoImageProcessor.from_pretrained(str(path))
+        image_processor = AutoImageProcessor.from_pretrained(str(path))  # as AutoProcessor loads it
         kwargs_config: dict[str, Any] = {
             "vision_config": vision_config.to_dict(),
             "text_config": text_config.to_dict(),
             "projector_type": "mlp2x_gelu",
             "tile_size": tile,
-            "image_aspect_ratio": "resize",
+            "image_aspect_ratio": "native",
             "use_thumbnail": False,
             "vision_feature_layer": layer,
             "vision_feature_select": _SELECT[strategy],
@@ -188,14 +204,38 @@ class LlavaHFBuilder:
         }
         if kind in ("llava_next", "llava_onevision"):
             pinpoints = getattr(src_config, "image_grid_pinpoints", None) or [[tile, tile]]
-            max_tiles = max(max(1, (h // tile) * (w // tile)) for h, w in pinpoints)
-            kwargs_config.update({"image_aspect_ratio": "dynamic", "max_tiles": max_tiles, "use_thumbnail": True})
-            image_processor = tile_image_processor(image_processor, tile)
-            notes.append(
-                f"{kind}: anyres patching, image_newline and feature unpadding are not reproduced; SR-3D dynamic "
-                f"tiling (up to {max_tiles} tiles + thumbnail) replaces them and image_newline is dropped"
-            )
+            ip_pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+            wants_native = overrides.get("image_aspect_ratio", "native") == "native"
+            if ip_pinpoints is None and wants_native:
+                raise SR3DConfigError(
+                    f"{path}: a {kind} model cuts images into any-resolution patches, but the folder's image "
+                    f"processor {type(image_processor).__name__} has no image_grid_pinpoints; expected the "
+                    f"{kind} image processor (or pass image_aspect_ratio='dynamic' for SR-3D tiling)"
+                )
+            if ip_pinpoints is not None and [list(map(int, p)) for p in ip_pinpoints] != [
+                list(map(int, p)) for p in pinpoints
+            ]:
+                raise SR3DConfigError(
+                    f"{path}: the image processor's image_grid_pinpoints {ip_pinpoints} differ from the model's "
+                    f"{pinpoints}; the folder is inconsistent"
+                )
+            max_patches = None
+            if kind == "llava_onevision":
+                ratio = str(getattr(src_config, "vision_aspect_ratio", "anyres_max_9"))
+                if not ratio.startswith("anyres_max_") or not ratio[len("anyres_max_") :].isdigit():
+                    raise SR3DConfigError(f"{path}: vision_aspect_ratio={ratio!r}; expected 'anyres_max_N'")
+                max_patches = int(ratio[len("anyres_max_") :])
+            kwargs_config.update(
+                image_grid_pinpoints=[[int(w), int(h)] for h, w in pinpoints], mm_patch_merge_type="spatial_unpad",
+                unpad_rounding="round", anyres_max_patches=max_patches, use_image_newline=True,
+            )  # fmt: skip
         kwargs_config.update(overrides)
+        if kwargs_config["image_aspect_ratio"] in ("dynamic", "resize"):  # a named deviation from the folder
+            if kwargs_config.get("mm_patch_merge_type", "flat") != "flat":
+                kwargs_config.update(mm_patch_merge_type="flat", use_image_newline=False)
+                state.pop("image_newline", None)
+                notes.append(f"image_aspect_ratio={kwargs_config['image_aspect_ratio']!r}: image_newline is not used")
+            image_processor = tile_image_processor(image_processor, tile)
         config = SR3DConfig(**kwargs_config)
         vocab = int(config.text_config.vocab_size)
         if len(tokenizer) > vocab:
@@ -206,5 +246,10 @@ class LlavaHFBuilder:
             config, state, dtype=dtype, quantization_config=quantization_config, notes=notes,
             device_map=device_map, **kwargs,
         )  # fmt: skip
-        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer, image_token=image_token)
+        template = getattr(tokenizer, "chat_template", None) or ""
+        structured = "content'] |" in template or "['type']" in template or "selectattr" in template
+        processor = SR3DProcessor.from_model_config(
+            config, image_processor, tokenizer, image_token=image_token, default_system=None,
+            structured_chat_content=structured, call_adds_special_tokens=True,
+        )  # fmt: skip
         return model, processor

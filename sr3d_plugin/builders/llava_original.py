@@ -25,8 +25,26 @@ original key                                              SR-3D key
 
 The original code marks images with the placeholder id −200 instead of a vocabulary token; like
 transformers' conversion we add ``<image>`` (and ``<mask>``) as special tokens and pad the
-embedding matrices to a multiple of 64 (new rows = mean of the old ones). ``image_aspect_ratio: pad``
-(pad to a square with the mean colour) is replaced by a squash to one tile and noted.
+embedding matrices to a multiple of 64 (new rows = mean of the old ones, so they never win a greedy
+step; compare logits over the original vocabulary).
+
+The folder's own conventions are reproduced (``docs/conformance-llava.md`` lists where each comes from):
+
+* the vision tower is read from the ``mm_vision_tower`` folder, as ``build_vision_tower(delay_load=True)``
+  + ``load_model()`` do; tower tensors stored in the checkpoint are ignored unless the config says
+  ``unfreeze_mm_vision_tower`` (then the original builds the tower first and the stored tensors win).
+  A relative ``mm_vision_tower`` is resolved against the working directory (as the original), then
+  against the model folder and its parent;
+* ``image_aspect_ratio``: ``pad`` → pad to a square with the mean colour; ``anyres`` → LLaVA-1.6
+  patches from ``image_grid_pinpoints`` with ``mm_patch_merge_type`` (``spatial_unpad``: unpadding +
+  ``image_newline``); anything else → the CLIP processor's own resize + centre crop (``native``);
+  the CLIP processor is transformers' PIL one (the original's ``CLIPImageProcessor``);
+* prompts: the conversation template LLaVA infers from the folder name (``conv_mode`` option to choose
+  another), ``<image>\n`` before the question, and ``tokenizer_image_token``'s chunked tokenisation;
+* the vocabulary is resized to the tokenizer's length, as ``load_pretrained_model`` does.
+
+Named deviations: ``image_aspect_ratio="resize"`` (squash) or ``"dynamic"`` (SR-3D tiles), ``conv_mode``,
+``vision_tower=PATH``.
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ from typing import Any
 import torch
 
 from sr3d_plugin.builders._common import (
+    FRESH_PARTS,
     add_special_tokens,
     instantiate,
     pad_vocabulary,
@@ -47,7 +66,7 @@ from sr3d_plugin.builders._common import (
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, parse_dtype
 
-__all__ = ["LLM_TYPES", "VICUNA_TEMPLATE", "LlavaOriginalBuilder", "map_original_keys"]
+__all__ = ["LLM_TYPES", "LlavaOriginalBuilder", "load_sentencepiece_tokenizer", "map_original_keys"]
 
 #: original-LLaVA architecture → transformers model type of its language model
 LLM_TYPES = {
@@ -57,20 +76,10 @@ LLM_TYPES = {
     "LlavaQwenForCausalLM": "qwen2",
 }
 
-#: LLaVA-1.5's "vicuna_v1" conversation format as a chat template (used when the tokenizer has none)
-VICUNA_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
 _PROJECTORS = ("mlp2x_gelu", "linear")
 _TOWER_PREFIX = "model.vision_tower.vision_tower."
-#: stored tensors that the flat (single-tile) LLaVA path never uses
-_DROPPED_PREFIXES = ("model.image_newline", "model.vision_resampler.")
+#: stored tensors that no LLaVA path uses
+_DROPPED_PREFIXES = ("model.vision_resampler.",)
 
 
 def map_original_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -85,6 +94,8 @@ def map_original_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
             continue  # rotary buffers of old checkpoints; unused parts (see the module docstring)
         if key.startswith(_TOWER_PREFIX):
             tower[key[len(_TOWER_PREFIX) :]] = value
+        elif key == "model.image_newline":
+            ours["image_newline"] = value
         elif key.startswith("model.mm_projector."):
             ours["mm_projector.layers." + key[len("model.mm_projector.") :]] = value
         elif key.startswith(("model.", "lm_head.")):
@@ -110,6 +121,75 @@ def _vision_tower_state(folder: Path, vision_config: Any, dtype: Any) -> dict[st
             f"{sorted(info['missing_keys'])[:3]}; expected a complete CLIP/SigLIP vision checkpoint"
         )
     return {f"vision_tower.{k}": v for k, v in tower.state_dict().items()}
+
+
+def load_sentencepiece_tokenizer(path: Path, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` with a clear error when a SentencePiece ``tokenizer.model``
+    (LLaVA-1.5 / Vicuna folders ship no ``tokenizer.json``) cannot be converted.
+
+    transformers needs ``sentencepiece`` and a ``protobuf`` its model description loads with; without
+    them it falls back to a tiktoken reader whose error ("tiktoken is required" / "Error parsing line")
+    says nothing about the cause.
+    """
+    from transformers import AutoTokenizer
+
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    hint = 'install the LLaVA extra: pip install "sr3d-plugin[llava]"'
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError as exc:
+        raise SR3DInputError(
+            f"{path} has only a SentencePiece tokenizer.model (no tokenizer.json); reading it needs the "
+            f"sentencepiece package: {hint}"
+        ) from exc
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401
+    except Exception as exc:  # protobuf missing, or too old for this sentencepiece's generated code
+        import importlib.metadata as md
+
+        def version(name: str) -> str:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                return "not installed"
+
+        raise SR3DInputError(
+            f"{path} has only a SentencePiece tokenizer.model; converting it needs sentencepiece's model "
+            f"description, which does not load with the installed protobuf ({exc}); sentencepiece "
+            f"{version('sentencepiece')}, protobuf {version('protobuf')}: {hint} (sentencepiece 0.2.3 needs "
+            "protobuf >= 7.36; with an older protobuf use sentencepiece < 0.2.3)"
+        ) from exc
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+def _resolve_tower(path: Path, given: str | Path | None, stored: Any) -> Path:
+    """The vision tower folder: ``vision_tower=`` option, else ``mm_vision_tower`` (cwd, model folder, parent)."""
+    name = str(given if given is not None else (stored or ""))
+    if name:
+        candidates = [Path(name)] if given is not None or Path(name).is_absolute() else [
+            Path(name), path / name, path.parent / name,
+        ]  # fmt: skip
+        for c in candidates:
+            if c.is_dir():
+                return c
+    raise SR3DInputError(
+        f"{path}: the vision tower {name!r} (mm_vision_tower) is not a local folder; download it (e.g. "
+        "`hf download openai/clip-vit-large-patch14-336 --local-dir DIR`) and pass vision_tower=DIR"
+    )
+
+
+def _pinpoints(path: Path, value: Any) -> list[list[int]]:
+    import ast
+
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise SR3DConfigError(f"{path}: image_grid_pinpoints={value!r} is not a list of [width, height]") from exc
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SR3DConfigError(f"{path}: image_aspect_ratio 'anyres' needs image_grid_pinpoints, got {value!r}")
+    return [[int(a), int(b)] for a, b in value]
 
 
 class LlavaOriginalBuilder:
@@ -138,13 +218,16 @@ class LlavaOriginalBuilder:
             path: original-LLaVA folder.
             dtype: default the folder's ``torch_dtype`` / ``dtype`` (else float16, LLaVA's own default).
             vision_tower: local folder of the CLIP tower; overrides ``mm_vision_tower``.
-            **kwargs: SR3DConfig overrides, ``attn_implementation``.
+            **kwargs: SR3DConfig overrides (e.g. ``conv_mode="vicuna_v1"``, ``image_aspect_ratio="resize"``),
+                ``attn_implementation``.
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor
 
         from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+        from sr3d_plugin.modeling.llava_conventions import conv_mode_for_model_name, model_name_from_path
         from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
 
+        given_path = str(path)
         path = Path(path)
         overrides = split_config_overrides(kwargs)
         raw = read_json(path / "config.json")
@@ -160,13 +243,9 @@ class LlavaOriginalBuilder:
             raise SR3DConfigError(f"{path}: mm_vision_select_feature={select!r}; expected 'patch' or 'cls_patch'")
         if raw.get("mm_use_im_start_end"):
             raise SR3DConfigError(f"{path}: mm_use_im_start_end=true (image start/end tokens) is not supported")
-        tower_dir = Path(str(vision_tower or raw.get("mm_vision_tower") or ""))
-        if not str(tower_dir) or not tower_dir.is_dir():
-            raise SR3DInputError(
-                f"{path}: the vision tower {str(vision_tower or raw.get('mm_vision_tower'))!r} is not a local folder; "
-                "download it (e.g. `hf download openai/clip-vit-large-patch14-336 --local-dir DIR`) and pass "
-                "vision_tower=DIR"
-            )
+        if raw.get("s2"):
+            raise SR3DConfigError(f"{path}: s2=true (multi-scale S2 vision tower) is not supported")
+        tower_dir = _resolve_tower(path, vision_tower, raw.get("mm_vision_tower"))
         notes: list[str] = []
         if dtype is None or dtype == "auto":
             dtype = parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float16")
@@ -174,11 +253,16 @@ class LlavaOriginalBuilder:
         text_keys = {k: v for k, v in raw.items() if not k.startswith(("mm_", "tune_", "freeze_")) and k not in (
             "architectures", "model_type", "image_aspect_ratio", "tokenizer_padding_side", "tokenizer_model_max_length",
             "_name_or_path", "transformers_version", "use_mm_proj", "mm_patch_merge_type", "image_grid_pinpoints",
-            "torch_dtype", "dtype",
+            "torch_dtype", "dtype", "unfreeze_mm_vision_tower", "s2", "s2_scales",
         )}  # fmt: skip
         text_config = AutoConfig.for_model(llm_type, **text_keys)
         vision_config = AutoConfig.from_pretrained(str(tower_dir))
         vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        if select == "cls_patch" and getattr(vision_config, "model_type", "") == "clip_vision_model":
+            raise SR3DConfigError(
+                f"{path}: mm_vision_select_feature='cls_patch' keeps CLIP's CLS token (grid² + 1 tokens per tile); "
+                "the plugin lays vision tokens on a grid (3D PE, regions), so this is not supported; expected 'patch'"
+            )
         mm_hidden = raw.get("mm_hidden_size")
         if mm_hidden is not None and int(mm_hidden) != int(vision_config.hidden_size):
             raise SR3DConfigError(
@@ -187,42 +271,68 @@ class LlavaOriginalBuilder:
             )
 
         ours, saved_tower = map_original_keys(read_weights(path, allow_pickle=True))
-        if saved_tower:
-            notes.append("the checkpoint carries its own vision tower weights; they replace the tower folder's")
-            tower_state = {}
-            for key, value in saved_tower.items():
-                tower_state["vision_tower." + key.removeprefix("vision_model.")] = value
+        if saved_tower and raw.get("unfreeze_mm_vision_tower"):
+            # the original builds the tower at init (unfreeze_mm_vision_tower) and from_pretrained loads these
+            notes.append("unfreeze_mm_vision_tower: the checkpoint's own vision tower tensors are used")
+            tower_state = {"vision_tower." + k.removeprefix("vision_model."): v for k, v in saved_tower.items()}
         else:
+            if saved_tower:
+                notes.append(
+                    f"vision tower read from {tower_dir} (mm_vision_tower), as the original does; the tower "
+                    "tensors stored in the checkpoint are ignored"
+                )
             tower_state = _vision_tower_state(tower_dir, vision_config, dtype)
         ours.update(tower_state)
 
         # the LLM config is passed so that the tokenizer does not try to read the llava_llama config.json
-        tokenizer = AutoTokenizer.from_pretrained(str(path), config=text_config)
+        tokenizer = load_sentencepiece_tokenizer(path, config=text_config)
+        if raw.get("mm_use_im_patch_token", True):
+            notes.append(
+                "mm_use_im_patch_token: the original adds an unused <im_patch> token with a randomly initialised "
+                "embedding row; it is not added here (logits over the other tokens are unaffected)"
+            )
+        vocab = int(text_config.vocab_size)
+        if len(tokenizer) < vocab:  # load_pretrained_model: model.resize_token_embeddings(len(tokenizer))
+            for key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
+                if key in ours:
+                    ours[key] = ours[key][: len(tokenizer)].clone()
+            vocab = len(tokenizer)
+            text_config.vocab_size = vocab
         added = add_special_tokens(tokenizer, [SR3D_SPECIAL_TOKENS["image"], SR3D_SPECIAL_TOKENS["mask"]])
         if added:
             notes.append(f"added {added} to the tokenizer (the original code uses the placeholder id -200)")
-        if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = VICUNA_TEMPLATE
-            notes.append("no chat template in the folder: using LLaVA-1.5's vicuna_v1 format")
-        vocab = int(text_config.vocab_size)
         if len(tokenizer) > vocab:
             size = pad_vocabulary(
                 ours, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer), pad_to_multiple_of=64
             )
             text_config.vocab_size = size
             notes.append(f"LLM embeddings padded from {vocab} to {size} rows (multiple of 64, mean-initialised)")
-        aspect = str(raw.get("image_aspect_ratio", "pad"))
-        if aspect in ("pad", "square"):
-            notes.append(f"image_aspect_ratio {aspect!r} (pad to a square) is replaced by a squash to one tile")
-        elif aspect != "resize":
-            raise SR3DConfigError(f"{path}: image_aspect_ratio={aspect!r}; expected 'pad', 'square' or 'resize'")
+
+        aspect = str(raw.get("image_aspect_ratio") or "square")
+        merge = str(raw.get("mm_patch_merge_type") or "flat")
+        host: dict[str, Any] = {"image_aspect_ratio": "native", "mm_patch_merge_type": "flat"}
+        if aspect == "pad":
+            host["image_aspect_ratio"] = "pad"
+        elif aspect == "anyres":
+            if merge not in ("flat", "spatial", "spatial_unpad"):
+                raise SR3DConfigError(
+                    f"{path}: mm_patch_merge_type={merge!r}; expected 'flat', 'spatial' or 'spatial_unpad'"
+                )
+            host.update(
+                image_aspect_ratio="anyres", image_grid_pinpoints=_pinpoints(path, raw.get("image_grid_pinpoints")),
+                mm_patch_merge_type=merge, unpad_rounding="floor", use_image_newline="unpad" in merge,
+            )  # fmt: skip
+        if not host.get("use_image_newline"):
+            ours.pop("image_newline", None)
+        elif "image_newline" not in ours:
+            raise SR3DInputError(f"{path}: mm_patch_merge_type={merge!r} but the checkpoint has no model.image_newline")
+        conv_mode = conv_mode_for_model_name(model_name_from_path(given_path))
 
         kwargs_config: dict[str, Any] = {
             "vision_config": vision_config.to_dict(),
             "text_config": text_config.to_dict(),
             "projector_type": projector,
             "tile_size": int(vision_config.image_size),
-            "image_aspect_ratio": "resize",
             "use_thumbnail": False,
             "vision_feature_layer": int(raw.get("mm_vision_select_layer", -2)),
             "vision_feature_select": select,
@@ -230,13 +340,22 @@ class LlavaOriginalBuilder:
             "tile_separator": "",
             "image_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["image"]),
             "mask_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["mask"]),
+            "conv_mode": conv_mode,
+            "tokenize_image_chunks": True,
+            **host,
         }
         kwargs_config.update(overrides)
         config = SR3DConfig(**kwargs_config)
+        if config.image_aspect_ratio in ("dynamic", "resize") and config.mm_patch_merge_type != "flat":
+            config.mm_patch_merge_type = "flat"
         model = instantiate(
             config, ours, dtype=dtype, quantization_config=quantization_config, notes=notes,
-            device_map=device_map, **kwargs,
+            device_map=device_map, allowed_missing=(*FRESH_PARTS, "image_newline"), **kwargs,
         )  # fmt: skip
-        image_processor = AutoImageProcessor.from_pretrained(str(tower_dir))
-        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer)
+        # the original's CLIPImageProcessor is PIL-based: use transformers' PIL backend for the same pixels
+        image_processor = AutoImageProcessor.from_pretrained(str(tower_dir), backend="pil")
+        processor = SR3DProcessor.from_model_config(
+            config, image_processor, tokenizer, default_system=None, image_marker_suffix="\n",
+            pixel_backend="pil",
+        )  # fmt: skip
         return model, processor

@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="region prompt, e.g. 'frame=0 box=10,20,110,140' (repeatable, in <mask> order; syntax below)",
     )
     p.add_argument("--question", required=True, help="the question; refer to regions as <mask> or <region0>, …")
-    p.add_argument("--system", help="system prompt (default 'You are a helpful assistant.')")
+    p.add_argument("--system", help="system prompt (default: the model's; 'You are a helpful assistant.' for SR-3D)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (64)")
     p.add_argument(
         "--score-answer",
@@ -81,6 +81,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--load-in-4bit", action="store_true", help="quantise the language model to 4 bits (bitsandbytes)")
     p.add_argument("--cache-dir", metavar="D", help="cache point maps in this folder (default: no cache)")
+    p.add_argument(
+        "--no-position-encoding",
+        action="store_true",
+        help="load the model without its 3D positional encoding (a LLaVA / VILA host model then answers exactly "
+        "as the original; no depth needed)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object on stdout")
     p.epilog = (
         "region specs: frame=K box=x0,y0,x1,y1 | frame=K mask=F.png | frame=K rle=F.json | "
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             load_in_4bit=args.load_in_4bit,
+            **({"use_position_encoding": False} if args.no_position_encoding else {}),
         )
         result = pipe.ask(
             args.question,

@@ -231,10 +231,10 @@ class SR3DLmms(lmms):
         turns = [*history, (context, None)]
         messages: list[dict[str, str]] = []
         system = self.system_prompt
-        if system is None:
+        if system is None:  # the processor's default (none for LLaVA folders: their template brings its own)
             from sr3d_plugin.modeling.processing_sr3d import DEFAULT_SYSTEM_PROMPT
 
-            system = DEFAULT_SYSTEM_PROMPT
+            system = getattr(proc, "default_system", DEFAULT_SYSTEM_PROMPT)
         if system:
             messages.append({"role": "system", "content": system})
         for i, (user, answer) in enumerate(turns):

@@ -69,7 +69,20 @@ class SR3DConfig(PreTrainedConfig):
         region_extractor_type: registered region-extractor name (``regiongpt``).
         tile_size: side of a vision tile in pixels (448).
         min_tiles, max_tiles: dynamic-tiling limits for single images.
-        image_aspect_ratio: ``"dynamic"`` (tiles + thumbnail) or ``"resize"`` (one squashed tile).
+        image_aspect_ratio: ``"dynamic"`` (tiles + thumbnail), ``"resize"`` (one squashed tile), or a
+            host LLaVA convention (:mod:`sr3d_plugin.modeling.llava_conventions`): ``"pad"`` (pad to a
+            square with the mean colour), ``"anyres"`` (LLaVA-1.6 patches) or ``"native"`` (the
+            folder's own image processor gets the raw image).
+        image_grid_pinpoints: anyres resolutions as ``[width, height]`` pairs (multiples of ``tile_size``).
+        mm_patch_merge_type: how anyres tile features become LLM tokens: ``"flat"`` (concatenate),
+            ``"spatial"`` or ``"spatial_unpad"`` (LLaVA-1.6: drop padding-only features, ``image_newline``).
+        unpad_rounding: ``"floor"`` (original LLaVA) or ``"round"`` (transformers) in the unpadding.
+        anyres_max_patches: LLaVA-OneVision's ``anyres_max_N`` feature downsampling (None: off).
+        use_image_newline: the model has a learned ``image_newline`` embedding (LLaVA-1.6 / NeXT).
+        conv_mode: an original-LLaVA conversation template (``"llava_v1"``, …) for prompts; None: the
+            tokenizer's chat template.
+        tokenize_image_chunks: tokenise the text between images chunk by chunk, as LLaVA's
+            ``tokenizer_image_token`` does (the BOS of the first chunk only).
         use_thumbnail: append the whole-image thumbnail when an image has several tiles.
         vision_feature_layer: hidden-state index taken from the vision tower (−2 = penultimate).
         vision_feature_select: ``"cls_patch"``/``"full"`` keep every token; ``"patch"``/``"default"``
@@ -115,7 +128,7 @@ class SR3DConfig(PreTrainedConfig):
     tile_size: int = 448
     min_tiles: int = 1
     max_tiles: int = 12
-    image_aspect_ratio: Literal["dynamic", "resize"] = "dynamic"
+    image_aspect_ratio: Literal["dynamic", "resize", "pad", "anyres", "native"] = "dynamic"
     use_thumbnail: bool = True
     vision_feature_layer: int = -2
     vision_feature_select: str = "cls_patch"
@@ -129,6 +142,13 @@ class SR3DConfig(PreTrainedConfig):
     image_token_id: int | None = None
     mask_token_id: int | None = None
     tie_word_embeddings: bool = False
+    image_grid_pinpoints: list | None = None
+    mm_patch_merge_type: str = "flat"
+    unpad_rounding: str = "floor"
+    anyres_max_patches: int | None = None
+    use_image_newline: bool = False
+    conv_mode: str | None = None
+    tokenize_image_chunks: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -140,10 +160,28 @@ class SR3DConfig(PreTrainedConfig):
 
     def validate_sr3d(self) -> None:
         """Raise :class:`SR3DConfigError` for inconsistent values."""
-        if self.image_aspect_ratio not in ("dynamic", "resize"):
+        if self.image_aspect_ratio not in ("dynamic", "resize", "pad", "anyres", "native"):
             raise SR3DConfigError(
-                f"image_aspect_ratio={self.image_aspect_ratio!r}; expected 'dynamic' (tiles) or 'resize' (one tile)"
+                f"image_aspect_ratio={self.image_aspect_ratio!r}; expected 'dynamic' (tiles), 'resize' (one tile), "
+                "'pad', 'anyres' or 'native' (LLaVA conventions)"
             )
+        if self.mm_patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
+            raise SR3DConfigError(
+                f"mm_patch_merge_type={self.mm_patch_merge_type!r}; expected 'flat', 'spatial' or 'spatial_unpad'"
+            )
+        if self.mm_patch_merge_type != "flat" and not self.image_grid_pinpoints:
+            raise SR3DConfigError(
+                f"mm_patch_merge_type={self.mm_patch_merge_type!r} merges anyres patches; it needs image_grid_pinpoints"
+            )
+        if self.unpad_rounding not in ("floor", "round"):
+            raise SR3DConfigError(f"unpad_rounding={self.unpad_rounding!r}; expected 'floor' or 'round'")
+        if self.image_aspect_ratio == "anyres" and not self.image_grid_pinpoints:
+            raise SR3DConfigError("image_aspect_ratio 'anyres' needs image_grid_pinpoints ([width, height] pairs)")
+        for pair in self.image_grid_pinpoints or []:
+            if len(pair) != 2 or any(int(v) <= 0 or int(v) % self.tile_size for v in pair):
+                raise SR3DConfigError(
+                    f"image_grid_pinpoints entry {pair} must be [width, height], multiples of tile_size {self.tile_size}"
+                )
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise SR3DConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles} and {self.max_tiles}")
         if self.vision_feature_select not in ("cls_patch", "full", "patch", "default"):

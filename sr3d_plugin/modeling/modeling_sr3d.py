@@ -131,6 +131,8 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
             else None
         )
         self.llm = AutoModelForCausalLM.from_config(config.text_config)
+        # LLaVA-1.6 / NeXT: the learned embedding appended after every row of anyres patch features
+        self.image_newline = nn.Parameter(torch.zeros(h)) if getattr(config, "use_image_newline", False) else None
         if config.image_seq_length is None:
             config.image_seq_length = self._infer_tokens_per_tile()
         self.post_init()
@@ -262,14 +264,54 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
             )
         return int(image_id), (None if self.config.mask_token_id is None else int(self.config.mask_token_id))
 
+    def merge_image_tiles(self, tiles: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, N, H]`` projected tiles → ``[M, H]`` image embeddings in placeholder order.
+
+        ``mm_patch_merge_type="flat"`` concatenates the tiles. ``"spatial"`` / ``"spatial_unpad"``
+        (LLaVA-1.6 / NeXT / OneVision anyres) merge each image's tiles (base + patches, their count
+        given by ``image_sizes`` ``[I, 2]`` (height, width) and ``image_grid_pinpoints``) with
+        :func:`~sr3d_plugin.modeling.llava_conventions.merge_anyres_features`.
+        """
+        cfg = self.config
+        merge = getattr(cfg, "mm_patch_merge_type", "flat")
+        if merge == "flat":
+            return tiles.reshape(-1, tiles.shape[-1])
+        from sr3d_plugin.modeling.llava_conventions import anyres_grid, merge_anyres_features
+
+        if image_sizes is None:
+            raise SR3DInputError(
+                f"mm_patch_merge_type={merge!r} needs image_sizes [images, 2] (height, width); build inputs with SR3DProcessor"
+            )
+        out, offset, side = [], 0, cfg.grid_size
+        for h, w in image_sizes.tolist():
+            rows, cols = anyres_grid((int(w), int(h)), cfg.image_grid_pinpoints, cfg.tile_size)
+            n = 1 + rows * cols
+            part = tiles[offset : offset + n]
+            offset += n
+            out.append(
+                merge_anyres_features(
+                    part, (int(w), int(h)), (rows, cols), side, merge, self.image_newline,
+                    cfg.unpad_rounding, cfg.anyres_max_patches,
+                )
+            )  # fmt: skip
+        if offset != tiles.shape[0]:
+            raise SR3DInputError(
+                f"image_sizes describe {offset} anyres tiles but {tiles.shape[0]} tiles were given; expected equal"
+            )
+        return torch.cat(out, dim=0)
+
     def build_inputs_embeds(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         tile_xyz: torch.Tensor | None = None,
         region_weights: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Text embeddings with tile and region embeddings scattered into their placeholders.
+
+        ``image_sizes`` ``[I, 2]`` (height, width of each source image) is needed by anyres models
+        (see :meth:`merge_image_tiles`).
 
         Returns ``(inputs_embeds [B, L, H], vision features or None, region embeddings or None)``.
         """
@@ -285,13 +327,14 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         if pixel_values is not None:
             feats = self.get_vision_features(pixel_values, tile_xyz)
             tiles = self.project_tiles(feats)
-            if n_image_slots != tiles.shape[0] * tiles.shape[1]:
+            merged = self.merge_image_tiles(tiles, image_sizes)
+            if n_image_slots != merged.shape[0]:
                 raise SR3DInputError(
-                    f"the prompt has {n_image_slots} image placeholder tokens but {tiles.shape[0]} tile(s) × "
-                    f"{tiles.shape[1]} tokens = {tiles.shape[0] * tiles.shape[1]} image embeddings; expected equal "
-                    "(build inputs with SR3DProcessor)"
+                    f"the prompt has {n_image_slots} image placeholder tokens but {tiles.shape[0]} tile(s) give "
+                    f"{merged.shape[0]} image embeddings ({tiles.shape[1]} per tile, merge "
+                    f"{getattr(self.config, 'mm_patch_merge_type', 'flat')!r}); expected equal (build inputs with SR3DProcessor)"
                 )
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1).to(embeds.device), tiles.to(embeds.dtype))
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1).to(embeds.device), merged.to(embeds.dtype))
         elif n_image_slots:
             raise SR3DInputError(f"the prompt has {n_image_slots} image placeholder tokens but no pixel_values")
         n_mask_slots = int(is_mask.sum())
@@ -326,6 +369,7 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SR3DCausalLMOutput:
         """Teacher-forced forward pass. ``labels`` use -100 for ignored positions (prompt, images).
@@ -340,7 +384,9 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         if inputs_embeds is None:
             if input_ids is None:
                 raise SR3DInputError("pass input_ids (or inputs_embeds)")
-            inputs_embeds, feats, regions = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights)
+            inputs_embeds, feats, regions = self.build_inputs_embeds(
+                input_ids, pixel_values, tile_xyz, region_weights, image_sizes
+            )
         kwargs.pop("num_tiles", None)
         # --- memory-saving loss (training): logits only where a label is supervised ------------
         label_positions = kwargs.pop("loss_on_label_positions", None)
@@ -400,6 +446,7 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         tile_xyz: torch.Tensor | None = None,
         region_weights: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Generate with the LLM's own ``generate``.
@@ -409,7 +456,7 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         """
         if input_ids is None:
             raise SR3DInputError("generate needs input_ids")
-        embeds, _, _ = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights)
+        embeds, _, _ = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights, image_sizes)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         for key in ("token_type_ids", "num_tiles", "labels"):

@@ -11,6 +11,11 @@ Prompt layout (VILA/NVILA, confirmed from VILA's ``mm_utils.dynamic_process_imag
   so they are never merged with the following text by the BPE;
 * each ``<mask>`` is one region embedding, in order; ``<regionK>`` aliases select region ``K``.
 
+LLaVA host conventions (``image_aspect_ratio`` ``"pad"`` / ``"anyres"`` / ``"native"``, see
+:mod:`~sr3d_plugin.modeling.llava_conventions`) keep one ``<image>`` id per image, expanded to that
+image's token count (variable under anyres), tokenise like ``tokenizer_image_token`` when
+``tokenize_image_chunks`` is set, and render prompts with the folder's conversation style.
+
 Everything the vision path needs is computed here on the CPU: ``pixel_values [T, 3, S, S]``,
 ``tile_xyz [T, g, g, 3]`` (canonical position of every vision token: the point map tiled exactly
 like the image, then area-pooled onto the token grid) and ``region_weights [R, T, g²]`` (region
@@ -28,8 +33,9 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.modeling.llava_conventions import HOST_IMAGE_MODES, host_layout, host_tiles
 from sr3d_plugin.modeling.region_extractor import mask_weights
 from sr3d_plugin.tiling import TileLayout, frame_layout, plan_tiles, tile_array, tile_image, tile_mask
 
@@ -57,6 +63,8 @@ def _apply_edits(text: str, edits: list[_Edit]) -> tuple[str, Any]:
 
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: ``build_prompt(system=...)`` default: the processor's ``default_system``
+_DEFAULT_SYSTEM: Any = object()
 
 
 class SR3DProcessor(ProcessorMixin):
@@ -71,6 +79,21 @@ class SR3DProcessor(ProcessorMixin):
         image_end_text: text whose ids follow each tile's placeholders (``"\\n"``; None for LLaVA).
         tile_separator: text after each ``<image>`` marker in the prompt (``"\\n"``; ``""`` for LLaVA).
         use_position_encoding: the model adds 3D PE, so every visual input needs point maps.
+        image_grid_pinpoints, mm_patch_merge_type, unpad_rounding, anyres_max_patches,
+        use_image_newline: LLaVA anyres conventions (see SR3DConfig and
+            :mod:`~sr3d_plugin.modeling.llava_conventions`).
+        conv_mode: render prompts with an original-LLaVA conversation template instead of the chat template.
+        tokenize_image_chunks: tokenise like LLaVA's ``tokenizer_image_token`` (chunks between images).
+        default_system: system text ``build_prompt`` uses when none is given (None: no system message,
+            or the conversation template's own).
+        structured_chat_content: the chat template expects content lists (``{"type": "image"}``,
+            ``{"type": "text", ...}``), as transformers' LLaVA processors.
+        image_marker_suffix: text ``user_content`` writes after each ``<image>`` marker (``"\\n"`` for
+            original LLaVA's ``<image>\\n`` + question).
+        call_adds_special_tokens: the default of ``__call__``'s ``add_special_tokens`` (True for
+            transformers' LLaVA folders, whose processors tokenise with the tokenizer's BOS rule).
+        pixel_backend: ``"pil"`` when the image processor must be transformers' PIL backend
+            (original LLaVA's ``CLIPImageProcessor`` is PIL-based); kept across ``save_pretrained``.
     """
 
     def __init__(
@@ -90,6 +113,18 @@ class SR3DProcessor(ProcessorMixin):
         use_position_encoding: bool = True,
         image_token: str = "<image>",
         mask_token: str = "<mask>",
+        image_grid_pinpoints: list | None = None,
+        mm_patch_merge_type: str = "flat",
+        unpad_rounding: str = "floor",
+        anyres_max_patches: int | None = None,
+        use_image_newline: bool = False,
+        conv_mode: str | None = None,
+        tokenize_image_chunks: bool = False,
+        default_system: str | None = DEFAULT_SYSTEM_PROMPT,
+        structured_chat_content: bool = False,
+        image_marker_suffix: str = "",
+        call_adds_special_tokens: bool = False,
+        pixel_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -104,9 +139,38 @@ class SR3DProcessor(ProcessorMixin):
         self.use_position_encoding = use_position_encoding
         self.image_token = image_token
         self.mask_token = mask_token
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.mm_patch_merge_type = mm_patch_merge_type
+        self.unpad_rounding = unpad_rounding
+        self.anyres_max_patches = anyres_max_patches
+        self.use_image_newline = use_image_newline
+        self.conv_mode = conv_mode
+        self.tokenize_image_chunks = tokenize_image_chunks
+        self.default_system = default_system
+        self.structured_chat_content = structured_chat_content
+        self.image_marker_suffix = image_marker_suffix
+        self.call_adds_special_tokens = call_adds_special_tokens
+        self.pixel_backend = pixel_backend
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> SR3DProcessor:  # type: ignore[override]
+        """transformers' loading, then the image processor's backend restored (``pixel_backend``)."""
+        proc = super().from_pretrained(*args, **kwargs)
+        ip = getattr(proc, "image_processor", None)
+        if getattr(proc, "pixel_backend", None) == "pil" and ip is not None:
+            name = type(ip).__name__
+            if not name.endswith("Pil"):
+                import transformers
+
+                pil_cls = getattr(transformers, name + "Pil", None)
+                if pil_cls is None:
+                    raise SR3DConfigError(f"the image processor {name} has no PIL backend (pixel_backend='pil')")
+                config = {k: v for k, v in ip.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+                proc.image_processor = pil_cls(**config)
+        return proc
 
     @classmethod
     def from_model_config(cls, config: Any, image_processor: Any, tokenizer: Any, **overrides: Any) -> SR3DProcessor:
@@ -122,6 +186,13 @@ class SR3DProcessor(ProcessorMixin):
             "image_end_text": config.image_end_text,
             "tile_separator": config.tile_separator,
             "use_position_encoding": config.use_position_encoding,
+            "image_grid_pinpoints": getattr(config, "image_grid_pinpoints", None),
+            "mm_patch_merge_type": getattr(config, "mm_patch_merge_type", "flat"),
+            "unpad_rounding": getattr(config, "unpad_rounding", "floor"),
+            "anyres_max_patches": getattr(config, "anyres_max_patches", None),
+            "use_image_newline": getattr(config, "use_image_newline", False),
+            "conv_mode": getattr(config, "conv_mode", None),
+            "tokenize_image_chunks": getattr(config, "tokenize_image_chunks", False),
         }
         kwargs.update(overrides)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
@@ -153,8 +224,16 @@ class SR3DProcessor(ProcessorMixin):
             return []
         return list(self.tokenizer(self.image_end_text, add_special_tokens=False)["input_ids"])
 
-    def layouts(self, visual: VisualInput) -> list[TileLayout]:
-        """One layout per image: dynamic tiles for a single image, one tile per frame otherwise."""
+    @property
+    def host_convention(self) -> bool:
+        """Whether images follow a host LLaVA convention (``pad`` / ``anyres`` / ``native``)."""
+        return self.image_aspect_ratio in HOST_IMAGE_MODES
+
+    def layouts(self, visual: VisualInput) -> list[Any]:
+        """One layout per image: dynamic tiles for a single image, one tile per frame otherwise;
+        under a host LLaVA convention every image or frame gets that convention's layout."""
+        if self.host_convention:
+            return [host_layout(self, image) for image in visual.images]
         if visual.multi_view:
             return [frame_layout(self.tile_size) for _ in visual.images]
         if self.image_aspect_ratio == "dynamic":
@@ -170,18 +249,24 @@ class SR3DProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------
 
     def user_content(self, question: str, visual: VisualInput | None) -> str:
-        """``<image>`` markers (one per image or frame) followed by the question."""
-        markers = self.image_token * (visual.num_images if visual is not None else 0)
+        """``<image>`` markers (one per image or frame, each followed by ``image_marker_suffix``) and the question."""
+        markers = (self.image_token + self.image_marker_suffix) * (visual.num_images if visual is not None else 0)
         return markers + question
 
     def build_prompt(
         self,
         question: str,
         visual: VisualInput | None = None,
-        system: str | None = DEFAULT_SYSTEM_PROMPT,
+        system: str | None = _DEFAULT_SYSTEM,
         answer: str | None = None,
     ) -> str:
-        """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None)."""
+        """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None).
+
+        ``system`` defaults to the processor's ``default_system`` ("You are a helpful assistant." for
+        SR-3D; none for LLaVA folders, whose conversation template brings its own).
+        """
+        if system is _DEFAULT_SYSTEM:
+            system = self.default_system
         messages: list[dict[str, str]] = []
         if system is not None:
             messages.append({"role": "system", "content": system})
@@ -191,12 +276,31 @@ class SR3DProcessor(ProcessorMixin):
         return self.render_chat(messages, add_generation_prompt=answer is None)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """Render a conversation: the LLaVA conversation template ``conv_mode`` when set, else the chat template."""
+        if self.conv_mode:
+            from sr3d_plugin.modeling.llava_conventions import render_conversation
+
+            return render_conversation(self.conv_mode, messages, add_generation_prompt)
+        if self.structured_chat_content:
+            messages = [self._structured(m) for m in messages]
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise SR3DInputError("the tokenizer has no chat template; pass a full prompt string instead")
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
         )
+
+    def _structured(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A ``{"role", "content": str}`` message as transformers' content list (images first, then the text)."""
+        content = message.get("content")
+        if not isinstance(content, str):
+            return message
+        n = content.count(self.image_token)
+        text = content.replace(self.image_token + self.image_marker_suffix, "").replace(self.image_token, "")
+        parts: list[dict[str, str]] = [{"type": "image"} for _ in range(n)]
+        if text:
+            parts.append({"type": "text", "text": text})
+        return {**message, "content": parts}
 
     def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """Render a conversation and return the character spans of every assistant turn (with its end token)."""
@@ -223,7 +327,7 @@ class SR3DProcessor(ProcessorMixin):
         supervised_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         padding_side: str | None = None,
         return_tensors: str = "pt",
-        add_special_tokens: bool = False,
+        add_special_tokens: bool | None = None,
         **_: Any,
     ) -> BatchFeature:
         """Build a batch.
@@ -241,6 +345,8 @@ class SR3DProcessor(ProcessorMixin):
             present, ``pixel_values [T, 3, S, S]``, ``tile_xyz [T, g, g, 3]`` (if point maps were
             given) and ``region_weights [R, T, g²]`` (if regions were given), ``labels`` on request.
         """
+        if add_special_tokens is None:
+            add_special_tokens = self.call_adds_special_tokens
         texts = [text] if isinstance(text, str) else list(text)
         if visuals is None or isinstance(visuals, VisualInput):
             vis_list: list[VisualInput | None] = [visuals] * len(texts)
@@ -261,6 +367,7 @@ class SR3DProcessor(ProcessorMixin):
         xyz_parts: list[torch.Tensor] = []
         region_blocks: list[tuple[int, torch.Tensor]] = []  # (tile offset, [R_i, T_i, L])
         tiles_per_sample: list[int] = []
+        image_sizes: list[list[int]] = []  # (height, width) of every image, for anyres feature merging
         tile_offset = 0
         for i, (prompt, visual) in enumerate(zip(texts, vis_list)):
             edits, region_order = self._resolve_regions(prompt, visual, i)
@@ -274,7 +381,8 @@ class SR3DProcessor(ProcessorMixin):
             prompt, shift = _apply_edits(prompt, edits)
             spans = [(shift(a), shift(b)) for a, b in supervised_spans[i]] if supervised_spans is not None else None
             ids, labels = self._tokenize(prompt, spans, add_special_tokens)
-            ids, labels = self._expand_ids(ids, labels, image_id, end_ids)
+            counts = [layout.num_tokens for layout in layouts] if self.host_convention else None
+            ids, labels = self._expand_ids(ids, labels, image_id, end_ids, counts)
             rows.append(ids)
             label_rows.append(labels)
             n_tiles = sum(layout.num_tiles for layout in layouts)
@@ -282,6 +390,7 @@ class SR3DProcessor(ProcessorMixin):
             if visual is None:
                 continue
             pixel_tiles.extend(self._tile_images(visual, layouts))
+            image_sizes.extend([image.size[1], image.size[0]] for image in visual.images)
             if visual.points is not None:
                 xyz_parts.append(self._tile_positions(visual, layouts))
             elif self.use_position_encoding:
@@ -297,6 +406,8 @@ class SR3DProcessor(ProcessorMixin):
         data["num_tiles"] = torch.tensor(tiles_per_sample, dtype=torch.long)
         if pixel_tiles:
             data["pixel_values"] = self._pixel_values(pixel_tiles)
+            if self.mm_patch_merge_type != "flat":
+                data["image_sizes"] = torch.tensor(image_sizes, dtype=torch.long)
             if xyz_parts:
                 if len(xyz_parts) != sum(v is not None for v in vis_list):
                     raise SR3DInputError("either every visual input in a batch has point maps or none has")
@@ -346,6 +457,8 @@ class SR3DProcessor(ProcessorMixin):
                 f"prompt {index} has {len(positions)} {self.image_token} marker(s) but {visual.num_images} image(s) "
                 f"were given; expected one marker per {'frame' if visual.multi_view else 'image'}"
             )
+        if self.host_convention:
+            return []  # one <image> id per image; _expand_ids gives it the image's token count
         sep = self.tile_separator
         edits = []
         for pos, layout in zip(positions, layouts):
@@ -358,6 +471,15 @@ class SR3DProcessor(ProcessorMixin):
     def _tokenize(
         self, prompt: str, spans: Sequence[tuple[int, int]] | None, add_special_tokens: bool
     ) -> tuple[list[int], list[int]]:
+        if self.tokenize_image_chunks:
+            from sr3d_plugin.modeling.llava_conventions import split_at_images
+
+            ids, offsets, _ = split_at_images(self.tokenizer, prompt, self.image_token, offsets=spans is not None)
+            if spans is None or offsets is None:
+                return ids, [-100] * len(ids)
+            return ids, [
+                tok if b > a and any(a >= s and b <= e for s, e in spans) else -100 for tok, (a, b) in zip(ids, offsets)
+            ]
         if spans is None:
             enc = self.tokenizer(prompt, add_special_tokens=add_special_tokens)
             ids = list(enc["input_ids"])
@@ -371,15 +493,27 @@ class SR3DProcessor(ProcessorMixin):
         return ids, labels
 
     def _expand_ids(
-        self, ids: list[int], labels: list[int], image_id: int | None, end_ids: list[int]
+        self,
+        ids: list[int],
+        labels: list[int],
+        image_id: int | None,
+        end_ids: list[int],
+        counts: list[int] | None = None,
     ) -> tuple[list[int], list[int]]:
+        """Every ``<image>`` id → its tile's placeholders (+ end ids); with ``counts``, the k-th id → ``counts[k]``."""
         if image_id is None:
             return ids, labels
         out_ids: list[int] = []
         out_labels: list[int] = []
         block = [image_id] * self.tokens_per_tile + end_ids
+        k = 0
         for tok, lab in zip(ids, labels):
             if tok == image_id:
+                if counts is not None:
+                    if k >= len(counts):
+                        raise SR3DInputError(f"the prompt has more {self.image_token} ids than images ({len(counts)})")
+                    block = [image_id] * counts[k] + end_ids
+                    k += 1
                 out_ids.extend(block)
                 out_labels.extend([-100] * len(block))
             else:
@@ -410,7 +544,9 @@ class SR3DProcessor(ProcessorMixin):
             out["labels"] = lab
         return out
 
-    def _tile_images(self, visual: VisualInput, layouts: list[TileLayout]) -> list[Image.Image]:
+    def _tile_images(self, visual: VisualInput, layouts: list[Any]) -> list[Any]:
+        if self.host_convention:
+            return host_tiles(self, visual.images, layouts)
         tiles: list[Image.Image] = []
         s = self.tile_size
         for image, layout in zip(visual.images, layouts):
@@ -421,9 +557,11 @@ class SR3DProcessor(ProcessorMixin):
                 tiles.extend(tile_image(image, layout))
         return tiles
 
-    def _pixel_values(self, tiles: list[Image.Image]) -> torch.Tensor:
-        out = self.image_processor(images=tiles, return_tensors="pt")
-        pv = out["pixel_values"]
+    def _pixel_values(self, tiles: list[Any]) -> torch.Tensor:
+        if tiles and isinstance(tiles[0], torch.Tensor):  # ready tiles from the folder's own image processor
+            pv = torch.stack(tiles)
+        else:
+            pv = self.image_processor(images=tiles, return_tensors="pt")["pixel_values"]
         s = self.tile_size
         if tuple(pv.shape[-2:]) != (s, s):
             raise SR3DInputError(
@@ -438,6 +576,17 @@ class SR3DProcessor(ProcessorMixin):
 
         assert visual.points is not None
         pts = visual.points.to(torch.float32)
+        if self.host_convention:
+            from sr3d_plugin.modeling.llava_conventions import host_token_positions
+
+            return torch.cat(
+                [
+                    host_token_positions(
+                        pts[v], layout, self.grid_size, None if visual.valid is None else visual.valid[v]
+                    )
+                    for v, layout in enumerate(layouts)
+                ]
+            )
         if visual.multi_view:
             return frame_token_positions(pts, visual.valid, grid=self.grid_size, tile_size=self.tile_size)
         valid = None if visual.valid is None else visual.valid[0]
@@ -453,6 +602,11 @@ class SR3DProcessor(ProcessorMixin):
                 mask = region.masks.get(v)
                 if mask is None:
                     tiles.append(torch.zeros(layout.num_tiles, self.tile_size, self.tile_size, dtype=torch.bool))
+                    continue
+                if self.host_convention:
+                    from sr3d_plugin.modeling.llava_conventions import host_tile_masks
+
+                    tiles.append(host_tile_masks(mask, layout, self.tile_size))
                     continue
                 t = tile_mask(mask, layout)
                 if not bool(t.any()):  # thinner than a resized pixel: keep it with area resizing
