@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from sr3d_plugin.cli import main
-from sr3d_plugin.demo import default_model_path
-from sr3d_plugin.synthetic import ablation
-from sr3d_plugin.synthetic.evaluate import answer_questions, score_answers
+from sr3d_plugin.experiments import ablation
+from sr3d_plugin.experiments.demo import default_model_path
+from sr3d_plugin.experiments.evaluate import answer_questions, score_answers
 from sr3d_plugin.synthetic.qa import training_samples
 
 

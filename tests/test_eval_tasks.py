@@ -30,9 +30,31 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
 
 
+def _raw_yaml(path: Path) -> dict[str, Any]:
+    """One YAML file with its ``include:`` merged in (one level, as lmms-eval does), ``!function`` as text."""
+    cfg = yaml.load(path.read_text(), Loader=_Loader)
+    include = cfg.pop("include", None)
+    if include is None:
+        return cfg
+    return {**_raw_yaml(path.parent / include), **cfg}
+
+
 def _yaml(task: str) -> dict[str, Any]:
     name = T.TASK_NAMES[task]
-    return yaml.load((eval_tasks_dir() / name / f"{name}.yaml").read_text(), Loader=_Loader)
+    return _raw_yaml(eval_tasks_dir() / name / f"{name}.yaml")
+
+
+def _loaded(task: str) -> dict[str, Any]:
+    """The task config as lmms-eval itself loads it: includes merged, every ``!function`` imported."""
+    from lmms_eval.utils import load_yaml_config
+
+    name = T.TASK_NAMES[task]
+    return load_yaml_config(str(eval_tasks_dir() / name / f"{name}.yaml"), mode="full")
+
+
+def _aggregations(task: str) -> dict[str, Any]:
+    """``{metric: the aggregation function lmms-eval would call}``, imported through the task's YAML."""
+    return {m["metric"]: m["aggregation"] for m in _loaded(task)["metric_list"]}
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +83,43 @@ def test_yaml_metrics_prompts_and_versions() -> None:
         assert cfg["task"] == name and cfg["test_split"] == SPLITS[task]
         metrics = [m["metric"] for m in cfg["metric_list"]]
         assert metrics == list(T.metric_names(task))
-        hooks = T.hooks(task)
         for m in cfg["metric_list"]:
             assert m["aggregation"] == f"!function utils.{T.metric_function_name(m['metric'])}"
-            assert T.metric_function_name(m["metric"]) in hooks
         assert cfg["class"] == "!function utils.SR3DTaskClass"
         assert isinstance(cfg["metadata"]["version"], float) and cfg["metadata"]["prompt_version"].startswith(task)
         assert cfg["generation_kwargs"]["do_sample"] is False
+        # hooks are named, greppable functions: `def aggregate_x` for `!function utils.aggregate_x`
         utils = (eval_tasks_dir() / name / "utils.py").read_text()
-        assert f'hooks("{task}")' in utils
+        assert "globals()" not in utils
+        for m in cfg["metric_list"]:
+            assert f"def {T.metric_function_name(m['metric'])}(" in utils
     group = yaml.safe_load((eval_tasks_dir() / "sr3d_3d.yaml").read_text())
     assert group["group"] == T.GROUP_NAME and group["task"] == list(T.TASK_NAMES.values())
+
+
+def _function_tags(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [t for v in node.values() for t in _function_tags(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _function_tags(v)]
+    return [node[len("!function ") :]] if isinstance(node, str) and node.startswith("!function ") else []
+
+
+def test_every_function_tag_resolves() -> None:
+    """Each ``!function`` of each task YAML (template included) imports, as lmms-eval resolves it."""
+    for task in TASKS:
+        raw = _yaml(task)
+        tags = _function_tags(raw)
+        assert "sr3d_plugin.evaluation.lmms_tasks.doc_to_visual" in tags  # from the shared template
+        loaded = _loaded(task)
+        top = [k for k, v in raw.items() if isinstance(v, str) and v.startswith("!function ")]
+        assert {"class", "doc_to_visual", "doc_to_text", "process_results"} <= set(top)
+        assert all(callable(loaded[k]) for k in top)
+        assert len(tags) == len(top) + len(loaded["metric_list"])
+        for m in loaded["metric_list"]:
+            assert callable(m["aggregation"]) and m["aggregation"].__name__ == T.metric_function_name(m["metric"])
+        assert loaded["class"].__name__ and isinstance(loaded["class"], type)
+        assert loaded["doc_to_visual"] is T.doc_to_visual
 
 
 def test_names_do_not_clash_with_builtin_tasks() -> None:
@@ -180,8 +228,9 @@ def test_aggregation_equals_score_task_and_never_raises(data: Path) -> None:
             preds[r["question_id"]] = ["", None, truth, "something else"][i % 4]
         docs = [{**r, T.RECORDS_FIELD: str(path)} for r in recs]
         items = [T.process_results(task, d, [preds[d["question_id"]]]) for d in docs]
-        aggs = T.aggregators(task)
-        got_all = {m: aggs[T.metric_function_name(m)]([it[m] for it in items]) for m in T.metric_names(task)}
+        aggs = _aggregations(task)
+        assert list(aggs) == list(T.metric_names(task))
+        got_all = {m: aggs[m]([it[m] for it in items]) for m in T.metric_names(task)}
         # the aggregation scored exactly these predictions and records (an identical call hits its cache);
         # `sr3d metrics` against fresh scoring is checked end to end in test_eval_e2e
         expected = score_task(task, preds, recs)
@@ -193,8 +242,11 @@ def test_aggregation_equals_score_task_and_never_raises(data: Path) -> None:
                 assert got == expected["scores"][metric], (task, metric)
     # an unknown question id is logged and reported as N/A, never raised (finished predictions survive)
     item = {"question_id": "nope", "prediction": "x", "records": str(data / "scanqa" / "val.jsonl")}
-    assert T.aggregators("scanqa")["aggregate_em_1"]([item]) is None
-    assert T.aggregators("scanqa")["aggregate_em_1"]([{"bad": 1}]) is None
+    em_1 = _aggregations("scanqa")["EM@1"]
+    assert em_1([item]) is None
+    assert em_1([{"bad": 1}]) is None
+    with pytest.raises(SR3DConfigError, match="no metric 'EM@2'"):
+        T.aggregate("scanqa", "EM@2", [item])
 
 
 def test_tasks_path_command(capsys: pytest.CaptureFixture[str]) -> None:

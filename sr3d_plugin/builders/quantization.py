@@ -80,17 +80,27 @@ def make_quantization_config(
     load_in_8bit: bool = False,
     compute_dtype: torch.dtype | None = None,
     skip_modules: list[str] | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
 ) -> Any:
     """A ``BitsAndBytesConfig`` that quantises the LLM only (None when neither flag is set).
 
+    The one place such a config is made: model loading (``load_in_4bit=True`` options) and training
+    recipes (``quantization:`` section, see :func:`sr3d_plugin.training.model_setup.bnb_config`) both
+    call it.
+
     Args:
-        load_in_4bit: NF4 + double quantisation, compute in ``compute_dtype``.
+        load_in_4bit: 4-bit weights (``quant_type``, double quantisation by default), compute in ``compute_dtype``.
         load_in_8bit: LLM.int8().
         compute_dtype: dtype of the 4-bit matmuls (default float32; bfloat16 on GPUs is usual).
         skip_modules: full module paths kept in full precision (default :data:`LLM_ONLY_SKIP_MODULES`).
+        quant_type: ``"nf4"`` (QLoRA) or ``"fp4"``.
+        double_quant: also quantise the 4-bit scales (QLoRA's double quantisation).
     """
     if load_in_4bit and load_in_8bit:
         raise SR3DConfigError("load_in_4bit and load_in_8bit are both set; expected at most one")
+    if quant_type not in ("nf4", "fp4"):
+        raise SR3DConfigError(f"quant_type={quant_type!r}; expected 'nf4' or 'fp4'")
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -98,9 +108,10 @@ def make_quantization_config(
     return BitsAndBytesConfig(
         load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=list(skip_modules or LLM_ONLY_SKIP_MODULES),
     )
 

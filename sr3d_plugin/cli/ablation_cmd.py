@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sr3d_plugin.synthetic.ablation import run_ablation
+    from sr3d_plugin.experiments.ablation import run_ablation
 
     results = run_ablation(
         out_dir=args.out,

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sr3d_plugin.demo import run_demo
+    from sr3d_plugin.experiments.demo import run_demo
 
     result = run_demo(args.model, seed=args.seed, png=None if args.no_png else args.out)
     if args.json:

@@ -33,7 +33,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ __all__ = [
     "GROUP_NAME",
     "RECORDS_FIELD",
     "TASK_NAMES",
-    "aggregators",
+    "aggregate",
     "data_dir",
     "doc_to_text",
     "doc_to_visual",
@@ -405,7 +405,16 @@ def shared_scorers() -> Any:
         return _SCORERS
 
 
-def _aggregate(task: str, metric: str, items: list[Any]) -> float | None:
+def aggregate(task: str, metric: str, items: list[Any]) -> float | None:
+    """lmms-eval aggregation of one metric of ``task`` over the per-document items (``None`` when it cannot be computed).
+
+    Each task folder's ``utils.py`` binds one ``aggregate_<metric>`` function per metric to this
+    (named by :func:`metric_function_name`); the items are what :func:`process_results` returned.
+    """
+    if metric not in metric_names(task):
+        raise SR3DConfigError(
+            f"{TASK_NAMES[task]} has no metric {metric!r}; expected one of {list(metric_names(task))}"
+        )
     from loguru import logger as eval_logger
 
     from sr3d_plugin.evaluation.scoring import score_task
@@ -449,31 +458,3 @@ def _aggregate(task: str, metric: str, items: list[Any]) -> float | None:
             "predictions are in the samples log (--log_samples) and can be scored with `sr3d metrics`"
         )
         return None
-
-
-def aggregators(task: str) -> dict[str, Callable[[list[Any]], float | None]]:
-    """``{function name: aggregation function}`` for every metric of ``task`` (named by :func:`metric_function_name`)."""
-    out: dict[str, Callable[[list[Any]], float | None]] = {}
-    for metric in metric_names(task):
-
-        def agg(items: list[Any], _metric: str = metric) -> float | None:
-            return _aggregate(task, _metric, items)
-
-        name = metric_function_name(metric)
-        agg.__name__ = agg.__qualname__ = name
-        agg.__doc__ = f"lmms-eval aggregation of {TASK_NAMES[task]} metric {metric!r} (via score_task)."
-        if name in out:
-            raise SR3DConfigError(f"two {task} metrics map to the same function name {name!r}")
-        out[name] = agg
-    return out
-
-
-def hooks(task: str) -> dict[str, Any]:
-    """Everything a task folder's ``utils.py`` exports: the task class, doc/result hooks, aggregations."""
-    return {
-        "SR3DTaskClass": task_class(task),
-        "doc_to_visual": doc_to_visual,
-        "doc_to_text": lambda doc, lmms_eval_specific_kwargs=None: doc_to_text(task, doc, lmms_eval_specific_kwargs),
-        "process_results": lambda doc, results: process_results(task, doc, results),
-        **aggregators(task),
-    }

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sr3d_plugin.builders.quantization import LLM_ONLY_SKIP_MODULES
 from sr3d_plugin.errors import SR3DConfigError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, SR3DConfig, parse_dtype
 
@@ -110,18 +109,14 @@ def model_config_for(recipe: Any) -> tuple[SR3DConfig, str]:
 
 def bnb_config(recipe: Any) -> Any:
     """``BitsAndBytesConfig`` of the recipe's quantisation section (LLM linear layers only), or None."""
-    q = recipe.quantization
-    if not q.load_in_4bit:
-        return None
-    from transformers import BitsAndBytesConfig
+    from sr3d_plugin.builders.quantization import make_quantization_config
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=parse_dtype(q.compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8,
-        llm_int8_skip_modules=list(LLM_ONLY_SKIP_MODULES),
+    q = recipe.quantization
+    return make_quantization_config(
+        load_in_4bit=bool(q.load_in_4bit),
+        compute_dtype=parse_dtype(q.compute_dtype),
+        quant_type=q.quant_type,
+        double_quant=q.double_quant,
     )
 
 

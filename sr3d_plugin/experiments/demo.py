@@ -35,7 +35,7 @@ def run_demo(
     import torch
 
     from sr3d_plugin.builders import load_model
-    from sr3d_plugin.synthetic.evaluate import answer_questions, normalise_answer
+    from sr3d_plugin.experiments.evaluate import answer_questions, normalise_answer
     from sr3d_plugin.synthetic.qa import scene_questions
 
     t0 = time.perf_counter()

@@ -231,7 +231,7 @@ def evaluate_models(models: dict[str, Path], per_family: int = 100) -> dict[str,
     import torch
 
     from sr3d_plugin.builders import load_model
-    from sr3d_plugin.synthetic.evaluate import CHANCE, answer_questions, score_answers
+    from sr3d_plugin.experiments.evaluate import CHANCE, answer_questions, score_answers
     from sr3d_plugin.synthetic.qa import heuristic_baselines, training_samples
 
     torch.manual_seed(0)
