@@ -356,7 +356,7 @@ class SR3DPipeline:
             color_intrinsics=k_arr if same_size else None,
             frame_ids=ids,
             source=str(first) if _is_path(first) else "in-memory images",
-            meta={"total_frames": total, "sampled_indices": picked},
+            meta={"total_frames": total, "sampled_indices": picked, "depth_scale": float(depth_scale)},
         )
 
     # ------------------------------------------------------------------------------------------
@@ -394,6 +394,8 @@ class SR3DPipeline:
             elif frames.depth is not None:
                 name = choose_source(frames)
                 options = {}
+                if name == "relative_depth":  # depth images are read in file units (SR-REAL's process_depth)
+                    options["depth_scale"] = float(frames.meta.get("depth_scale", 1000.0))
             else:
                 raise SR3DInputError(
                     "this model adds 3D positional encodings (use_position_encoding=True) but the input has no "

@@ -362,7 +362,7 @@ def case_single_reldepth_box(ckpt_src: Path, max_new: int) -> None:
                                                "regions": [{"box": box}], "max_new_tokens": max_new})
     write_json(d / "case.json", {
         "name": d.name, "lineage": "sr3d", "runner": "sr3d_plugin.conformance.sr_real:run",
-        "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask", "cli ask", "lmms-eval"],
+        "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask", "cli ask"],
         "description": "Single non-square image (dynamic tiles + thumbnail), 8-bit relative depth image "
         "(value/255, 0 valid), one box region; generate_content of the original.",
     })
@@ -372,7 +372,7 @@ def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None
     d = new_case("sr3d_single_depth_anything")
     shutil.copytree(ckpt_src, d / "checkpoint")
     rng = np.random.default_rng(12)
-    img = smooth_image(rng, 150, 260)  # portrait
+    img = smooth_image(rng, 90, 200)  # small portrait: 1x2 tiles enlarge both axes, the thumbnail mixes up/down
     img.save(d / "inputs" / "image.png")
     # a tiny Depth Anything V2 (random weights) built from a config, saved with the case
     torch.manual_seed(5)
@@ -386,6 +386,11 @@ def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None
     )
     da = transformers.DepthAnythingForDepthEstimation(da_cfg)
     with torch.no_grad():
+        # random weights with enough spread that the prediction varies over the image (a near-constant
+        # map would make 1 - minmax(pred) amplify rounding noise)
+        for p in da.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.25)
         da.head.conv3.bias.fill_(0.5)  # keep the ReLU output away from all-zero
     da_dir = d / "depth_model"
     da.save_pretrained(str(da_dir), safe_serialization=True)
@@ -401,7 +406,22 @@ def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None
                 transformers.AutoModelForDepthEstimation.from_pretrained(str(da_dir)).eval())
 
     model.init_depth_model = init_depth_model
-    rec, text = run_case(model, [llava.Image(str(d / "inputs" / "image.png")), question], max_new)
+    depth_seen: list = []
+    orig_fromarray = Image.fromarray
+
+    def fromarray(arr, *a, **k):  # the uint8 depth image the original makes from the prediction
+        if getattr(arr, "dtype", None) == np.uint8 and arr.ndim == 2:
+            depth_seen.append(np.array(arr))
+        return orig_fromarray(arr, *a, **k)
+
+    import PIL.Image
+
+    PIL.Image.fromarray = fromarray
+    try:
+        rec, text = run_case(model, [llava.Image(str(d / "inputs" / "image.png")), question], max_new)
+    finally:
+        PIL.Image.fromarray = orig_fromarray
+    rec["depth_uint8"] = torch.from_numpy(depth_seen[0])
     save_expected(d, rec)
     write_json(d / "inputs" / "request.json", {"question": question, "image": "image.png",
                                                "depth_model": "../depth_model", "max_new_tokens": max_new})
@@ -549,6 +569,7 @@ def case_pe_off(ckpt_src: Path, max_new: int) -> None:
     write_json(d / "case.json", {
         "name": d.name, "lineage": "sr3d", "runner": "sr3d_plugin.conformance.sr_real:run",
         "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask"],
+        "load_kwargs": {"use_position_encoding": False},
         "description": "PE-off identity: the same original code with no perception encoder (the region "
         "extractor is kept but no region is asked; the original needs one to run), single image; our vila builder with the PE off must give these logits.",
     })

@@ -52,6 +52,7 @@ from sr3d_plugin.builders._common import (
     instantiate,
     pad_vocabulary,
     read_json,
+    truncate_vocabulary,
     read_weights,
     split_config_overrides,
 )
@@ -251,7 +252,10 @@ class VilaBuilder:
             path: VILA-layout folder.
             dtype: torch dtype or name; default (None or ``"auto"``) is the folder's ``model_dtype``.
             device_map, quantization_config: as for ``from_pretrained`` (see ``load_model``).
-            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``) and ``attn_implementation``.
+            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``), ``attn_implementation`` and
+                ``keep_padded_vocab`` (default False: like the original loader, cut the LLM's
+                embeddings and ``lm_head`` to ``len(tokenizer)`` rows; True keeps Qwen2's padded rows,
+                which greedy decoding may then emit although they were never trained).
         """
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -266,10 +270,18 @@ class VilaBuilder:
         overrides = split_config_overrides(kwargs)
         notes: list[str] = []
 
+        keep_padded_vocab = bool(kwargs.pop("keep_padded_vocab", False))
         tokenizer = AutoTokenizer.from_pretrained(str(path / "llm"))
-        # VILA adds its media tokens at run time in this order (llava/constants.py MEDIA_TOKENS); <mask> follows
+        # VILA adds its tokens at load time in this order: <vila/sentinel> (utils/tokenizer.py
+        # infer_stop_tokens), then the media tokens of llava/constants.py MEDIA_TOKENS (image, video, mask)
         added = add_special_tokens(
-            tokenizer, [SR3D_SPECIAL_TOKENS["image"], SR3D_SPECIAL_TOKENS["video"], SR3D_SPECIAL_TOKENS["mask"]]
+            tokenizer,
+            [
+                SR3D_SPECIAL_TOKENS["sentinel"],
+                SR3D_SPECIAL_TOKENS["image"],
+                SR3D_SPECIAL_TOKENS["video"],
+                SR3D_SPECIAL_TOKENS["mask"],
+            ],
         )
         if added:
             notes.append(f"added {added} to the tokenizer")
@@ -282,7 +294,16 @@ class VilaBuilder:
         notes.extend(config_notes)
         state = read_vila_state_dict(path, config.vision_config)
         vocab = int(config.text_config.vocab_size)
-        if len(tokenizer) > vocab:
+        if len(tokenizer) < vocab and not keep_padded_vocab:
+            # the original loader (llava/model/builder.py load_pretrained_model) calls
+            # resize_token_embeddings(len(tokenizer)): Qwen2's padded, never-trained rows are cut off
+            truncate_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
+            config.text_config.vocab_size = len(tokenizer)
+            notes.append(
+                f"LLM embeddings and lm_head cut from {vocab} to len(tokenizer)={len(tokenizer)} rows, as the original "
+                "loader does (keep_padded_vocab=True keeps the padded rows)"
+            )
+        elif len(tokenizer) > vocab:
             size = pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
             config.text_config.vocab_size = size
             notes.append(f"LLM embeddings grown from {vocab} to {size} rows for the added tokens (mean-initialised)")

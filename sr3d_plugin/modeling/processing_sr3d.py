@@ -4,8 +4,9 @@ Prompt layout (VILA/NVILA, confirmed from VILA's ``mm_utils.dynamic_process_imag
 ``BasicImageEncoder`` and ``generate_content``):
 
 * the user text holds one ``<image>`` marker per image (single view) or per frame (multi-view);
-* a single image cut into ``T`` tiles becomes ``"<image>\\n" × T`` in the text; every frame of
-  multi-view input becomes ``"<image>\\n"`` (``tile_separator``);
+* a single image cut into ``T`` tiles becomes ``"<image>\\n" × T`` in the text (``tile_separator``);
+  every frame of multi-image / multi-view input becomes a bare ``"<image>"`` (``frame_separator``
+  ``""``: SR-REAL's ``generate_content`` writes one ``<image>`` per frame, nothing in between);
 * each ``<image>`` id then stands for the tile's ``N`` projected tokens followed by the embedding of
   ``image_end_text`` (``"\\n"``), which VILA's image encoder appends — we insert those ids directly
   so they are never merged with the following text by the BPE;
@@ -69,7 +70,8 @@ class SR3DProcessor(ProcessorMixin):
         patch_size: vision patch size; ``tile_size // patch_size`` is the token grid ``g``.
         tokens_per_tile: LLM tokens per tile after the projector (121 for SR-3D).
         image_end_text: text whose ids follow each tile's placeholders (``"\\n"``; None for LLaVA).
-        tile_separator: text after each ``<image>`` marker in the prompt (``"\\n"``; ``""`` for LLaVA).
+        tile_separator: text after each tile's ``<image>`` marker of a single image (``"\\n"``; ``""`` for LLaVA).
+        frame_separator: text after each frame's ``<image>`` marker of multi-view input (``""``).
         use_position_encoding: the model adds 3D PE, so every visual input needs point maps.
     """
 
@@ -87,6 +89,7 @@ class SR3DProcessor(ProcessorMixin):
         tokens_per_tile: int = 121,
         image_end_text: str | None = "\n",
         tile_separator: str = "\n",
+        frame_separator: str = "",
         use_position_encoding: bool = True,
         image_token: str = "<image>",
         mask_token: str = "<mask>",
@@ -101,6 +104,7 @@ class SR3DProcessor(ProcessorMixin):
         self.tokens_per_tile = tokens_per_tile
         self.image_end_text = image_end_text
         self.tile_separator = tile_separator
+        self.frame_separator = frame_separator
         self.use_position_encoding = use_position_encoding
         self.image_token = image_token
         self.mask_token = mask_token
@@ -121,6 +125,7 @@ class SR3DProcessor(ProcessorMixin):
             "tokens_per_tile": config.tokens_per_tile,
             "image_end_text": config.image_end_text,
             "tile_separator": config.tile_separator,
+            "frame_separator": getattr(config, "frame_separator", ""),
             "use_position_encoding": config.use_position_encoding,
         }
         kwargs.update(overrides)
@@ -346,7 +351,7 @@ class SR3DProcessor(ProcessorMixin):
                 f"prompt {index} has {len(positions)} {self.image_token} marker(s) but {visual.num_images} image(s) "
                 f"were given; expected one marker per {'frame' if visual.multi_view else 'image'}"
             )
-        sep = self.tile_separator
+        sep = self.frame_separator if visual.multi_view else self.tile_separator
         edits = []
         for pos, layout in zip(positions, layouts):
             end = pos + len(self.image_token)
