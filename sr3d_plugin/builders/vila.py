@@ -293,6 +293,13 @@ class VilaBuilder:
         config, config_notes = vila_config_to_sr3d(path, top, tokenizer, overrides)
         notes.extend(config_notes)
         state = read_vila_state_dict(path, config.vision_config)
+        for flag, part in (("use_position_encoding", "perception_encoder"), ("use_region_extractor", "region_extractor")):
+            if not getattr(config, flag, True):  # switched off: the part's tensors stay unused (PE-off identity)
+                unused = [k for k in state if k.startswith(part + ".")]
+                for k in unused:
+                    del state[k]
+                if unused:
+                    notes.append(f"{flag}=False: the {len(unused)} tensor(s) of {part}/ are not loaded")
         vocab = int(config.text_config.vocab_size)
         if len(tokenizer) < vocab and not keep_padded_vocab:
             # the original loader (llava/model/builder.py load_pretrained_model) calls

@@ -73,6 +73,9 @@ class SR3DProcessor(ProcessorMixin):
         tile_separator: text after each tile's ``<image>`` marker of a single image (``"\\n"``; ``""`` for LLaVA).
         frame_separator: text after each frame's ``<image>`` marker of multi-view input (``""``).
         use_position_encoding: the model adds 3D PE, so every visual input needs point maps.
+        keep_thin_regions: a region so thin that nearest-neighbour tiling or the bilinear resize to
+            the token grid loses every pixel falls back to area weights (an option, off by default:
+            SR-REAL then pools nothing and the region embedding is the projector's bias).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class SR3DProcessor(ProcessorMixin):
         use_position_encoding: bool = True,
         image_token: str = "<image>",
         mask_token: str = "<mask>",
+        keep_thin_regions: bool = False,
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -108,6 +112,7 @@ class SR3DProcessor(ProcessorMixin):
         self.use_position_encoding = use_position_encoding
         self.image_token = image_token
         self.mask_token = mask_token
+        self.keep_thin_regions = bool(keep_thin_regions)
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -459,12 +464,12 @@ class SR3DProcessor(ProcessorMixin):
                 if mask is None:
                     tiles.append(torch.zeros(layout.num_tiles, self.tile_size, self.tile_size, dtype=torch.bool))
                     continue
-                t = tile_mask(mask, layout)
-                if not bool(t.any()):  # thinner than a resized pixel: keep it with area resizing
+                t = tile_mask(mask, layout)  # OpenCV INTER_NEAREST, as SR-REAL's process_mask
+                if self.keep_thin_regions and not bool(t.any()):  # option: keep it with area resizing
                     t = tile_array(torch.as_tensor(mask, dtype=torch.float32)[None], layout, "area")[:, 0] > 0
                 tiles.append(t)
             stacked = torch.cat(tiles, dim=0).unsqueeze(1)  # [T, 1, S, S]
-            blocks.append(mask_weights(stacked, g).reshape(-1, g * g))
+            blocks.append(mask_weights(stacked, g, fallback_area=self.keep_thin_regions).reshape(-1, g * g))
         return torch.stack(blocks, dim=0)
 
     def decode_answer(self, generated: torch.Tensor, prompt_length: int) -> list[str]:
