@@ -30,12 +30,12 @@ from sr3d_plugin.errors import SR3DInputError
 
 __all__ = [
     "TileLayout",
+    "candidate_grids",
     "cv2_area_matrices",
     "cv2_nearest_indices",
-    "resize_area_cv2",
-    "candidate_grids",
     "frame_layout",
     "plan_tiles",
+    "resize_area_cv2",
     "tile_array",
     "tile_grid",
     "tile_image",

@@ -76,7 +76,7 @@ def _sizes(rng: np.random.Generator, n: int) -> list[tuple[int, int, int, int]]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_inter_area_equals_cv2_on_random_sizes(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    for ih, iw, oh, ow in _sizes(rng, 40) + [(480, 640, 448, 448), (968, 1296, 448, 448), (120, 340, 112, 336)]:
+    for ih, iw, oh, ow in [*_sizes(rng, 40), (480, 640, 448, 448), (968, 1296, 448, 448), (120, 340, 112, 336)]:
         x = rng.normal(size=(ih, iw, 3)) * 3.0
         ref = cv2.resize(x, (ow, oh), interpolation=cv2.INTER_AREA).reshape(oh, ow, 3)
         mine = resize_area_cv2(torch.from_numpy(x).permute(2, 0, 1), (oh, ow)).permute(1, 2, 0).numpy()

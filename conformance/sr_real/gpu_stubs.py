@@ -12,7 +12,29 @@ import sys
 import types
 
 #: packages imported by llava/* at module level that need CUDA (or are training-only)
-STUBBED = ("deepspeed", "flash_attn", "triton", "bitsandbytes", "s2wrapper", "xgrammar", "liger_kernel", "ring_flash_attn", "qtorch", "transformer_engine", "apex", "wandb", "kornia", "torchvision", "datasets", "tyro", "openai", "pytorchvideo", "decord", "webdataset", "jsonlines")
+STUBBED = (
+    "deepspeed",
+    "flash_attn",
+    "triton",
+    "bitsandbytes",
+    "s2wrapper",
+    "xgrammar",
+    "liger_kernel",
+    "ring_flash_attn",
+    "qtorch",
+    "transformer_engine",
+    "apex",
+    "wandb",
+    "kornia",
+    "torchvision",
+    "datasets",
+    "tyro",
+    "openai",
+    "pytorchvideo",
+    "decord",
+    "webdataset",
+    "jsonlines",
+)
 
 
 class _Missing:
@@ -21,7 +43,7 @@ class _Missing:
     def __init__(self, name: str) -> None:
         self._name = name
 
-    def __getattr__(self, item: str) -> "_Missing":
+    def __getattr__(self, item: str) -> _Missing:
         if item.startswith("__"):
             raise AttributeError(item)
         return _Missing(f"{self._name}.{item}")

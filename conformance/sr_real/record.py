@@ -31,17 +31,16 @@ from PIL import Image  # noqa: E402
 # device shim: the original moves tensors with .cuda(); on this CPU-only recorder that is the identity
 torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
 
-import transformers  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
-
 import llava  # noqa: E402
 import llava.model.multimodal_encoder.siglip_encoder as siglip_encoder  # noqa: E402
+import transformers  # noqa: E402
 from llava import conversation as clib  # noqa: E402
 from llava.media import Depth, Mask  # noqa: E402
 from llava.model import LlavaLlamaModel  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaLlamaConfig  # noqa: E402
 from llava.utils.video_utils import VideoProcessor  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 # flash attention is CUDA-only: the original asks for it when loading SigLIP; use the eager kernel
 _orig_siglip_fp = siglip_encoder.SiglipVisionModel.from_pretrained.__func__
@@ -177,7 +176,7 @@ def build_checkpoint(out: Path, work: Path, seed: int) -> None:
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         # the fresh PE is xavier(gain 0.001): scale it up so that 3D positions visibly change the answer
-        for name, p in model.perception_encoder.named_parameters():
+        for _name, p in model.perception_encoder.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.3)
         for module in (model.mm_projector, model.region_extractor):
@@ -246,7 +245,9 @@ class Recorder:
         self.rec["pixel_values"] = torch.stack([x.float() for x in media["image"]])
         masks = [mk for mk in media.get("mask", []) if mk is not None]
         with torch.no_grad():
-            embeds, _, attn = m._embed(input_ids, {k: list(v) for k, v in media.items()}, copy.deepcopy(media_config), None, None, mask_idx)
+            embeds, _, attn = m._embed(
+                input_ids, {k: list(v) for k, v in media.items()}, copy.deepcopy(media_config), None, None, mask_idx
+            )
             logits = m.llm(inputs_embeds=embeds, attention_mask=attn).logits
         self.rec["inputs_embeds"] = embeds[0].detach().clone().float()
         self.rec["last_logits"] = logits[0, -1].detach().clone().float()
@@ -275,7 +276,9 @@ def _media_to_cpu(media):
 def run_case(model, prompt_parts, max_new_tokens: int, **kwargs):
     rec = Recorder(model, max_new_tokens)
     try:
-        text = model.generate_content(prompt_parts, generation_config=generation_config(model, max_new_tokens), **kwargs)
+        text = model.generate_content(
+            prompt_parts, generation_config=generation_config(model, max_new_tokens), **kwargs
+        )
     finally:
         model.generate = rec._orig_generate
         for h in rec.handles:
@@ -320,8 +323,7 @@ def versions() -> dict[str, str]:
     import cv2
 
     return {
-        "original": "jiyt17/SR-REAL cold-start/ (package llava), commit "
-        + os.environ.get("SRREAL_COMMIT", "unknown"),
+        "original": "jiyt17/SR-REAL cold-start/ (package llava), commit " + os.environ.get("SRREAL_COMMIT", "unknown"),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -354,18 +356,33 @@ def case_single_reldepth_box(ckpt_src: Path, max_new: int) -> None:
         llava.Image(str(d / "inputs" / "image.png")),
         question,
         Depth(str(d / "inputs" / "depth.png")),
-        Mask("bbox", [box + [img.height, img.width]]),
+        Mask("bbox", [[*box, img.height, img.width]]),
     ]
     rec, text = run_case(model, parts, max_new)
     save_expected(d, rec)
-    write_json(d / "inputs" / "request.json", {"question": question, "image": "image.png", "depth": "depth.png",
-                                               "regions": [{"box": box}], "max_new_tokens": max_new})
-    write_json(d / "case.json", {
-        "name": d.name, "lineage": "sr3d", "runner": "sr3d_plugin.conformance.sr_real:run",
-        "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask", "cli ask"],
-        "description": "Single non-square image (dynamic tiles + thumbnail), 8-bit relative depth image "
-        "(value/255, 0 valid), one box region; generate_content of the original.",
-    })
+    write_json(
+        d / "inputs" / "request.json",
+        {
+            "question": question,
+            "image": "image.png",
+            "depth": "depth.png",
+            "regions": [{"box": box}],
+            "max_new_tokens": max_new,
+        },
+    )
+    write_json(
+        d / "case.json",
+        {
+            "name": d.name,
+            "lineage": "sr3d",
+            "runner": "sr3d_plugin.conformance.sr_real:run",
+            "recorded_with": versions(),
+            "answer": text,
+            "paths": ["processor", "pipeline.ask", "cli ask"],
+            "description": "Single non-square image (dynamic tiles + thumbnail), 8-bit relative depth image "
+            "(value/255, 0 valid), one box region; generate_content of the original.",
+        },
+    )
 
 
 def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None:
@@ -377,12 +394,23 @@ def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None
     # a tiny Depth Anything V2 (random weights) built from a config, saved with the case
     torch.manual_seed(5)
     bb = transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=70,
-        patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=70,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
     )
     da_cfg = transformers.DepthAnythingConfig(
-        backbone_config=bb, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-        head_hidden_size=8, patch_size=14, depth_estimation_type="relative",
+        backbone_config=bb,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        patch_size=14,
+        depth_estimation_type="relative",
     )
     da = transformers.DepthAnythingForDepthEstimation(da_cfg)
     with torch.no_grad():
@@ -395,15 +423,22 @@ def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None
     da_dir = d / "depth_model"
     da.save_pretrained(str(da_dir), safe_serialization=True)
     transformers.DPTImageProcessor(
-        size={"height": 70, "width": 70}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3,
-        do_pad=False, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        size={"height": 70, "width": 70},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        do_pad=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(str(da_dir))
     question = "How far is the wall?"
     model = load_original(d / "checkpoint")
 
     def init_depth_model(self=model):
-        return (transformers.AutoImageProcessor.from_pretrained(str(da_dir)),
-                transformers.AutoModelForDepthEstimation.from_pretrained(str(da_dir)).eval())
+        return (
+            transformers.AutoImageProcessor.from_pretrained(str(da_dir)),
+            transformers.AutoModelForDepthEstimation.from_pretrained(str(da_dir)).eval(),
+        )
 
     model.init_depth_model = init_depth_model
     depth_seen: list = []
@@ -423,14 +458,23 @@ def case_single_depth_anything(ckpt_src: Path, work: Path, max_new: int) -> None
         PIL.Image.fromarray = orig_fromarray
     rec["depth_uint8"] = torch.from_numpy(depth_seen[0])
     save_expected(d, rec)
-    write_json(d / "inputs" / "request.json", {"question": question, "image": "image.png",
-                                               "depth_model": "../depth_model", "max_new_tokens": max_new})
-    write_json(d / "case.json", {
-        "name": d.name, "lineage": "sr3d", "runner": "sr3d_plugin.conformance.sr_real:run",
-        "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask", "cli ask"],
-        "description": "Single portrait image without depth: the original's Depth Anything path "
-        "(post-processed to the image size, 1 - minmax, uint8) with a tiny random Depth Anything V2 saved in depth_model/.",
-    })
+    write_json(
+        d / "inputs" / "request.json",
+        {"question": question, "image": "image.png", "depth_model": "../depth_model", "max_new_tokens": max_new},
+    )
+    write_json(
+        d / "case.json",
+        {
+            "name": d.name,
+            "lineage": "sr3d",
+            "runner": "sr3d_plugin.conformance.sr_real:run",
+            "recorded_with": versions(),
+            "answer": text,
+            "paths": ["processor", "pipeline.ask", "cli ask"],
+            "description": "Single portrait image without depth: the original's Depth Anything path "
+            "(post-processed to the image size, 1 - minmax, uint8) with a tiny random Depth Anything V2 saved in depth_model/.",
+        },
+    )
 
 
 def write_scene(root: Path, rng: np.random.Generator, n: int, w: int = 640, h: int = 480) -> dict:
@@ -463,12 +507,21 @@ def write_scene(root: Path, rng: np.random.Generator, n: int, w: int = 640, h: i
         )
         pose[:3, 3] = [0.3 * i, 1.5 - 0.1 * i, 1.4]
         np.savetxt(root / "pose" / f"{i * 10}.txt", pose, fmt="%.9f")
-        frames.append({"img_path": f"color/{i * 10}.jpg", "depth_path": f"depth/{i * 10}.png",
-                       "cam2global": np.loadtxt(root / "pose" / f"{i * 10}.txt")})
-    meta = {"images": frames, "axis_align_matrix": np.loadtxt(root / "scene0000_00.txt", comments=None,
-            converters=None, dtype=str) if False else _read_axis(root / "scene0000_00.txt"),
-            "depth_cam2img": np.loadtxt(root / "intrinsic" / "intrinsic_depth.txt"),
-            "cam2img": np.loadtxt(root / "intrinsic" / "intrinsic_color.txt")}
+        frames.append(
+            {
+                "img_path": f"color/{i * 10}.jpg",
+                "depth_path": f"depth/{i * 10}.png",
+                "cam2global": np.loadtxt(root / "pose" / f"{i * 10}.txt"),
+            }
+        )
+    meta = {
+        "images": frames,
+        "axis_align_matrix": np.loadtxt(root / "scene0000_00.txt", comments=None, converters=None, dtype=str)
+        if False
+        else _read_axis(root / "scene0000_00.txt"),
+        "depth_cam2img": np.loadtxt(root / "intrinsic" / "intrinsic_depth.txt"),
+        "cam2img": np.loadtxt(root / "intrinsic" / "intrinsic_color.txt"),
+    }
     return meta
 
 
@@ -490,8 +543,17 @@ def original_world_xyz(scene: Path, meta: dict, num_frames: int):
     return out
 
 
-def case_multiview(name: str, ckpt_src: Path, max_new: int, total: int, num_frames: int, regions: list,
-                   question: str, description: str, seed: int) -> None:
+def case_multiview(
+    name: str,
+    ckpt_src: Path,
+    max_new: int,
+    total: int,
+    num_frames: int,
+    regions: list,
+    question: str,
+    description: str,
+    seed: int,
+) -> None:
     d = new_case(name)
     shutil.copytree(ckpt_src, d / "checkpoint")
     rng = np.random.default_rng(seed)
@@ -518,7 +580,7 @@ def case_multiview(name: str, ckpt_src: Path, max_new: int, total: int, num_fram
             mask_files.append(fname)
             r["mask"] = fname
             per_frame[k].append(("mask", np.asarray(Image.open(d / "inputs" / fname)) > 0))
-    parts = list(images) + [question]
+    parts = [*list(images), question]
     # the original takes the xyz branch only when depth media are present (their values are then
     # replaced by multiimg_world_xyz): one Depth per frame, as a caller of generate_content must pass
     parts += [Depth(str(scene / "depth" / f"{s}.png")) for s in sampled_names]
@@ -536,15 +598,28 @@ def case_multiview(name: str, ckpt_src: Path, max_new: int, total: int, num_fram
     rec, text = run_case(model, parts, max_new, multiimg_world_xyz=vd["world_coords_norm"])
     rec["sampled_frames"] = torch.tensor([int(s) for s in sampled_names])
     save_expected(d, rec)
-    write_json(d / "inputs" / "request.json", {
-        "question": question, "scene": "scene", "num_frames": num_frames, "max_new_tokens": max_new,
-        "regions": [{k: v for k, v in r.items() if k != "ellipse"} for r in regions],
-    })
-    write_json(d / "case.json", {
-        "name": d.name, "lineage": "sr3d", "runner": "sr3d_plugin.conformance.sr_real:run",
-        "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask", "cli ask", "lmms-eval"],
-        "description": description,
-    })
+    write_json(
+        d / "inputs" / "request.json",
+        {
+            "question": question,
+            "scene": "scene",
+            "num_frames": num_frames,
+            "max_new_tokens": max_new,
+            "regions": [{k: v for k, v in r.items() if k != "ellipse"} for r in regions],
+        },
+    )
+    write_json(
+        d / "case.json",
+        {
+            "name": d.name,
+            "lineage": "sr3d",
+            "runner": "sr3d_plugin.conformance.sr_real:run",
+            "recorded_with": versions(),
+            "answer": text,
+            "paths": ["processor", "pipeline.ask", "cli ask", "lmms-eval"],
+            "description": description,
+        },
+    )
 
 
 def case_pe_off(ckpt_src: Path, max_new: int) -> None:
@@ -566,13 +641,20 @@ def case_pe_off(ckpt_src: Path, max_new: int) -> None:
     rec, text = run_case(model, [llava.Image(str(d / "inputs" / "image.png")), question], max_new)
     save_expected(d, rec)
     write_json(d / "inputs" / "request.json", {"question": question, "image": "image.png", "max_new_tokens": max_new})
-    write_json(d / "case.json", {
-        "name": d.name, "lineage": "sr3d", "runner": "sr3d_plugin.conformance.sr_real:run",
-        "recorded_with": versions(), "answer": text, "paths": ["processor", "pipeline.ask"],
-        "load_kwargs": {"use_position_encoding": False},
-        "description": "PE-off identity: the same original code with no perception encoder (the region "
-        "extractor is kept but no region is asked; the original needs one to run), single image; our vila builder with the PE off must give these logits.",
-    })
+    write_json(
+        d / "case.json",
+        {
+            "name": d.name,
+            "lineage": "sr3d",
+            "runner": "sr3d_plugin.conformance.sr_real:run",
+            "recorded_with": versions(),
+            "answer": text,
+            "paths": ["processor", "pipeline.ask"],
+            "load_kwargs": {"use_position_encoding": False},
+            "description": "PE-off identity: the same original code with no perception encoder (the region "
+            "extractor is kept but no region is asked; the original needs one to run), single image; our vila builder with the PE off must give these logits.",
+        },
+    )
 
 
 def main() -> None:
@@ -599,7 +681,11 @@ def main() -> None:
         case_single_depth_anything(ckpt, work, args.max_new_tokens)
     if want("c"):
         case_multiview(
-            "sr3d_multiview_rgbd_box", ckpt, args.max_new_tokens, total=7, num_frames=3,
+            "sr3d_multiview_rgbd_box",
+            ckpt,
+            args.max_new_tokens,
+            total=7,
+            num_frames=3,
             regions=[{"frame": "30", "box": [101, 77, 388, 301]}],
             question="Where is <mask> relative to the camera?",
             description="Posed RGB-D scene (640x480 uint16 mm depth with zero holes, camera-to-world poses, "
@@ -609,7 +695,11 @@ def main() -> None:
         )
     if want("d"):
         case_multiview(
-            "sr3d_multiview_mask_two_regions", ckpt, args.max_new_tokens, total=5, num_frames=4,
+            "sr3d_multiview_mask_two_regions",
+            ckpt,
+            args.max_new_tokens,
+            total=5,
+            num_frames=4,
             regions=[{"frame": "10", "ellipse": [200, 300, 90, 130]}, {"frame": "40", "box": [12, 200, 250, 470]}],
             question="Is <mask> bigger than <mask>?",
             description="Posed RGB-D scene, 4 of 5 frames, a mask region on one frame and a box region on "

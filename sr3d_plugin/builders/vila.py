@@ -52,9 +52,9 @@ from sr3d_plugin.builders._common import (
     instantiate,
     pad_vocabulary,
     read_json,
-    truncate_vocabulary,
     read_weights,
     split_config_overrides,
+    truncate_vocabulary,
 )
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, parse_dtype
@@ -293,7 +293,10 @@ class VilaBuilder:
         config, config_notes = vila_config_to_sr3d(path, top, tokenizer, overrides)
         notes.extend(config_notes)
         state = read_vila_state_dict(path, config.vision_config)
-        for flag, part in (("use_position_encoding", "perception_encoder"), ("use_region_extractor", "region_extractor")):
+        for flag, part in (
+            ("use_position_encoding", "perception_encoder"),
+            ("use_region_extractor", "region_extractor"),
+        ):
             if not getattr(config, flag, True):  # switched off: the part's tensors stay unused (PE-off identity)
                 unused = [k for k in state if k.startswith(part + ".")]
                 for k in unused:

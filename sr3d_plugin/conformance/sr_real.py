@@ -209,7 +209,12 @@ def _cli_path(case_dir: Path, pipe: Any, req: dict[str, Any], expected: dict[str
     kw = _visual_kwargs(case_dir, req)
     argv = ["ask", "--model", str(case_dir / "checkpoint"), "--dtype", "float32", "--device", "cpu", "--json"]
     argv += ["--question", req["question"], "--max-new-tokens", str(req["max_new_tokens"])]
-    for key, flag in (("image", "--image"), ("scene", "--scene"), ("depth", "--depth"), ("depth_model", "--depth-model")):
+    for key, flag in (
+        ("image", "--image"),
+        ("scene", "--scene"),
+        ("depth", "--depth"),
+        ("depth_model", "--depth-model"),
+    ):
         if key in kw:
             argv += [flag, kw[key]]
     if "num_frames" in kw:
@@ -238,7 +243,9 @@ def _lmms_path(case_dir: Path, pipe: Any, req: dict[str, Any], expected: dict[st
     if "scene" in kw:
         record["scene"] = kw["scene"]
     else:
-        return CaseResult(case_dir.name, "lmms-eval", math.nan, False, detail={"error": "lmms-eval records need a scene"})
+        return CaseResult(
+            case_dir.name, "lmms-eval", math.nan, False, detail={"error": "lmms-eval records need a scene"}
+        )
     lm = SR3DLmms(pretrained=str(case_dir / "checkpoint"), dtype="float32", device="cpu", num_frames=num_frames)
     lm.task_dict = {"conformance": {"test": {0: record}}}
     gen = {"max_new_tokens": int(req["max_new_tokens"]), "do_sample": False, "until": []}
