@@ -148,14 +148,17 @@ def vila_config_to_sr3d(
     re_type = _component_name(read_json(re_cfg_file), "region_extractor_type") if re_cfg_file.is_file() else None
     re_type = re_type or _component_name(top.get("region_extractor"), "region_extractor_type") or "regiongpt"
 
-    aspect = str(top.get("image_aspect_ratio", "dynamic"))
+    aspect = str((overrides or {}).get("image_aspect_ratio", top.get("image_aspect_ratio", "dynamic")))
     if aspect == "pad":
-        notes.append("image_aspect_ratio 'pad' (pad to a square) is replaced by 'resize' (squash to one tile)")
-        aspect = "resize"
-    if aspect not in ("dynamic", "resize"):
+        # no silent approximation: VILA pads to a square with the processor's mean colour
+        # (mm_utils.process_image), and SR-REAL's process_xyz has no point-map counterpart for it
         raise SR3DConfigError(
-            f"{path}: image_aspect_ratio={aspect!r} is not supported; expected 'dynamic', 'resize' or 'pad'"
+            f"{path}: image_aspect_ratio='pad' (pad to a square with the image mean, VILA mm_utils.process_image) "
+            "is not reproduced for VILA folders; pass image_aspect_ratio='resize' to squash each image to one tile "
+            "instead (answers will differ from the original)"
         )
+    if aspect not in ("dynamic", "resize"):
+        raise SR3DConfigError(f"{path}: image_aspect_ratio={aspect!r} is not supported; expected 'dynamic' or 'resize'")
     select = str(top.get("mm_vision_select_feature", "cls_patch"))
     if select not in _SELECT_FEATURE:
         raise SR3DConfigError(f"{path}: mm_vision_select_feature={select!r}; expected one of {sorted(_SELECT_FEATURE)}")

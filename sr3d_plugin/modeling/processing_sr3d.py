@@ -180,9 +180,10 @@ class SR3DProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------
 
     def user_content(self, question: str, visual: VisualInput | None) -> str:
-        """``<image>`` markers (one per image or frame) followed by the question."""
+        """``<image>`` markers (one per image or frame) followed by the question, stripped at both ends
+        as SR-REAL's ``tokenize_conversation`` strips every message."""
         markers = self.image_token * (visual.num_images if visual is not None else 0)
-        return markers + question
+        return (markers + question).strip()
 
     def build_prompt(
         self,
