@@ -211,6 +211,9 @@ def test_vila_builder_cuts_padded_vocab_unless_asked() -> None:
     assert pipe.model.get_output_embeddings().weight.shape[0] == n == 424
     kept = _pipeline("sr3d_single_reldepth_box", keep_padded_vocab=True)
     assert kept.model.get_output_embeddings().weight.shape[0] == 512
+    # generation stops at the chat template's stop token, as VILA's default_generation_config
+    im_end = pipe.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert pipe.model.generation_config.eos_token_id == im_end
 
 
 def _ask_logits(pipe, question: str, **kwargs) -> torch.Tensor:

@@ -59,7 +59,14 @@ from sr3d_plugin.builders._common import (
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, parse_dtype
 
-__all__ = ["PARTS", "VILA_MODEL_TYPES", "VilaBuilder", "read_vila_state_dict", "vila_config_to_sr3d"]
+__all__ = [
+    "PARTS",
+    "VILA_MODEL_TYPES",
+    "VilaBuilder",
+    "chat_stop_token_ids",
+    "read_vila_state_dict",
+    "vila_config_to_sr3d",
+]
 
 #: sub-folders of a VILA checkpoint, in the order they are read
 PARTS = ("llm", "vision_tower", "mm_projector", "perception_encoder", "region_extractor")
@@ -201,6 +208,26 @@ def vila_config_to_sr3d(
     return SR3DConfig(**kwargs), notes
 
 
+def chat_stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops at, as VILA's ``utils/tokenizer.py`` ``infer_stop_tokens``: the
+    tokenizer's EOS plus every token that follows an assistant turn in the chat template (found by
+    rendering a dummy conversation whose answers are ``<vila/sentinel>``). Sorted, without duplicates."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    sentinel = SR3D_SPECIAL_TOKENS["sentinel"]
+    sentinel_id = tokenizer.convert_tokens_to_ids(sentinel)
+    if getattr(tokenizer, "chat_template", None) and sentinel_id is not None:
+        turns = [{"role": "user", "content": "question"}, {"role": "assistant", "content": sentinel}] * 3
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+        except Exception:  # a template that cannot render a plain conversation: EOS only
+            return sorted(ids)
+        seq = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.update(int(seq[k + 1]) for k in range(len(seq) - 1) if seq[k] == sentinel_id)
+    return sorted(ids)
+
+
 def _expected_vision_keys(vision_config: Any) -> set[str]:
     from transformers import AutoModel
 
@@ -328,4 +355,11 @@ class VilaBuilder:
             allowed_missing=FRESH_PARTS + UNUSED_PARTS, device_map=device_map, **kwargs,
         )  # fmt: skip
         processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer)
+        stops = chat_stop_token_ids(tokenizer)
+        if stops:  # VILA's default_generation_config: eos = the chat template's stop tokens
+            gen = model.generation_config
+            gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+            if gen.pad_token_id is None:
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+                gen.pad_token_id = int(pad)
         return model, processor
