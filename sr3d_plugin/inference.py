@@ -561,7 +561,8 @@ class SR3DPipeline:
             score_answer: also return ``answer_logprob`` = log p(score_answer | prompt) (module docstring).
             seed: seeds torch / numpy / random before generating.
             do_sample: sample instead of greedy decoding (``temperature`` optional).
-            system: system prompt (default the processor's, "You are a helpful assistant.").
+            system: system prompt (default the processor's: none for VILA folders, so the chat template's
+                own default applies as in SR-REAL; "You are a helpful assistant." otherwise).
             depth_scale: raw depth units per metre for integer depth images.
             cache: point-map cache (False, True, a folder or a :class:`~sr3d_plugin.pointmap.PointMapCache`).
 

@@ -174,6 +174,7 @@ def build_checkpoint(out: Path, work: Path, seed: int) -> None:
         num_video_frames=8,
     )
     config.model_dtype = "torch.float32"  # LlavaConfig.__init__ drops unknown kwargs
+    config.chat_template = "qwen2"  # as SR-REAL's scripts/sft.sh (--chat_template qwen2)
     config.resume_path = None
     model = LlavaLlamaModel(config=config)
     torch.manual_seed(seed + 1)

@@ -354,7 +354,9 @@ class VilaBuilder:
             config, state, dtype=dtype, quantization_config=quantization_config, notes=notes,
             allowed_missing=FRESH_PARTS + UNUSED_PARTS, device_map=device_map, **kwargs,
         )  # fmt: skip
-        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer)
+        # SR-REAL's tokenize_conversation passes no system message: the chat template's default applies
+        # (VILA's own qwen2 template, saved into llm/ by its save_pretrained, says "You are a helpful assistant")
+        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer, default_system=None)
         stops = chat_stop_token_ids(tokenizer)
         if stops:  # VILA's default_generation_config: eos = the chat template's stop tokens
             gen = model.generation_config

@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="region prompt, e.g. 'frame=0 box=10,20,110,140' (repeatable, in <mask> order; syntax below)",
     )
     p.add_argument("--question", required=True, help="the question; refer to regions as <mask> or <region0>, …")
-    p.add_argument("--system", help="system prompt (default 'You are a helpful assistant.')")
+    p.add_argument("--system", help="system prompt (default: the model's; VILA folders use their chat template's own)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (64)")
     p.add_argument(
         "--score-answer",

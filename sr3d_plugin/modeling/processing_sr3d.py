@@ -58,6 +58,8 @@ def _apply_edits(text: str, edits: list[_Edit]) -> tuple[str, Any]:
 
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: ``build_prompt(system=...)`` left out: use the processor's ``default_system``
+_TEMPLATE_DEFAULT: Any = object()
 
 
 class SR3DProcessor(ProcessorMixin):
@@ -73,6 +75,8 @@ class SR3DProcessor(ProcessorMixin):
         tile_separator: text after each tile's ``<image>`` marker of a single image (``"\\n"``; ``""`` for LLaVA).
         frame_separator: text after each frame's ``<image>`` marker of multi-view input (``""``).
         use_position_encoding: the model adds 3D PE, so every visual input needs point maps.
+        default_system: system message of :meth:`build_prompt` when none is given (None: none, the
+            chat template's own default applies — what VILA folders get, as SR-REAL passes none).
         keep_thin_regions: a region so thin that nearest-neighbour tiling or the bilinear resize to
             the token grid loses every pixel falls back to area weights (an option, off by default:
             SR-REAL then pools nothing and the region embedding is the projector's bias).
@@ -97,6 +101,7 @@ class SR3DProcessor(ProcessorMixin):
         image_token: str = "<image>",
         mask_token: str = "<mask>",
         keep_thin_regions: bool = False,
+        default_system: str | None = DEFAULT_SYSTEM_PROMPT,
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -113,6 +118,7 @@ class SR3DProcessor(ProcessorMixin):
         self.image_token = image_token
         self.mask_token = mask_token
         self.keep_thin_regions = bool(keep_thin_regions)
+        self.default_system = default_system
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -189,10 +195,17 @@ class SR3DProcessor(ProcessorMixin):
         self,
         question: str,
         visual: VisualInput | None = None,
-        system: str | None = DEFAULT_SYSTEM_PROMPT,
+        system: str | None = _TEMPLATE_DEFAULT,  # type: ignore[assignment]
         answer: str | None = None,
     ) -> str:
-        """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None)."""
+        """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None).
+
+        ``system``: the system message; left out, the processor's ``default_system`` (None for VILA
+        folders: no system message, so the chat template inserts its own default exactly as
+        SR-REAL's ``tokenize_conversation`` does); None: no system message.
+        """
+        if system is _TEMPLATE_DEFAULT:
+            system = self.default_system
         messages: list[dict[str, str]] = []
         if system is not None:
             messages.append({"role": "system", "content": system})
