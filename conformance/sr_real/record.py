@@ -498,8 +498,8 @@ def write_scene(root: Path, rng: np.random.Generator, n: int, w: int = 640, h: i
     yy, xx = np.mgrid[0:h, 0:w]
     for i in range(n):
         img = smooth_image(rng, w, h)
-        img.save(root / "color" / f"{i * 10}.jpg", quality=95)
-        depth = 1500 + 900 * np.sin(xx / 90.0 + i) * np.cos(yy / 70.0) + 400 * yy / h + rng.normal(0, 8, (h, w))
+        img.save(root / "color" / f"{i * 10}.jpg", quality=85)
+        depth = 1500 + 900 * np.sin(xx / 90.0 + i) * np.cos(yy / 70.0) + 400 * yy / h + rng.integers(-2, 3, (h, w))
         depth = np.clip(depth, 300, 5000).astype(np.uint16)
         depth[rng.random((h, w)) < 0.04] = 0  # scattered holes
         depth[: h // 6, w - w // 5 :] = 0  # a missing block
