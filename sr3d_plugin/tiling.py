@@ -157,10 +157,24 @@ def frame_layout(tile_size: int = 448) -> TileLayout:
 # ----------------------------------------------------------------------------------------------
 
 
-def _area_axis(in_size: int, out_size: int) -> np.ndarray:
-    """OpenCV's INTER_AREA decimation weights along one axis (``computeResizeAreaTab``), ``[out, in]``."""
+_Taps = tuple[np.ndarray, np.ndarray]  # (source index [out, K] int64, weight [out, K] float64)
+
+
+def _taps(rows: list[list[tuple[int, float]]]) -> _Taps:
+    """Pack per-output ``[(source, weight), …]`` lists into ``[out, K]`` arrays (zero-weight padding)."""
+    k = max(len(r) for r in rows)
+    idx = np.zeros((len(rows), k), dtype=np.int64)
+    wgt = np.zeros((len(rows), k), dtype=np.float64)
+    for d, r in enumerate(rows):
+        for j, (i, w) in enumerate(r):
+            idx[d, j], wgt[d, j] = i, w
+    return idx, wgt
+
+
+def _area_axis(in_size: int, out_size: int) -> _Taps:
+    """OpenCV's INTER_AREA decimation weights along one axis (``computeResizeAreaTab``; float32 weights)."""
     scale = in_size / out_size
-    w = np.zeros((out_size, in_size), dtype=np.float64)
+    rows: list[list[tuple[int, float]]] = []
     for d in range(out_size):
         f1 = d * scale
         f2 = f1 + scale
@@ -168,53 +182,85 @@ def _area_axis(in_size: int, out_size: int) -> np.ndarray:
         s1, s2 = math.ceil(f1), math.floor(f2)
         s2 = min(s2, in_size - 1)
         s1 = min(s1, s2)
+        r: list[tuple[int, float]] = []
         if s1 - f1 > 1e-3:
-            w[d, s1 - 1] += float(np.float32((s1 - f1) / cell))
-        for k in range(s1, s2):
-            w[d, k] += float(np.float32(1.0 / cell))
+            r.append((s1 - 1, float(np.float32((s1 - f1) / cell))))
+        r.extend((k, float(np.float32(1.0 / cell))) for k in range(s1, s2))
         if f2 - s2 > 1e-3:
-            w[d, s2] += float(np.float32(min(min(f2 - s2, 1.0), cell) / cell))
-    return w
+            r.append((s2, float(np.float32(min(min(f2 - s2, 1.0), cell) / cell))))
+        rows.append(r)
+    return _taps(rows)
 
 
-def _area_linear_axis(in_size: int, out_size: int) -> np.ndarray:
-    """OpenCV's INTER_AREA weights when an axis is enlarged: linear with "area-mode" offsets, ``[out, in]``."""
+def _area_linear_axis(in_size: int, out_size: int) -> _Taps:
+    """OpenCV's INTER_AREA weights when an axis is enlarged: linear with "area-mode" offsets."""
     inv_scale = out_size / in_size
     scale = 1.0 / inv_scale
-    w = np.zeros((out_size, in_size), dtype=np.float64)
+    rows: list[list[tuple[int, float]]] = []
     for d in range(out_size):
         sx = math.floor(d * scale)
         fx = float(np.float32((d + 1) - (sx + 1) * inv_scale))
         fx = 0.0 if fx <= 0 else fx - math.floor(fx)
         if sx >= in_size - 1:
             sx, fx = in_size - 1, 0.0
-        w[d, sx] += float(np.float32(1.0 - fx))
-        w[d, min(sx + 1, in_size - 1)] += float(np.float32(fx))
-    return w
+        rows.append([(sx, float(np.float32(1.0 - fx))), (min(sx + 1, in_size - 1), float(np.float32(fx)))])
+    return _taps(rows)
 
 
 @functools.lru_cache(maxsize=64)
-def _cv2_area_cached(in_h: int, in_w: int, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+def _cv2_area_cached(in_h: int, in_w: int, out_h: int, out_w: int) -> tuple[_Taps, _Taps]:
     if in_h >= out_h and in_w >= out_w:  # OpenCV decimates by area only when no axis grows
         return _area_axis(in_h, out_h), _area_axis(in_w, out_w)
     return _area_linear_axis(in_h, out_h), _area_linear_axis(in_w, out_w)
 
 
+def _cv2_area_taps(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[_Taps, _Taps]:
+    (ih, iw), (oh, ow) = (int(v) for v in in_hw), (int(v) for v in out_hw)
+    if min(ih, iw, oh, ow) <= 0:
+        raise SR3DInputError(f"cannot resize {tuple(in_hw)} to {tuple(out_hw)}; expected positive sizes")
+    return _cv2_area_cached(ih, iw, oh, ow)
+
+
+def _dense(taps: _Taps, in_size: int) -> torch.Tensor:
+    idx, wgt = taps
+    m = np.zeros((idx.shape[0], in_size), dtype=np.float64)
+    np.add.at(m, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), idx.reshape(-1)), wgt.reshape(-1))
+    return torch.from_numpy(m)
+
+
 def cv2_area_matrices(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M_h [out_h, in_h], M_w [out_w, in_w])`` float64 with ``resized = M_h · X · M_wᵀ`` equal to
     ``cv2.resize(X, (out_w, out_h), interpolation=cv2.INTER_AREA)`` (SR-REAL resizes point maps so)."""
-    (ih, iw), (oh, ow) = (int(v) for v in in_hw), (int(v) for v in out_hw)
-    if min(ih, iw, oh, ow) <= 0:
-        raise SR3DInputError(f"cannot resize {in_hw} to {out_hw}; expected positive sizes")
-    mh, mw = _cv2_area_cached(ih, iw, oh, ow)
-    return torch.from_numpy(mh), torch.from_numpy(mw)
+    th, tw = _cv2_area_taps(in_hw, out_hw)
+    return _dense(th, int(in_hw[0])), _dense(tw, int(in_hw[1]))
+
+
+def _sparse(taps: _Taps, in_size: int) -> torch.Tensor:
+    """The ``[out, in]`` resize matrix of ``taps`` as a sparse COO tensor (float64)."""
+    idx, wgt = taps
+    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+    keep = wgt.reshape(-1) != 0
+    ind = torch.from_numpy(np.stack([rows[keep], idx.reshape(-1)[keep]]))
+    values = torch.from_numpy(wgt.reshape(-1)[keep])
+    return torch.sparse_coo_tensor(ind, values, (idx.shape[0], in_size), check_invariants=True).coalesce()
 
 
 def resize_area_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[C, H, W]`` → ``[C, h, w]`` exactly as OpenCV INTER_AREA (computed in float64, returned in x's dtype)."""
-    mh, mw = cv2_area_matrices((x.shape[-2], x.shape[-1]), size)
-    mh, mw = mh.to(x.device), mw.to(x.device)
-    return (mh @ x.to(torch.float64) @ mw.T).to(x.dtype)
+    """``[C, H, W]`` → ``[C, h, w]`` exactly as OpenCV INTER_AREA (computed in float64, returned in x's dtype).
+
+    Separable and sparse (a few source pixels per output pixel), so large images stay cheap.
+    """
+    if x.dim() != 3:
+        raise SR3DInputError(f"resize_area_cv2 expects [C, H, W], got shape {tuple(x.shape)}")
+    c, h, w = x.shape
+    (oh, ow) = (int(v) for v in size)
+    th, tw = _cv2_area_taps((h, w), (oh, ow))
+    s_h, s_w = _sparse(th, h).to(x.device), _sparse(tw, w).to(x.device)
+    xd = x.to(torch.float64)
+    y = torch.sparse.mm(s_h, xd.permute(1, 0, 2).reshape(h, c * w))  # [oh, C·W]
+    y = y.reshape(oh, c, w).permute(2, 1, 0).reshape(w, c * oh)  # [W, C·oh]
+    z = torch.sparse.mm(s_w, y)  # [ow, C·oh]
+    return z.reshape(ow, c, oh).permute(1, 2, 0).contiguous().to(x.dtype)
 
 
 def cv2_nearest_indices(in_size: int, out_size: int) -> torch.Tensor:
