@@ -278,3 +278,17 @@ def test_unreproducible_pad_convention_is_a_clear_error(tmp_path) -> None:
         load_model(folder, dtype="float32")
     _, proc = load_model(folder, dtype="float32", image_aspect_ratio="resize")
     assert proc.image_aspect_ratio == "resize"
+
+
+def test_convert_vila_round_trip_keeps_the_original_answers(tmp_path) -> None:
+    """``sr3d convert-vila`` writes our standard folder; the case replays from it unchanged (stop tokens included)."""
+    import shutil
+
+    from sr3d_plugin.cli import main as cli_main
+
+    src = data_root() / "sr3d_single_reldepth_box"
+    case = tmp_path / src.name
+    shutil.copytree(src, case, ignore=shutil.ignore_patterns("checkpoint"))
+    assert cli_main(["convert-vila", str(src / "checkpoint"), str(case / "checkpoint")]) == 0
+    results = run_case(case)
+    assert results and all(r.passed for r in results), results
