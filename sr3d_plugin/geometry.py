@@ -36,6 +36,7 @@ __all__ = [
     "check_depth",
     "check_intrinsics",
     "check_rigid",
+    "depth_image_to_relative",
     "disparity_to_relative_depth",
     "pool_to_grid",
     "project_box_to_masks",
@@ -359,11 +360,34 @@ def canonicalize(
 # ----------------------------------------------------------------------------------------------
 
 
+def depth_image_to_relative(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Relative depth ``d ∈ [0, 1]`` of a single-view depth image, as SR-REAL's ``mm_utils.process_depth``.
+
+    ``d = values / 255`` when the maximum is at most 255 (8-bit images), else ``values / max``. Zero
+    is the nearest point and valid; nothing is re-normalised.
+
+    Args:
+        values: ``[H, W]`` non-negative image values (file units), float64 recommended.
+
+    Returns:
+        ``[H, W]`` float64.
+    """
+    x = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    x = x.astype(np.float64)
+    near = np.rint(x)
+    x = np.where(np.abs(x - near) < 1e-3, near, x)  # values read back from integer images
+    if not np.isfinite(x).all() or (x < 0).any():
+        raise SR3DInputError("a relative depth image must hold finite, non-negative values")
+    top = float(x.max()) if x.size else 0.0
+    return x / 255.0 if top <= 255 else x / top
+
+
 def disparity_to_relative_depth(prediction: torch.Tensor | np.ndarray, quantize: bool = True) -> torch.Tensor:
     """Turn a relative (inverse-depth) prediction, e.g. Depth Anything V2, into ``d ∈ [0, 1]``, far = 1.
 
-    ``d = 1 − minmax(prediction)``. With ``quantize`` the result is truncated to 8 bits
-    (``floor(d·255)/255``), reproducing the uint8 depth of the released training data.
+    ``d = 1 − minmax(prediction)``. With ``quantize`` the result is truncated to 8 bits exactly as
+    SR-REAL's ``generate_content`` does before making points: ``(1 − minmax(p)) · 255`` in the
+    prediction's dtype, cast to uint8 (truncation), read back as ``/ 255``.
 
     Args:
         prediction: ``[H, W]`` or ``[V, H, W]``; larger = closer. Min/max are per image.
@@ -378,7 +402,7 @@ def disparity_to_relative_depth(prediction: torch.Tensor | np.ndarray, quantize:
     norm = torch.where(span > 0, (p - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(p))
     d = 1.0 - norm
     if quantize:
-        d = torch.floor(d * 255.0 + 1e-6) / 255.0
+        d = torch.floor((d * 255.0).clamp(0.0, 255.0)).to(torch.float64) / 255.0
     return d
 
 

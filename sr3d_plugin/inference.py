@@ -356,7 +356,7 @@ class SR3DPipeline:
             color_intrinsics=k_arr if same_size else None,
             frame_ids=ids,
             source=str(first) if _is_path(first) else "in-memory images",
-            meta={"total_frames": total, "sampled_indices": picked},
+            meta={"total_frames": total, "sampled_indices": picked, "depth_scale": float(depth_scale)},
         )
 
     # ------------------------------------------------------------------------------------------
@@ -394,6 +394,8 @@ class SR3DPipeline:
             elif frames.depth is not None:
                 name = choose_source(frames)
                 options = {}
+                if name == "relative_depth":  # depth images are read in file units (SR-REAL's process_depth)
+                    options["depth_scale"] = float(frames.meta.get("depth_scale", 1000.0))
             else:
                 raise SR3DInputError(
                     "this model adds 3D positional encodings (use_position_encoding=True) but the input has no "
@@ -559,8 +561,9 @@ class SR3DPipeline:
             score_answer: also return ``answer_logprob`` = log p(score_answer | prompt) (module docstring).
             seed: seeds torch / numpy / random before generating.
             do_sample: sample instead of greedy decoding (``temperature`` optional).
-            system: system prompt (default the processor's ``default_system``: "You are a helpful assistant."
-                for SR-3D; none for LLaVA folders, whose conversation template brings its own).
+            system: system prompt (default the processor's ``default_system``: none for VILA folders, so the
+                chat template's own default applies as in SR-REAL, and for LLaVA folders, whose conversation
+                template brings its own; "You are a helpful assistant." otherwise).
             depth_scale: raw depth units per metre for integer depth images.
             cache: point-map cache (False, True, a folder or a :class:`~sr3d_plugin.pointmap.PointMapCache`).
 

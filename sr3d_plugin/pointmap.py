@@ -145,14 +145,16 @@ def _area_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.
     return mat.to(device=device, dtype=dtype)
 
 
-def _area_then_pool_matrix(
-    in_size: int, tile: int, grid: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """``[grid, in]``: area-resize ``in → tile`` then area-pool ``tile → grid`` along one axis."""
-    return (
-        _area_matrix(tile, grid, torch.float64, torch.device("cpu"))
-        @ _area_matrix(in_size, tile, torch.float64, torch.device("cpu"))
-    ).to(device=device, dtype=dtype)
+def _cv2_then_pool_matrices(
+    in_hw: tuple[int, int], tile: int, grid: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([grid, H], [grid, W])``: OpenCV INTER_AREA resize ``H×W → tile²`` (SR-REAL's ``process_xyz``)
+    followed by area pooling ``tile → grid`` (its ``encode_images``), one matrix per axis."""
+    from sr3d_plugin.tiling import cv2_area_matrices
+
+    m_h, m_w = cv2_area_matrices(in_hw, (tile, tile))
+    pool = _area_matrix(tile, grid, torch.float64, torch.device("cpu"))
+    return (pool @ m_h).to(device=device, dtype=dtype), (pool @ m_w).to(device=device, dtype=dtype)
 
 
 def frame_token_positions(
@@ -164,8 +166,8 @@ def frame_token_positions(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """3D positions of the vision tokens of multi-view frames (one tile per frame, SR3D-FACTS §2).
 
-    Each frame's map is area-resized to ``tile_size²`` (as the frame is resized to one tile) and
-    then area-pooled to the ``grid²`` token grid, row-major, for all frames at once. Without
+    Each frame's map is resized to ``tile_size²`` with OpenCV's INTER_AREA weights (as SR-REAL's
+    ``process_xyz`` does) and then area-pooled to the ``grid²`` token grid, row-major, for all frames at once. Without
     ``valid`` every pixel counts (the reference); with ``valid`` each token averages only valid
     pixels (tokens without any valid pixel get 0).
 
@@ -184,11 +186,12 @@ def frame_token_positions(
         raise SR3DInputError(f"canonical point maps must be [V, H, W, 3], got shape {tuple(c.shape)}")
     if grid <= 0 or tile_size < grid:
         raise SR3DInputError(f"need 0 < grid <= tile_size, got grid={grid} tile_size={tile_size}")
-    # area resize to the tile followed by area pooling to the grid is separable and linear:
-    # tokens = M_h · X · M_wᵀ with M = pool(tile→grid) · area(in→tile); two small matmuls per map
+    # the resize to the tile followed by area pooling to the grid is separable and linear:
+    # tokens = M_h · X · M_wᵀ with M = pool(tile→grid) · cv2_area(in→tile); two small matmuls per map
+    out_dtype = c.dtype
+    c = c.to(torch.float64)  # the reference resizes float64 point maps; keep that precision until the end
     x = c.permute(0, 3, 1, 2)
-    m_h = _area_then_pool_matrix(c.shape[1], tile_size, grid, c.dtype, c.device)
-    m_w = _area_then_pool_matrix(c.shape[2], tile_size, grid, c.dtype, c.device)
+    m_h, m_w = _cv2_then_pool_matrices((c.shape[1], c.shape[2]), tile_size, grid, c.dtype, c.device)
     if valid is None:
         out = m_h @ (x @ m_w.T)
         cover = torch.ones((c.shape[0], grid, grid), dtype=c.dtype, device=c.device)
@@ -201,7 +204,8 @@ def frame_token_positions(
         den = m_h @ (w @ m_w.T)
         out = torch.where(den > 0, num / den.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(num))
         cover = den[:, 0]
-    pos = out.permute(0, 2, 3, 1).contiguous()
+    pos = out.permute(0, 2, 3, 1).contiguous().to(out_dtype)
+    cover = cover.to(out_dtype)
     return (pos, cover) if return_coverage else pos
 
 

@@ -450,8 +450,8 @@ class RecordReader:
         model needs no positions.
 
         Sources, by ``depth_source`` (record, else the reader default; ``auto`` picks the first that
-        applies): ``points`` (reconstruction file) → ``relative_depth`` (a released single-view map:
-        8-bit, far = 255) → ``depth`` (+ ``intrinsics`` / ``poses``; metric back-projection) →
+        applies): ``points`` (reconstruction file) → ``relative_depth`` (a released single-view depth image:
+        value/255, 0 = nearest) → ``depth`` (+ ``intrinsics`` / ``poses``; metric back-projection) →
         ``depth_anything``.
         """
         if not self.needs_positions:
@@ -486,7 +486,8 @@ class RecordReader:
         return canonical, valid
 
     def _relative(self, rec: dict[str, Any], frames: Any, base: Path, cache: Any) -> tuple[torch.Tensor, None]:
-        """Released single-view relative depth (``d = 1 − minmax(pred)``, 8-bit, far = 1) → points (SR3D-FACTS §3)."""
+        """Released single-view relative depth images → points: ``d = value / 255`` (``/ max`` above 255),
+        0 = nearest and valid, as SR-REAL's ``mm_utils.process_depth`` (SR3D-FACTS §3)."""
         from PIL import Image
 
         from sr3d_plugin.pointmap import pointmaps_with_cache
@@ -506,14 +507,7 @@ class RecordReader:
                 arr = np.asarray(im)
             if arr.ndim == 3:
                 arr = arr[..., 0]
-            top = (
-                255.0
-                if arr.dtype == np.uint8
-                else float(np.iinfo(arr.dtype).max)
-                if np.issubdtype(arr.dtype, np.integer)
-                else 1.0
-            )
-            maps.append(1.0 - arr.astype(np.float32) / top)  # near = 1: reads as disparity
+            maps.append(arr.astype(np.float64))  # file units; value/255 (or /max) as SR-REAL's process_depth
         fs = FrameSet(
             images=frames.images,
             depth=np.stack(maps),
@@ -521,7 +515,7 @@ class RecordReader:
             source=frames.source,
             meta={"input_files": [str(_path(f, base)) for f in files], "reader": "relative_depth"},
         )
-        result = pointmaps_with_cache(fs, "relative_depth", cache=cache, disparity=True)
+        result = pointmaps_with_cache(fs, "relative_depth", cache=cache, scaling="sr3d", depth_scale=1.0)
         return result.canonical.to(torch.float32), None
 
     def visual(self, rec: dict[str, Any], base: Path) -> VisualInput | None:

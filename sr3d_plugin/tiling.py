@@ -6,10 +6,19 @@ appended when there is more than one tile. Multi-view input is not tiled: every 
 tile. The *same* :class:`TileLayout` is applied to the image (bicubic, as PIL's ``resize``), to
 region masks (nearest) and to point maps (area), so that token ``i`` of every tile, its 3D position
 and its mask weight all come from the same pixels.
+
+Masks and point maps are resized exactly as SR-REAL's ``mm_utils.dynamic_preprocess`` /
+``process_xyz`` / ``process_mask`` do it with OpenCV: ``cv2.resize(..., INTER_AREA)`` for float
+point maps (fractional area weights when both axes shrink; OpenCV's "area-mode" linear weights when
+either axis grows) and ``cv2.INTER_NEAREST`` (``src = floor(dst · in/out)``) for uint8 masks. Both
+are separable linear maps, reproduced here as small ``[out, in]`` matrices
+(:func:`cv2_area_matrices`, :func:`cv2_nearest_indices`), so no OpenCV is needed at run time.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +31,11 @@ from sr3d_plugin.errors import SR3DInputError
 __all__ = [
     "TileLayout",
     "candidate_grids",
+    "cv2_area_matrices",
+    "cv2_nearest_indices",
     "frame_layout",
     "plan_tiles",
+    "resize_area_cv2",
     "tile_array",
     "tile_grid",
     "tile_image",
@@ -141,6 +153,133 @@ def frame_layout(tile_size: int = 448) -> TileLayout:
 
 
 # ----------------------------------------------------------------------------------------------
+# OpenCV-exact resizing (INTER_AREA for point maps, INTER_NEAREST for masks)
+# ----------------------------------------------------------------------------------------------
+
+
+_Taps = tuple[np.ndarray, np.ndarray]  # (source index [out, K] int64, weight [out, K] float64)
+
+
+def _taps(rows: list[list[tuple[int, float]]]) -> _Taps:
+    """Pack per-output ``[(source, weight), …]`` lists into ``[out, K]`` arrays (zero-weight padding)."""
+    k = max(len(r) for r in rows)
+    idx = np.zeros((len(rows), k), dtype=np.int64)
+    wgt = np.zeros((len(rows), k), dtype=np.float64)
+    for d, r in enumerate(rows):
+        for j, (i, w) in enumerate(r):
+            idx[d, j], wgt[d, j] = i, w
+    return idx, wgt
+
+
+def _area_axis(in_size: int, out_size: int) -> _Taps:
+    """OpenCV's INTER_AREA decimation weights along one axis (``computeResizeAreaTab``; float32 weights)."""
+    scale = in_size / out_size
+    rows: list[list[tuple[int, float]]] = []
+    for d in range(out_size):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, in_size - f1)
+        s1, s2 = math.ceil(f1), math.floor(f2)
+        s2 = min(s2, in_size - 1)
+        s1 = min(s1, s2)
+        r: list[tuple[int, float]] = []
+        if s1 - f1 > 1e-3:
+            r.append((s1 - 1, float(np.float32((s1 - f1) / cell))))
+        r.extend((k, float(np.float32(1.0 / cell))) for k in range(s1, s2))
+        if f2 - s2 > 1e-3:
+            r.append((s2, float(np.float32(min(min(f2 - s2, 1.0), cell) / cell))))
+        rows.append(r)
+    return _taps(rows)
+
+
+def _area_linear_axis(in_size: int, out_size: int) -> _Taps:
+    """OpenCV's INTER_AREA weights when an axis is enlarged: linear with "area-mode" offsets."""
+    inv_scale = out_size / in_size
+    scale = 1.0 / inv_scale
+    rows: list[list[tuple[int, float]]] = []
+    for d in range(out_size):
+        sx = math.floor(d * scale)
+        fx = float(np.float32((d + 1) - (sx + 1) * inv_scale))
+        fx = 0.0 if fx <= 0 else fx - math.floor(fx)
+        if sx >= in_size - 1:
+            sx, fx = in_size - 1, 0.0
+        rows.append([(sx, float(np.float32(1.0 - fx))), (min(sx + 1, in_size - 1), float(np.float32(fx)))])
+    return _taps(rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _cv2_area_cached(in_h: int, in_w: int, out_h: int, out_w: int) -> tuple[_Taps, _Taps]:
+    if in_h >= out_h and in_w >= out_w:  # OpenCV decimates by area only when no axis grows
+        return _area_axis(in_h, out_h), _area_axis(in_w, out_w)
+    return _area_linear_axis(in_h, out_h), _area_linear_axis(in_w, out_w)
+
+
+def _cv2_area_taps(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[_Taps, _Taps]:
+    (ih, iw), (oh, ow) = (int(v) for v in in_hw), (int(v) for v in out_hw)
+    if min(ih, iw, oh, ow) <= 0:
+        raise SR3DInputError(f"cannot resize {tuple(in_hw)} to {tuple(out_hw)}; expected positive sizes")
+    return _cv2_area_cached(ih, iw, oh, ow)
+
+
+def _dense(taps: _Taps, in_size: int) -> torch.Tensor:
+    idx, wgt = taps
+    m = np.zeros((idx.shape[0], in_size), dtype=np.float64)
+    np.add.at(m, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), idx.reshape(-1)), wgt.reshape(-1))
+    return torch.from_numpy(m)
+
+
+def cv2_area_matrices(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M_h [out_h, in_h], M_w [out_w, in_w])`` float64 with ``resized = M_h · X · M_wᵀ`` equal to
+    ``cv2.resize(X, (out_w, out_h), interpolation=cv2.INTER_AREA)`` (SR-REAL resizes point maps so)."""
+    th, tw = _cv2_area_taps(in_hw, out_hw)
+    return _dense(th, int(in_hw[0])), _dense(tw, int(in_hw[1]))
+
+
+def _sparse(taps: _Taps, in_size: int) -> torch.Tensor:
+    """The ``[out, in]`` resize matrix of ``taps`` as a sparse COO tensor (float64)."""
+    idx, wgt = taps
+    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+    keep = wgt.reshape(-1) != 0
+    ind = torch.from_numpy(np.stack([rows[keep], idx.reshape(-1)[keep]]))
+    values = torch.from_numpy(wgt.reshape(-1)[keep])
+    return torch.sparse_coo_tensor(ind, values, (idx.shape[0], in_size), check_invariants=True).coalesce()
+
+
+def resize_area_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[C, H, W]`` → ``[C, h, w]`` exactly as OpenCV INTER_AREA (computed in float64, returned in x's dtype).
+
+    Separable and sparse (a few source pixels per output pixel), so large images stay cheap.
+    """
+    if x.dim() != 3:
+        raise SR3DInputError(f"resize_area_cv2 expects [C, H, W], got shape {tuple(x.shape)}")
+    c, h, w = x.shape
+    (oh, ow) = (int(v) for v in size)
+    th, tw = _cv2_area_taps((h, w), (oh, ow))
+    s_h, s_w = _sparse(th, h).to(x.device), _sparse(tw, w).to(x.device)
+    xd = x.to(torch.float64)
+    y = torch.sparse.mm(s_h, xd.permute(1, 0, 2).reshape(h, c * w))  # [oh, C·W]
+    y = y.reshape(oh, c, w).permute(2, 1, 0).reshape(w, c * oh)  # [W, C·oh]
+    z = torch.sparse.mm(s_w, y)  # [ow, C·oh]
+    return z.reshape(ow, c, oh).permute(1, 2, 0).contiguous().to(x.dtype)
+
+
+def cv2_nearest_indices(in_size: int, out_size: int) -> torch.Tensor:
+    """Source index of every output pixel under ``cv2.INTER_NEAREST``: ``min(floor(d · (1 / (out/in))), in − 1)``."""
+    ifx = 1.0 / (out_size / in_size)
+    idx = [min(math.floor(d * ifx), in_size - 1) for d in range(out_size)]
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def _resize_cv2(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``[C, H, W]`` resized to ``size = (h, w)`` with ``mode`` ``"cv2_area"`` or ``"cv2_nearest"``."""
+    if mode == "cv2_area":
+        return resize_area_cv2(x, size)
+    rows = cv2_nearest_indices(x.shape[-2], size[0]).to(x.device)
+    cols = cv2_nearest_indices(x.shape[-1], size[1]).to(x.device)
+    return x[:, rows][:, :, cols]
+
+
+# ----------------------------------------------------------------------------------------------
 # applying a layout
 # ----------------------------------------------------------------------------------------------
 
@@ -162,22 +301,33 @@ def _as_channels_first(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 2 else x
 
 
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if mode in ("cv2_area", "cv2_nearest"):
+        return _resize_cv2(x, size, mode)
+    kwargs = {} if mode in ("area", "nearest", "nearest-exact") else {"align_corners": False}
+    return F.interpolate(x.unsqueeze(0), size=size, mode=mode, **kwargs)[0]
+
+
 def _resize_and_cut(x: torch.Tensor, layout: TileLayout, mode: str) -> torch.Tensor:
     """``x`` ``[C, H, W]`` → ``[T, C, S, S]`` following ``layout``."""
     s = layout.tile_size
     width, height = layout.resized_size
-    kwargs = {} if mode in ("area", "nearest-exact") else {"align_corners": False}
-    big = F.interpolate(x.unsqueeze(0), size=(height, width), mode=mode, **kwargs)[0]
+    big = _resize(x, (height, width), mode)
     c = big.shape[0]
     tiles = big.reshape(c, layout.rows, s, layout.cols, s).permute(1, 3, 0, 2, 4).reshape(-1, c, s, s)
     if layout.thumbnail:
-        thumb = F.interpolate(x.unsqueeze(0), size=(s, s), mode=mode, **kwargs)
+        thumb = _resize(x, (s, s), mode).unsqueeze(0)
         tiles = torch.cat([tiles, thumb], dim=0)
     return tiles
 
 
-def tile_array(x: torch.Tensor, layout: TileLayout, mode: str = "area") -> torch.Tensor:
-    """Cut a ``[C, H, W]`` float array into ``[T, C, S, S]`` tiles (``mode``: ``area``, ``nearest-exact``, ``bilinear``)."""
+def tile_array(x: torch.Tensor, layout: TileLayout, mode: str = "cv2_area") -> torch.Tensor:
+    """Cut a ``[C, H, W]`` float array into ``[T, C, S, S]`` tiles.
+
+    ``mode``: ``cv2_area`` (OpenCV INTER_AREA, the reference's point-map resize), ``cv2_nearest``
+    (OpenCV INTER_NEAREST, its mask resize), or a torch ``interpolate`` mode (``area``, ``nearest``,
+    ``nearest-exact``, ``bilinear``).
+    """
     if x.dim() != 3:
         raise SR3DInputError(f"tile_array expects [C, H, W], got shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
@@ -186,7 +336,7 @@ def tile_array(x: torch.Tensor, layout: TileLayout, mode: str = "area") -> torch
 
 
 def tile_mask(mask: torch.Tensor | np.ndarray, layout: TileLayout) -> torch.Tensor:
-    """Cut binary masks into the layout's tiles with nearest-neighbour resizing.
+    """Cut binary masks into the layout's tiles with OpenCV INTER_NEAREST resizing (as the reference).
 
     Args:
         mask: ``[H, W]`` or ``[M, H, W]`` boolean (or 0/1) masks on the original image.
@@ -199,7 +349,7 @@ def tile_mask(mask: torch.Tensor | np.ndarray, layout: TileLayout) -> torch.Tens
     if m.dim() not in (2, 3):
         raise SR3DInputError(f"mask must be [H, W] or [M, H, W], got shape {tuple(m.shape)}")
     x = _as_channels_first(m).to(torch.float32)
-    tiles = _resize_and_cut(x, layout, "nearest-exact") > 0.5
+    tiles = _resize_and_cut(x, layout, "cv2_nearest") > 0.5
     return tiles[:, 0] if single else tiles
 
 
@@ -208,7 +358,7 @@ def tile_pointmap(
     layout: TileLayout,
     valid: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cut a point map into the layout's tiles with area interpolation.
+    """Cut a point map into the layout's tiles with OpenCV INTER_AREA resizing (as the reference).
 
     Args:
         points: ``[H, W, 3]`` point map aligned with the image (any units).
@@ -222,14 +372,14 @@ def tile_pointmap(
         raise SR3DInputError(f"point map must be [H, W, 3], got shape {tuple(p.shape)}")
     if not torch.is_floating_point(p):
         p = p.to(torch.float32)
-    tiles = _resize_and_cut(p.permute(2, 0, 1), layout, "area").permute(0, 2, 3, 1)
+    tiles = _resize_and_cut(p.permute(2, 0, 1), layout, "cv2_area").permute(0, 2, 3, 1)
     frac = None
     if valid is not None:
         v = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid)
         if tuple(v.shape) != tuple(p.shape[:2]):
             raise SR3DInputError(f"valid mask shape {tuple(v.shape)} does not match point map {tuple(p.shape[:2])}")
         w = v.to(p.dtype).unsqueeze(0)
-        num = _resize_and_cut(p.permute(2, 0, 1) * w, layout, "area").permute(0, 2, 3, 1)
-        frac = _resize_and_cut(w, layout, "area")[:, 0]
+        num = _resize_and_cut(p.permute(2, 0, 1) * w, layout, "cv2_area").permute(0, 2, 3, 1)
+        frac = _resize_and_cut(w, layout, "cv2_area")[:, 0]
         tiles = torch.where(frac.unsqueeze(-1) > 0, num / frac.clamp_min(1e-12).unsqueeze(-1), torch.zeros_like(num))
     return tiles, frac

@@ -124,12 +124,32 @@ def test_gt_depth_errors() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_relative_depth_minmax_far_is_one() -> None:
-    depth = np.tile(np.linspace(1.0, 4.0, 16, dtype=np.float32), (12, 1))[None]
-    depth[0, 0, 0] = 0.0  # invalid
-    fs = FrameSet(images=_images(1), depth=depth)
+def test_relative_depth_default_reads_the_image_like_sr_real() -> None:
+    """SR-REAL's mm_utils.process_depth: d = value / 255 (value / max above 255); 0 is the nearest point, valid."""
+    raw = np.tile(np.linspace(0, 200, 16).round(), (12, 1))[None].astype(np.float32)
+    raw[0, 3, 4] = 0.0
+    fs = FrameSet(images=_images(1), depth=raw / 1000.0, meta={"depth_scale": 1000.0})  # read as mm by default
     assert choose_source(fs) == "relative_depth"
-    pm = RelativeDepthSource(quantize=False).pointmaps(fs)
+    pm = RelativeDepthSource().pointmaps(fs)
+    assert pm.space == "single_view" and bool(pm.valid.all())  # zero is valid
+    np.testing.assert_allclose(pm.xyz[0].numpy(), relative_depth_to_points(raw[0] / 255.0).numpy(), atol=1e-6)
+    assert float(pm.xyz[0, 3, 4, 2]) == pytest.approx(-1.0)  # value 0: z = 2·0 − 1, the nearest
+    # no re-normalisation: a map that never reaches 255 keeps z < 1
+    assert float(pm.xyz[0, ..., 2].max()) == pytest.approx(2 * 200 / 255 - 1, abs=1e-6)
+    # 16-bit images with values above 255 are divided by their maximum
+    wide = np.tile(np.linspace(0, 3000, 16).round(), (12, 1))[None].astype(np.float32)
+    pm16 = RelativeDepthSource(depth_scale=1.0).pointmaps(FrameSet(images=_images(1), depth=wide))
+    np.testing.assert_allclose(pm16.xyz[0].numpy(), relative_depth_to_points(wide[0] / 3000.0).numpy(), atol=1e-6)
+    with pytest.raises(SR3DInputError, match="scaling='minmax'"):
+        RelativeDepthSource(disparity=True)
+
+
+def test_relative_depth_minmax_option_far_is_one() -> None:
+    """The named ``scaling="minmax"`` option (off by default): re-normalise over depth > 0, zero invalid."""
+    depth = np.tile(np.linspace(1.0, 4.0, 16, dtype=np.float32), (12, 1))[None]
+    depth[0, 0, 0] = 0.0  # invalid in this mode
+    fs = FrameSet(images=_images(1), depth=depth)
+    pm = RelativeDepthSource(scaling="minmax", quantize=False).pointmaps(fs)
     assert pm.space == "single_view" and not bool(pm.valid[0, 0, 0]) and bool(pm.valid[0, 0, 1])
     d = (depth[0] - 1.0) / 3.0
     d[0, 0] = 1.0
@@ -137,15 +157,17 @@ def test_relative_depth_minmax_far_is_one() -> None:
     # far (right edge, d = 1): z = 1 and the point sits at (u, v, 1)
     np.testing.assert_allclose(pm.xyz[0, 11, 15].numpy(), [1.0, 1.0, 1.0], atol=1e-6)
     assert torch.equal(pm.canonical(), pm.xyz)  # single view: already canonical
-    q = RelativeDepthSource().pointmaps(fs)  # default: 8-bit levels as in the released data
+    q = RelativeDepthSource(scaling="minmax").pointmaps(fs)  # 8-bit levels as in the released data
     z = (q.xyz[0, ..., 2].numpy() + 1) / 2
     np.testing.assert_allclose(z * 255, np.round(z * 255), atol=1e-3)
-    disp = RelativeDepthSource(disparity=True, quantize=False).pointmaps(
+    disp = RelativeDepthSource(scaling="minmax", disparity=True, quantize=False).pointmaps(
         FrameSet(images=_images(1), depth=1.0 / np.maximum(depth, 1.0))
     )
     assert float(disp.xyz[0, 5, 15, 2]) == pytest.approx(1.0) and float(disp.xyz[0, 5, 0, 2]) == pytest.approx(-1.0)
     with pytest.raises(SR3DInputError, match="no valid pixel"):
-        RelativeDepthSource().pointmaps(FrameSet(images=_images(1), depth=np.zeros((1, 12, 16), np.float32)))
+        RelativeDepthSource(scaling="minmax").pointmaps(
+            FrameSet(images=_images(1), depth=np.zeros((1, 12, 16), np.float32))
+        )
 
 
 class _FakeEstimator:

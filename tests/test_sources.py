@@ -350,18 +350,31 @@ def test_depth_anything_estimator_matches_manual_pipeline(tiny_depth_model: Path
     assert depth.min() == 0.0 and depth.max() == 1.0
     np.testing.assert_allclose(depth * 255, np.round(depth * 255), atol=1e-4)  # 8-bit levels
 
-    # independent recomputation: processor → model → bicubic to the image size → 1 − minmax
+    # independent recomputation of SR-REAL's path (transformers 4.x processors resize the uint8 image
+    # with PIL): PIL bicubic to the processor's size → processor without resize → model → bicubic to
+    # the image size → 1 − minmax → uint8 cast
     proc = AutoImageProcessor.from_pretrained(tiny_depth_model)
     model = AutoModelForDepthEstimation.from_pretrained(tiny_depth_model).eval()
-    with torch.no_grad():
-        pred = model(**proc(images=images[1:2], return_tensors="pt")).predicted_depth
-    up = torch.nn.functional.interpolate(pred[:, None], size=(30, 50), mode="bicubic", align_corners=False)[0, 0]
-    norm = (up - up.min()) / (up.max() - up.min())
-    expected = 1.0 - norm.numpy()  # far (small disparity) = 1
-    np.testing.assert_allclose(depth[1], np.floor(expected * 255 + 1e-6) / 255, atol=1.5 / 255)
+
+    def manual(inputs):
+        with torch.no_grad():
+            pred = model(**inputs).predicted_depth
+        up = torch.nn.functional.interpolate(pred[:, None], size=(30, 50), mode="bicubic", align_corners=False)[0, 0]
+        return up, 1.0 - ((up - up.min()) / (up.max() - up.min())).numpy()  # far (small disparity) = 1
+
+    h, w = proc(images=images[1:2], return_tensors="pt")["pixel_values"].shape[-2:]
+    small = images[1].resize((int(w), int(h)), Image.Resampling.BICUBIC)
+    up, expected = manual(proc(images=[small], do_resize=False, return_tensors="pt"))
+    np.testing.assert_allclose(depth[1], (expected * 255).astype(np.uint8) / 255, atol=1.01 / 255)
     raw = DepthAnythingV2Estimator(model=str(tiny_depth_model), device="cpu", quantize=False).estimate(images[1])
     np.testing.assert_allclose(raw[0], expected, atol=1e-4)
     assert np.argmax(raw[0]) == np.argmin(up.numpy())  # the farthest pixel has the smallest prediction
+    # pil_resize=False (an option): the installed processor resizes by itself
+    _, expected_own = manual(proc(images=images[1:2], return_tensors="pt"))
+    own = DepthAnythingV2Estimator(
+        model=str(tiny_depth_model), device="cpu", quantize=False, pil_resize=False
+    ).estimate(images[1])
+    np.testing.assert_allclose(own[0], expected_own, atol=1e-4)
 
 
 def test_depth_anything_estimator_sizes_and_options(tiny_depth_model: Path) -> None:

@@ -162,6 +162,19 @@ def pad_vocabulary(
     return size
 
 
+def truncate_vocabulary(state: dict[str, torch.Tensor], keys: Iterable[str], new_size: int) -> None:
+    """Keep the first ``new_size`` rows of embedding / output matrices in ``state`` (in place).
+
+    What ``resize_token_embeddings(len(tokenizer))`` does to a checkpoint whose vocabulary is padded
+    beyond its tokenizer (Qwen2): the first rows are kept unchanged, the padded ones dropped.
+    """
+    if new_size <= 0:
+        raise SR3DInputError(f"cannot cut the vocabulary to {new_size} rows; expected a positive size")
+    for key in keys:
+        if key in state and state[key].shape[0] > new_size:
+            state[key] = state[key][:new_size].contiguous()
+
+
 def instantiate(
     config: Any,
     state: dict[str, torch.Tensor],

@@ -21,5 +21,10 @@ class NativeBuilder:
         model = SR3DForConditionalGeneration.from_pretrained(
             str(path), dtype=parse_dtype(dtype), device_map=device_map, **kwargs
         )
+        gen_file = Path(path) / "generation_config.json"
+        if gen_file.is_file():  # the stop tokens of the source checkpoint (e.g. written by convert-vila)
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
         processor = SR3DProcessor.from_pretrained(str(path))
         return model.eval(), processor

@@ -54,11 +54,19 @@ from sr3d_plugin.builders._common import (
     read_json,
     read_weights,
     split_config_overrides,
+    truncate_vocabulary,
 )
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, parse_dtype
 
-__all__ = ["PARTS", "VILA_MODEL_TYPES", "VilaBuilder", "read_vila_state_dict", "vila_config_to_sr3d"]
+__all__ = [
+    "PARTS",
+    "VILA_MODEL_TYPES",
+    "VilaBuilder",
+    "chat_stop_token_ids",
+    "read_vila_state_dict",
+    "vila_config_to_sr3d",
+]
 
 #: sub-folders of a VILA checkpoint, in the order they are read
 PARTS = ("llm", "vision_tower", "mm_projector", "perception_encoder", "region_extractor")
@@ -147,14 +155,17 @@ def vila_config_to_sr3d(
     re_type = _component_name(read_json(re_cfg_file), "region_extractor_type") if re_cfg_file.is_file() else None
     re_type = re_type or _component_name(top.get("region_extractor"), "region_extractor_type") or "regiongpt"
 
-    aspect = str(top.get("image_aspect_ratio", "dynamic"))
+    aspect = str((overrides or {}).get("image_aspect_ratio", top.get("image_aspect_ratio", "dynamic")))
     if aspect == "pad":
-        notes.append("image_aspect_ratio 'pad' (pad to a square) is replaced by 'resize' (squash to one tile)")
-        aspect = "resize"
-    if aspect not in ("dynamic", "resize"):
+        # no silent approximation: VILA pads to a square with the processor's mean colour
+        # (mm_utils.process_image), and SR-REAL's process_xyz has no point-map counterpart for it
         raise SR3DConfigError(
-            f"{path}: image_aspect_ratio={aspect!r} is not supported; expected 'dynamic', 'resize' or 'pad'"
+            f"{path}: image_aspect_ratio='pad' (pad to a square with the image mean, VILA mm_utils.process_image) "
+            "is not reproduced for VILA folders; pass image_aspect_ratio='resize' to squash each image to one tile "
+            "instead (answers will differ from the original)"
         )
+    if aspect not in ("dynamic", "resize"):
+        raise SR3DConfigError(f"{path}: image_aspect_ratio={aspect!r} is not supported; expected 'dynamic' or 'resize'")
     select = str(top.get("mm_vision_select_feature", "cls_patch"))
     if select not in _SELECT_FEATURE:
         raise SR3DConfigError(f"{path}: mm_vision_select_feature={select!r}; expected one of {sorted(_SELECT_FEATURE)}")
@@ -195,6 +206,26 @@ def vila_config_to_sr3d(
             kwargs["pe_num_freqs"] = (in_features // 3 - 1) // 2
     kwargs.update(overrides or {})
     return SR3DConfig(**kwargs), notes
+
+
+def chat_stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops at, as VILA's ``utils/tokenizer.py`` ``infer_stop_tokens``: the
+    tokenizer's EOS plus every token that follows an assistant turn in the chat template (found by
+    rendering a dummy conversation whose answers are ``<vila/sentinel>``). Sorted, without duplicates."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    sentinel = SR3D_SPECIAL_TOKENS["sentinel"]
+    sentinel_id = tokenizer.convert_tokens_to_ids(sentinel)
+    if getattr(tokenizer, "chat_template", None) and sentinel_id is not None:
+        turns = [{"role": "user", "content": "question"}, {"role": "assistant", "content": sentinel}] * 3
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+        except Exception:  # a template that cannot render a plain conversation: EOS only
+            return sorted(ids)
+        seq = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.update(int(seq[k + 1]) for k in range(len(seq) - 1) if seq[k] == sentinel_id)
+    return sorted(ids)
 
 
 def _expected_vision_keys(vision_config: Any) -> set[str]:
@@ -251,7 +282,10 @@ class VilaBuilder:
             path: VILA-layout folder.
             dtype: torch dtype or name; default (None or ``"auto"``) is the folder's ``model_dtype``.
             device_map, quantization_config: as for ``from_pretrained`` (see ``load_model``).
-            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``) and ``attn_implementation``.
+            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``), ``attn_implementation`` and
+                ``keep_padded_vocab`` (default False: like the original loader, cut the LLM's
+                embeddings and ``lm_head`` to ``len(tokenizer)`` rows; True keeps Qwen2's padded rows,
+                which greedy decoding may then emit although they were never trained).
         """
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -266,10 +300,18 @@ class VilaBuilder:
         overrides = split_config_overrides(kwargs)
         notes: list[str] = []
 
+        keep_padded_vocab = bool(kwargs.pop("keep_padded_vocab", False))
         tokenizer = AutoTokenizer.from_pretrained(str(path / "llm"))
-        # VILA adds its media tokens at run time in this order (llava/constants.py MEDIA_TOKENS); <mask> follows
+        # VILA adds its tokens at load time in this order: <vila/sentinel> (utils/tokenizer.py
+        # infer_stop_tokens), then the media tokens of llava/constants.py MEDIA_TOKENS (image, video, mask)
         added = add_special_tokens(
-            tokenizer, [SR3D_SPECIAL_TOKENS["image"], SR3D_SPECIAL_TOKENS["video"], SR3D_SPECIAL_TOKENS["mask"]]
+            tokenizer,
+            [
+                SR3D_SPECIAL_TOKENS["sentinel"],
+                SR3D_SPECIAL_TOKENS["image"],
+                SR3D_SPECIAL_TOKENS["video"],
+                SR3D_SPECIAL_TOKENS["mask"],
+            ],
         )
         if added:
             notes.append(f"added {added} to the tokenizer")
@@ -281,8 +323,27 @@ class VilaBuilder:
         config, config_notes = vila_config_to_sr3d(path, top, tokenizer, overrides)
         notes.extend(config_notes)
         state = read_vila_state_dict(path, config.vision_config)
+        for flag, part in (
+            ("use_position_encoding", "perception_encoder"),
+            ("use_region_extractor", "region_extractor"),
+        ):
+            if not getattr(config, flag, True):  # switched off: the part's tensors stay unused (PE-off identity)
+                unused = [k for k in state if k.startswith(part + ".")]
+                for k in unused:
+                    del state[k]
+                if unused:
+                    notes.append(f"{flag}=False: the {len(unused)} tensor(s) of {part}/ are not loaded")
         vocab = int(config.text_config.vocab_size)
-        if len(tokenizer) > vocab:
+        if len(tokenizer) < vocab and not keep_padded_vocab:
+            # the original loader (llava/model/builder.py load_pretrained_model) calls
+            # resize_token_embeddings(len(tokenizer)): Qwen2's padded, never-trained rows are cut off
+            truncate_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
+            config.text_config.vocab_size = len(tokenizer)
+            notes.append(
+                f"LLM embeddings and lm_head cut from {vocab} to len(tokenizer)={len(tokenizer)} rows, as the original "
+                "loader does (keep_padded_vocab=True keeps the padded rows)"
+            )
+        elif len(tokenizer) > vocab:
             size = pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
             config.text_config.vocab_size = size
             notes.append(f"LLM embeddings grown from {vocab} to {size} rows for the added tokens (mean-initialised)")
@@ -293,5 +354,14 @@ class VilaBuilder:
             config, state, dtype=dtype, quantization_config=quantization_config, notes=notes,
             allowed_missing=FRESH_PARTS + UNUSED_PARTS, device_map=device_map, **kwargs,
         )  # fmt: skip
-        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer)
+        # SR-REAL's tokenize_conversation passes no system message: the chat template's default applies
+        # (VILA's own qwen2 template, saved into llm/ by its save_pretrained, says "You are a helpful assistant")
+        processor = SR3DProcessor.from_model_config(config, image_processor, tokenizer, default_system=None)
+        stops = chat_stop_token_ids(tokenizer)
+        if stops:  # VILA's default_generation_config: eos = the chat template's stop tokens
+            gen = model.generation_config
+            gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+            if gen.pad_token_id is None:
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+                gen.pad_token_id = int(pad)
         return model, processor

@@ -65,7 +65,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="region prompt, e.g. 'frame=0 box=10,20,110,140' (repeatable, in <mask> order; syntax below)",
     )
     p.add_argument("--question", required=True, help="the question; refer to regions as <mask> or <region0>, …")
-    p.add_argument("--system", help="system prompt (default: the model's; 'You are a helpful assistant.' for SR-3D)")
+    p.add_argument(
+        "--system",
+        help="system prompt (default: the model's own: none for VILA and LLaVA folders, whose chat or conversation "
+        "template brings its default; 'You are a helpful assistant.' otherwise)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (64)")
     p.add_argument(
         "--score-answer",

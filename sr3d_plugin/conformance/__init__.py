@@ -73,7 +73,9 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        return self.tokens_equal and math.isfinite(self.max_abs_logit_diff) and self.max_abs_logit_diff <= self.tolerance
+        return (
+            self.tokens_equal and math.isfinite(self.max_abs_logit_diff) and self.max_abs_logit_diff <= self.tolerance
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,7 +155,15 @@ def format_table(results: Iterable[CaseResult]) -> str:
     """A plain-text table: case, path, max |Δlogit|, tokens equal, verdict."""
     rows = [("case", "path", "max |Δlogit|", "tokens equal", "ok")]
     for r in results:
-        rows.append((r.case, r.path, f"{r.max_abs_logit_diff:.2e}", "yes" if r.tokens_equal else "NO", "ok" if r.passed else "FAIL"))
+        rows.append(
+            (
+                r.case,
+                r.path,
+                f"{r.max_abs_logit_diff:.2e}",
+                "yes" if r.tokens_equal else "NO",
+                "ok" if r.passed else "FAIL",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

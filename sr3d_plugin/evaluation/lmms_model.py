@@ -22,7 +22,8 @@ Model arguments (``--model_args key=value,…``):
 ``load_in_4bit``   quantise the LLM to 4 bits (bitsandbytes)
 ``max_new_tokens`` overrides the tasks' generation budget
 ``batch_size``     requests per forward pass (left padding; also ``--batch_size``)
-``system_prompt``  chat system prompt (default the processor's "You are a helpful assistant.")
+``system_prompt``  chat system prompt (default the processor's: none for VILA folders, so the chat
+                   template's own default applies; "You are a helpful assistant." otherwise)
 ``on_error``       ``empty`` (default: a request whose inputs cannot be built gets an empty answer,
                    scored as wrong and counted; the error is logged) or ``raise``
 =================  ==========================================================================
@@ -231,7 +232,7 @@ class SR3DLmms(lmms):
         turns = [*history, (context, None)]
         messages: list[dict[str, str]] = []
         system = self.system_prompt
-        if system is None:  # the processor's default (none for LLaVA folders: their template brings its own)
+        if system is None:  # the processor's default (none for VILA and LLaVA folders: their template's own)
             from sr3d_plugin.modeling.processing_sr3d import DEFAULT_SYSTEM_PROMPT
 
             system = getattr(proc, "default_system", DEFAULT_SYSTEM_PROMPT)

@@ -91,6 +91,9 @@ class SR3DConfig(PreTrainedConfig):
             image encoder, None for LLaVA). Inserted as token ids, never merged with the prompt text.
         tile_separator: prompt text after each tile's ``<image>`` marker (VILA writes
             ``"<image>\n"`` per tile; ``""`` for LLaVA, whose prompts carry their own newline).
+        frame_separator: prompt text after each frame's ``<image>`` marker in multi-image /
+            multi-view input (``""``: SR-REAL's ``generate_content`` joins one ``<image>`` per frame
+            with no text in between; every frame still ends with the ``image_end_text`` embedding).
         image_seq_length: LLM tokens per tile; derived from the projector when None.
         canonical_mode: ``"sr3d"`` (released convention) or ``"robust"`` for metric point maps.
         depth_source: default point-map source for images without geometry (``"depth_anything"``).
@@ -134,6 +137,7 @@ class SR3DConfig(PreTrainedConfig):
     vision_feature_select: str = "cls_patch"
     image_end_text: str | None = "\n"
     tile_separator: str = "\n"
+    frame_separator: str = ""
     image_seq_length: int | None = None
     canonical_mode: Literal["sr3d", "robust"] = "sr3d"
     depth_source: str = "depth_anything"

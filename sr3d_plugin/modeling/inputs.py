@@ -52,8 +52,10 @@ class Region:
     ) -> Region:
         """A box ``(x0, y0, x1, y1)`` in pixels on ``frame`` of size ``(width, height)`` as a region.
 
-        Pixels whose centres fall inside the box are set (the box is clipped to the image); a box
-        that lies entirely outside the image or has no area is an error.
+        As SR-REAL's ``mm_utils.process_mask`` draws a ``bbox``: every coordinate is truncated with
+        ``int()``, clamped to the image, and ``mask[y0:y1, x0:x1]`` is set (end exclusive). A box
+        that lies entirely outside the image or has no area is an error; one thinner than a pixel
+        after truncation keeps the pixel holding its centre (the reference would pool nothing).
         """
         width, height = image_size
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -63,9 +65,10 @@ class Region:
             raise SR3DInputError(f"box {box} is empty; expected x0 < x1 and y0 < y1 (pixels)")
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
             raise SR3DInputError(f"box {box} lies outside the {width}×{height} image of frame {frame}")
-        xs = np.arange(width) + 0.5
-        ys = np.arange(height) + 0.5
-        mask = (ys[:, None] >= y0) & (ys[:, None] < y1) & (xs[None, :] >= x0) & (xs[None, :] < x1)
+        ix0, ix1 = (min(max(int(v), 0), width) for v in (x0, x1))
+        iy0, iy1 = (min(max(int(v), 0), height) for v in (y0, y1))
+        mask = np.zeros((height, width), dtype=bool)
+        mask[iy0:iy1, ix0:ix1] = True
         if not mask.any():  # thinner than a pixel: keep the pixel that contains the box centre
             cx = min(max(int((x0 + x1) / 2), 0), width - 1)
             cy = min(max(int((y0 + y1) / 2), 0), height - 1)

@@ -4,8 +4,9 @@ Prompt layout (VILA/NVILA, confirmed from VILA's ``mm_utils.dynamic_process_imag
 ``BasicImageEncoder`` and ``generate_content``):
 
 * the user text holds one ``<image>`` marker per image (single view) or per frame (multi-view);
-* a single image cut into ``T`` tiles becomes ``"<image>\\n" × T`` in the text; every frame of
-  multi-view input becomes ``"<image>\\n"`` (``tile_separator``);
+* a single image cut into ``T`` tiles becomes ``"<image>\\n" × T`` in the text (``tile_separator``);
+  every frame of multi-image / multi-view input becomes a bare ``"<image>"`` (``frame_separator``
+  ``""``: SR-REAL's ``generate_content`` writes one ``<image>`` per frame, nothing in between);
 * each ``<image>`` id then stands for the tile's ``N`` projected tokens followed by the embedding of
   ``image_end_text`` (``"\\n"``), which VILA's image encoder appends — we insert those ids directly
   so they are never merged with the following text by the BPE;
@@ -63,7 +64,7 @@ def _apply_edits(text: str, edits: list[_Edit]) -> tuple[str, Any]:
 
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-#: ``build_prompt(system=...)`` default: the processor's ``default_system``
+#: ``build_prompt(system=...)`` left out: use the processor's ``default_system``
 _DEFAULT_SYSTEM: Any = object()
 
 
@@ -77,15 +78,17 @@ class SR3DProcessor(ProcessorMixin):
         patch_size: vision patch size; ``tile_size // patch_size`` is the token grid ``g``.
         tokens_per_tile: LLM tokens per tile after the projector (121 for SR-3D).
         image_end_text: text whose ids follow each tile's placeholders (``"\\n"``; None for LLaVA).
-        tile_separator: text after each ``<image>`` marker in the prompt (``"\\n"``; ``""`` for LLaVA).
+        tile_separator: text after each tile's ``<image>`` marker of a single image (``"\\n"``; ``""`` for LLaVA).
+        frame_separator: text after each frame's ``<image>`` marker of multi-view input (``""``).
         use_position_encoding: the model adds 3D PE, so every visual input needs point maps.
         image_grid_pinpoints, mm_patch_merge_type, unpad_rounding, anyres_max_patches,
         use_image_newline: LLaVA anyres conventions (see SR3DConfig and
             :mod:`~sr3d_plugin.modeling.llava_conventions`).
         conv_mode: render prompts with an original-LLaVA conversation template instead of the chat template.
         tokenize_image_chunks: tokenise like LLaVA's ``tokenizer_image_token`` (chunks between images).
-        default_system: system text ``build_prompt`` uses when none is given (None: no system message,
-            or the conversation template's own).
+        default_system: system text ``build_prompt`` uses when none is given (None: no system message, so
+            the chat template's own default applies — what VILA folders get, as SR-REAL passes none — or
+            the LLaVA conversation template's own).
         structured_chat_content: the chat template expects content lists (``{"type": "image"}``,
             ``{"type": "text", ...}``), as transformers' LLaVA processors.
         image_marker_suffix: text ``user_content`` writes after each ``<image>`` marker (``"\\n"`` for
@@ -94,6 +97,9 @@ class SR3DProcessor(ProcessorMixin):
             transformers' LLaVA folders, whose processors tokenise with the tokenizer's BOS rule).
         pixel_backend: ``"pil"`` when the image processor must be transformers' PIL backend
             (original LLaVA's ``CLIPImageProcessor`` is PIL-based); kept across ``save_pretrained``.
+        keep_thin_regions: a region so thin that nearest-neighbour tiling or the bilinear resize to
+            the token grid loses every pixel falls back to area weights (an option, off by default:
+            SR-REAL then pools nothing and the region embedding is the projector's bias).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class SR3DProcessor(ProcessorMixin):
         tokens_per_tile: int = 121,
         image_end_text: str | None = "\n",
         tile_separator: str = "\n",
+        frame_separator: str = "",
         use_position_encoding: bool = True,
         image_token: str = "<image>",
         mask_token: str = "<mask>",
@@ -125,6 +132,7 @@ class SR3DProcessor(ProcessorMixin):
         image_marker_suffix: str = "",
         call_adds_special_tokens: bool = False,
         pixel_backend: str | None = None,
+        keep_thin_regions: bool = False,
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -136,6 +144,7 @@ class SR3DProcessor(ProcessorMixin):
         self.tokens_per_tile = tokens_per_tile
         self.image_end_text = image_end_text
         self.tile_separator = tile_separator
+        self.frame_separator = frame_separator
         self.use_position_encoding = use_position_encoding
         self.image_token = image_token
         self.mask_token = mask_token
@@ -151,6 +160,7 @@ class SR3DProcessor(ProcessorMixin):
         self.image_marker_suffix = image_marker_suffix
         self.call_adds_special_tokens = call_adds_special_tokens
         self.pixel_backend = pixel_backend
+        self.keep_thin_regions = bool(keep_thin_regions)
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -185,6 +195,7 @@ class SR3DProcessor(ProcessorMixin):
             "tokens_per_tile": config.tokens_per_tile,
             "image_end_text": config.image_end_text,
             "tile_separator": config.tile_separator,
+            "frame_separator": getattr(config, "frame_separator", ""),
             "use_position_encoding": config.use_position_encoding,
             "image_grid_pinpoints": getattr(config, "image_grid_pinpoints", None),
             "mm_patch_merge_type": getattr(config, "mm_patch_merge_type", "flat"),
@@ -249,9 +260,14 @@ class SR3DProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------
 
     def user_content(self, question: str, visual: VisualInput | None) -> str:
-        """``<image>`` markers (one per image or frame, each followed by ``image_marker_suffix``) and the question."""
+        """``<image>`` markers (one per image or frame, each followed by ``image_marker_suffix``) and the question.
+
+        Stripped at both ends as SR-REAL's ``tokenize_conversation`` strips every message; kept as given
+        under a host LLaVA convention, whose conversation templates do not strip.
+        """
         markers = (self.image_token + self.image_marker_suffix) * (visual.num_images if visual is not None else 0)
-        return markers + question
+        text = markers + question
+        return text if self.host_convention else text.strip()
 
     def build_prompt(
         self,
@@ -262,8 +278,10 @@ class SR3DProcessor(ProcessorMixin):
     ) -> str:
         """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None).
 
-        ``system`` defaults to the processor's ``default_system`` ("You are a helpful assistant." for
-        SR-3D; none for LLaVA folders, whose conversation template brings its own).
+        ``system``: the system message; left out, the processor's ``default_system`` (None for VILA
+        folders: no system message, so the chat template inserts its own default exactly as SR-REAL's
+        ``tokenize_conversation`` does; none for LLaVA folders, whose conversation template brings its
+        own; "You are a helpful assistant." otherwise); None: no system message.
         """
         if system is _DEFAULT_SYSTEM:
             system = self.default_system
@@ -459,7 +477,7 @@ class SR3DProcessor(ProcessorMixin):
             )
         if self.host_convention:
             return []  # one <image> id per image; _expand_ids gives it the image's token count
-        sep = self.tile_separator
+        sep = self.frame_separator if visual.multi_view else self.tile_separator
         edits = []
         for pos, layout in zip(positions, layouts):
             end = pos + len(self.image_token)
@@ -608,12 +626,12 @@ class SR3DProcessor(ProcessorMixin):
 
                     tiles.append(host_tile_masks(mask, layout, self.tile_size))
                     continue
-                t = tile_mask(mask, layout)
-                if not bool(t.any()):  # thinner than a resized pixel: keep it with area resizing
+                t = tile_mask(mask, layout)  # OpenCV INTER_NEAREST, as SR-REAL's process_mask
+                if self.keep_thin_regions and not bool(t.any()):  # option: keep it with area resizing
                     t = tile_array(torch.as_tensor(mask, dtype=torch.float32)[None], layout, "area")[:, 0] > 0
                 tiles.append(t)
             stacked = torch.cat(tiles, dim=0).unsqueeze(1)  # [T, 1, S, S]
-            blocks.append(mask_weights(stacked, g).reshape(-1, g * g))
+            blocks.append(mask_weights(stacked, g, fallback_area=self.keep_thin_regions).reshape(-1, g * g))
         return torch.stack(blocks, dim=0)
 
     def decode_answer(self, generated: torch.Tensor, prompt_length: int) -> list[str]:

@@ -78,7 +78,11 @@ class DepthAnythingV2Estimator:
         model: hub id or local folder (default ``depth-anything/Depth-Anything-V2-Large-hf``).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, …
         dtype: ``"auto"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
-        quantize: truncate the relative depth to 8 bits like the released data (default True).
+        quantize: truncate the relative depth to 8 bits like the released data and SR-REAL's
+            inference path (default True; False keeps float depth, an improvement off by default).
+        pil_resize: resize each image to the processor's input size with PIL on the uint8 image
+            before the processor (``do_resize=False``), as the transformers 4.x image processors
+            that SR-REAL ran with did (default True); False lets the installed processor resize.
         batch_size: images per forward pass (images of one size are batched together).
         local_files_only: never contact the hub (default: follow ``HF_HUB_OFFLINE``).
         revision: optional hub revision.
@@ -95,6 +99,7 @@ class DepthAnythingV2Estimator:
         batch_size: int = 4,
         local_files_only: bool | None = None,
         revision: str | None = None,
+        pil_resize: bool = True,
     ) -> None:
         if batch_size <= 0:
             raise SR3DConfigError(f"batch_size must be positive, got {batch_size}")
@@ -102,6 +107,7 @@ class DepthAnythingV2Estimator:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.quantize = bool(quantize)
+        self.pil_resize = bool(pil_resize)
         self.batch_size = int(batch_size)
         self.local_files_only = local_files_only
         self.revision = revision
@@ -110,6 +116,8 @@ class DepthAnythingV2Estimator:
         """What determines the output (for cache keys): model (with its files' sizes and times when it is a
         local folder), dtype and quantisation."""
         opts: dict[str, Any] = {"model": self.model_id, "dtype": str(self.dtype), "quantize": self.quantize}
+        if not self.pil_resize:
+            opts["pil_resize"] = False
         folder = Path(self.model_id).expanduser()
         if folder.is_dir():
             opts["model_files"] = [
@@ -158,6 +166,16 @@ class DepthAnythingV2Estimator:
                 raise SR3DInputError(f"image {i} is a {type(im).__name__}; expected a PIL image")
         return [im if im.mode == "RGB" else im.convert("RGB") for im in items]
 
+    def _preprocess(self, processor: Any, images: list[Image.Image]) -> Any:
+        """Processor inputs for same-size images (see ``pil_resize``)."""
+        if not (self.pil_resize and getattr(processor, "do_resize", False)):
+            return processor(images=images, return_tensors="pt")
+        probe = processor(images=images[:1], return_tensors="pt")["pixel_values"]
+        height, width = (int(v) for v in probe.shape[-2:])
+        resample = Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BICUBIC)))
+        resized = [im.resize((width, height), resample) for im in images]
+        return processor(images=resized, do_resize=False, return_tensors="pt")
+
     @torch.no_grad()
     def predict(self, images: Image.Image | Sequence[Image.Image]) -> list[torch.Tensor]:
         """Raw predictions (larger = closer) resized to each image's size: list of ``[H_i, W_i]`` float32 (CPU)."""
@@ -170,7 +188,7 @@ class DepthAnythingV2Estimator:
         for (width, height), idx in by_size.items():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
-                inputs = processor(images=[items[i] for i in chunk], return_tensors="pt")
+                inputs = self._preprocess(processor, [items[i] for i in chunk])
                 pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
                 outputs = model(pixel_values=pixel_values)
                 outputs.predicted_depth = outputs.predicted_depth.float()

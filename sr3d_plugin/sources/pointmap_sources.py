@@ -5,8 +5,11 @@ point-map cache keys on). Conventions are those of SR3D-FACTS §3:
 
 * ``gt_depth`` back-projects metric depth with the depth intrinsics and camera-to-world poses into
   one world frame (``space="world"``, canonical mode ``"sr3d"``, the released convention).
-* ``relative_depth`` turns a given depth map without intrinsics into the single-view convention
-  (``d = minmax(depth)``, far = 1, then ``(u·z, v·z, z)``; ``space="single_view"``).
+* ``relative_depth`` turns a given depth image without intrinsics into the single-view convention
+  of SR-REAL's ``mm_utils.process_depth``: ``d = value / 255`` (``value / max`` when the maximum
+  exceeds 255), value 0 is the nearest point and valid, then ``(u·z, v·z, z)``;
+  ``space="single_view"``. ``scaling="minmax"`` (an option, off by default) re-normalises each map
+  over its non-zero pixels instead and treats 0 as invalid.
 * ``depth_anything`` runs a registered depth estimator (Depth Anything V2 by default) and applies
   the same single-view convention.
 """
@@ -19,7 +22,12 @@ import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DInputError
-from sr3d_plugin.geometry import backproject, disparity_to_relative_depth, relative_depth_to_points
+from sr3d_plugin.geometry import (
+    backproject,
+    depth_image_to_relative,
+    disparity_to_relative_depth,
+    relative_depth_to_points,
+)
 from sr3d_plugin.sources.base import FrameSet, PointMaps
 from sr3d_plugin.sources.files import check_depth_array
 
@@ -143,36 +151,63 @@ class GTDepthSource:
 
 
 class RelativeDepthSource:
-    """A given depth map without a camera model → single-view point maps (SR3D-FACTS §3).
+    """A given depth image without a camera model → single-view point maps (SR3D-FACTS §3).
 
-    Each frame separately: ``d = minmax(depth)`` over its valid pixels (far = 1; invalid pixels get
-    ``d = 1`` and ``valid = False``), optionally 8-bit quantised, then
-    :func:`~sr3d_plugin.geometry.relative_depth_to_points`.
+    ``scaling="sr3d"`` (default, SR-REAL's ``mm_utils.process_depth``): the image values ``x``
+    (the depth in file units: metres × ``depth_scale``) become ``d = x / 255`` when ``max(x) ≤ 255``,
+    else ``d = x / max(x)``; every pixel is valid (0 is the nearest point). ``scaling="minmax"``
+    (an improvement for arbitrary depth maps, off by default): ``d = minmax(depth)`` over the pixels
+    with depth > 0 (far = 1; zero pixels get ``d = 1`` and ``valid = False``), optionally 8-bit
+    quantised. Then :func:`~sr3d_plugin.geometry.relative_depth_to_points`.
 
     Args:
-        disparity: the maps hold inverse depth (larger = closer) rather than depth.
-        quantize: truncate ``d`` to 8 bits as in the released single-view data (default True).
+        disparity: (``minmax`` only) the maps hold inverse depth (larger = closer).
+        quantize: (``minmax`` only) truncate ``d`` to 8 bits as in the released single-view data.
+        scaling: ``"sr3d"`` or ``"minmax"``.
+        depth_scale: file units per metre the frames' depth was divided by when it was read
+            (default: ``frames.meta["depth_scale"]``, else 1000).
     """
 
     name = "relative_depth"
+    SCALINGS = ("sr3d", "minmax")
 
-    def __init__(self, disparity: bool = False, quantize: bool = True) -> None:
+    def __init__(
+        self, disparity: bool = False, quantize: bool = True, scaling: str = "sr3d", depth_scale: float | None = None
+    ) -> None:
+        if scaling not in self.SCALINGS:
+            raise SR3DInputError(f"relative depth scaling={scaling!r}; expected one of {self.SCALINGS}")
+        if scaling == "sr3d" and disparity:
+            raise SR3DInputError(
+                "disparity=True needs scaling='minmax'; the released convention (scaling='sr3d') reads depth images "
+                "(0 = nearest)"
+            )
+        if depth_scale is not None and not (np.isfinite(depth_scale) and depth_scale > 0):
+            raise SR3DInputError(f"depth_scale must be a positive number, got {depth_scale!r}")
         self.disparity = bool(disparity)
         self.quantize = bool(quantize)
+        self.scaling = scaling
+        self.depth_scale = None if depth_scale is None else float(depth_scale)
 
     def options(self) -> dict:
-        return {"disparity": self.disparity, "quantize": self.quantize}
+        opts: dict[str, Any] = {"disparity": self.disparity, "quantize": self.quantize, "scaling": self.scaling}
+        if self.depth_scale is not None:
+            opts["depth_scale"] = self.depth_scale
+        return opts
 
     def pointmaps(self, frames: FrameSet) -> PointMaps:
         """Returns ``xyz [V, Hd, Wd, 3]`` in ``[−1, 1]³`` (``space="single_view"``) and ``valid [V, Hd, Wd]``."""
         depth = _frame_depth(frames, self.name).astype(np.float64)
         height, width = depth.shape[1:]
         rel = np.empty_like(depth)
-        valid = np.empty(depth.shape, dtype=bool)
+        valid = np.ones(depth.shape, dtype=bool)
+        scale = self.depth_scale if self.depth_scale is not None else float(frames.meta.get("depth_scale", 1000.0))
         for i, fid in enumerate(frames.frame_ids):
             d = depth[i]
             what = f"{'disparity' if self.disparity else 'depth'} of frame {fid}"
             check_depth_array(d, what)
+            if self.scaling == "sr3d":
+                rel[i] = depth_image_to_relative(d * scale)
+                continue
             ok = d >= 0 if self.disparity else d > 0
             if not ok.any():
                 raise SR3DInputError(f"{what} has no valid pixel (all zero); expected some depth > 0")
