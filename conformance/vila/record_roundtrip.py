@@ -180,11 +180,13 @@ def pack_request(req: dict, inputs: Path, data_args, tokenizer, with_answer: boo
     images = [Image.open(inputs / name).convert("RGB") for name in req["images"]]
     points = np.load(inputs / req["points"])
     regions = [Region.from_box(frame, box, images[frame].size) for frame, box in req["boxes"]]
-    if req["multi_view"]:  # frames: one resized tile each, one <image> per frame (VILA's "resize" path)
+    if req["multi_view"]:  # frames: one resized tile each (VILA's "resize" path)
         data_args.image_aspect_ratio = "resize"
         tiles = torch.stack([process_image(im, data_args, None) for im in images])
         data_args.image_aspect_ratio = "dynamic"
-        prompt = "<image>\n" * len(images) + req["question"]
+        # one bare <image> per frame, no text between frames: what VILA's own inference writes for a list of
+        # images (llava/utils/media.py extract_media appends MEDIA_TOKENS["image"] per image)
+        prompt = "<image>" * len(images) + req["question"]
         sample = pack_sample(tiles, points, regions, multi_view=True)
     else:
         tiles, prompt = dynamic_process_images_and_prompt(images, "<image>" + req["question"], data_args)

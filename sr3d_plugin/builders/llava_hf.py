@@ -20,7 +20,7 @@ one tile of the vision tower's ``image_size``, ``image_end_text`` None and ``til
 (LLaVA prompts carry their own newline). The 3D position encoder and region extractor are created
 fresh and ``<mask>`` is added to the tokenizer.
 
-The folder's own conventions are reproduced (``docs/conformance-llava.md``):
+The folder's own conventions are reproduced (``docs/conformance.md``, section "Original LLaVA and transformers' LLaVA family"):
 
 * images go through the folder's own image processor (``image_aspect_ratio="native"``):
   ``CLIPImageProcessor``'s shortest-edge resize + centre crop for ``llava``; the any-resolution

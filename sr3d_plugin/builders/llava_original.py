@@ -28,7 +28,7 @@ transformers' conversion we add ``<image>`` (and ``<mask>``) as special tokens a
 embedding matrices to a multiple of 64 (new rows = mean of the old ones, so they never win a greedy
 step; compare logits over the original vocabulary).
 
-The folder's own conventions are reproduced (``docs/conformance-llava.md`` lists where each comes from):
+The folder's own conventions are reproduced (``docs/conformance.md``, section "Original LLaVA and transformers' LLaVA family" lists where each comes from):
 
 * the vision tower is read from the ``mm_vision_tower`` folder, as ``build_vision_tower(delay_load=True)``
   + ``load_model()`` do; tower tensors stored in the checkpoint are ignored unless the config says

@@ -665,6 +665,7 @@ def pack_sample(
     grid: int | None = None,
     valid: torch.Tensor | Any | None = None,
     multi_view: bool = False,
+    keep_thin_regions: bool = False,
 ) -> dict[str, list[torch.Tensor]]:
     """One training / inference sample in VILA's media format, with the core only (no transformers 5).
 
@@ -684,6 +685,9 @@ def pack_sample(
         grid: vision tokens per tile side (``S // patch``); defaults to ``S // 14``.
         valid: optional ``[H, W]`` (``[F, H, W]``) validity of ``points``.
         multi_view: frames of one scene, one tile each.
+        keep_thin_regions: a region that nearest-neighbour tiling loses entirely falls back to area
+            weights (the processor's option of the same name; off as in SR-REAL, where such a region would
+            pool nothing — here it is an error instead, so training data never carries an empty region).
 
     Returns:
         ``{"image": [T × [6, S, S]], "mask": [R × [T, S, S] bool]}`` — the ``instance["image"]`` /
@@ -725,12 +729,15 @@ def pack_sample(
             if m is None:
                 per_view.append(torch.zeros(lay.num_tiles, s, s, dtype=torch.bool))
                 continue
-            tiled = tile_mask(m, lay)
-            if not bool(tiled.any()):  # thinner than a resized pixel: keep it with area resizing
+            tiled = tile_mask(m, lay)  # OpenCV INTER_NEAREST, as the processor
+            if keep_thin_regions and not bool(tiled.any()):  # option: keep it with area resizing
                 tiled = tile_array(torch.as_tensor(m, dtype=torch.float32)[None], lay, "area")[:, 0] > 0
             per_view.append(tiled)
         stacked = torch.cat(per_view, dim=0)
         if not bool(stacked.any()):
-            raise SR3DInputError(f"region {index} covers no pixel of any tile")
+            raise SR3DInputError(
+                f"region {index} covers no pixel of any tile after nearest-neighbour tiling; enlarge it or pass "
+                "keep_thin_regions=True to keep it with area weights"
+            )
         masks.append(stacked)
     return {"image": list(pack_tiles(pixel_tiles, xyz)), MASK_MEDIA: masks}

@@ -3,7 +3,7 @@
 A LLaVA checkpoint's own conventions win (issue 9): the plugin reproduces them from raw inputs, and
 the SR-3D additions (point maps for the 3D PE, region masks) follow the same geometry as the pixels.
 Everything here is our own code; where each rule comes from in the original code bases is listed in
-``docs/conformance-llava.md``.
+``docs/conformance.md``, section "Original LLaVA and transformers' LLaVA family".
 
 Image conventions (``image_aspect_ratio`` of :class:`~sr3d_plugin.modeling.SR3DConfig`):
 

@@ -151,6 +151,15 @@ def _llm_layer_saved_per_token(
     return per
 
 
+def frame_extra_tokens(config: Any) -> int:
+    """Tokens besides the projected ones per multi-view frame: the image end token and the frame separator.
+
+    SR-3D writes one bare ``<image>`` per frame (``frame_separator`` ``""``), each followed by the
+    encoder's ``"\\n"`` end token: one extra token per frame.
+    """
+    return (1 if config.image_end_text else 0) + (1 if getattr(config, "frame_separator", "") else 0)
+
+
 def plan_memory(
     recipe: Any,
     config: Any = None,
@@ -276,8 +285,7 @@ def plan_memory(
     bsz = tr.per_device_batch_size
     n_tiles = int(tiles if tiles is not None else recipe.data.num_frames)
     tpt = int(config.tokens_per_tile)
-    extra = (1 if config.image_end_text else 0) + (1 if config.tile_separator else 0)
-    seq = n_tiles * (tpt + extra) + int(text_tokens)
+    seq = n_tiles * (tpt + frame_extra_tokens(config)) + int(text_tokens)
     tokens = bsz * seq
     sup = bsz * int(answer_tokens)
     vt = bsz * n_tiles
@@ -504,7 +512,7 @@ def measure_training_step(recipe: Any, frames: int, *, tile_size: int = 112) -> 
         recipe,
         config=config,
         tiles=frames,
-        text_tokens=batch["input_ids"].shape[1] - frames * (config.tokens_per_tile + 2),
+        text_tokens=batch["input_ids"].shape[1] - frames * (config.tokens_per_tile + frame_extra_tokens(config)),
         answer_tokens=int((batch["labels"] != -100).sum()),
         device="cpu",
     )
