@@ -462,8 +462,11 @@ class CaptionScorers:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
+        # no module globals here: at interpreter exit they may already be None
+        try:
             self.close()
+        except Exception:
+            pass
 
     # -- scoring
     def score(
