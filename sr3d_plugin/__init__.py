@@ -18,16 +18,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sr3d_plugin._compat import install_auto_hook, register_auto_classes
+from sr3d_plugin._compat import AUTO_MODULES, install_auto_hook
 from sr3d_plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sr3d_plugin.modeling import Region, SR3DConfig, SR3DForConditionalGeneration, SR3DProcessor, VisualInput
+    from sr3d_plugin.modeling import (
+        Region,
+        SR3DConfig,
+        SR3DForConditionalGeneration,
+        SR3DProcessor,
+        VisualInput,
+        register_auto_classes,
+    )
 
 #: names served lazily from sr3d_plugin.modeling
-_LAZY = ("Region", "SR3DConfig", "SR3DForConditionalGeneration", "SR3DProcessor", "VisualInput")
+_LAZY = (
+    "Region",
+    "SR3DConfig",
+    "SR3DForConditionalGeneration",
+    "SR3DProcessor",
+    "VisualInput",
+    "register_auto_classes",
+)
 
 __all__ = [
     "Region",
@@ -53,4 +67,20 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-install_auto_hook()
+def _registration(name: str) -> Any:
+    """A callback that runs ``sr3d_plugin.modeling.registration.<name>`` (imported only when it fires)."""
+
+    def call() -> None:
+        getattr(importlib.import_module("sr3d_plugin.modeling.registration"), name)()
+
+    return call
+
+
+# transformers' Auto modules learn ``sr3d`` right after they load (sr3d_plugin._compat explains)
+install_auto_hook(
+    {
+        AUTO_MODULES["config"]: _registration("register_config_class"),
+        AUTO_MODULES["processor"]: _registration("register_processor_class"),
+        AUTO_MODULES["model"]: _registration("register_model_classes"),
+    }
+)

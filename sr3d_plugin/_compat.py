@@ -12,21 +12,21 @@ The package has two layers (docs/vila.md, README "Layers"):
   lazily (PEP 562 ``__getattr__`` in ``sr3d_plugin`` and ``sr3d_plugin.modeling``); on an older
   transformers they raise :class:`~sr3d_plugin.errors.SR3DDependencyError` naming the installed version.
 
-Auto registration (decided here, tested in ``tests/test_lazy_imports.py``):
+Auto registration (decided here, tested in ``tests/test_auto_registration.py``):
 
-1. ``import sr3d_plugin`` imports neither torch nor transformers. It registers ``sr3d`` → ``SR3DConfig``
-   with ``AutoConfig`` and ``SR3DConfig`` → ``SR3DProcessor`` with ``AutoProcessor`` as soon as
-   transformers has loaded the corresponding Auto module (``transformers.models.auto.configuration_auto``
-   / ``processing_auto``): at once if it is already loaded, otherwise through a small import hook that
-   lets the module load as usual and registers right after it. Only what that module itself already
-   imported is needed then (the config class; the processor class for ``AutoProcessor``).
-2. The model and processor classes are registered when the model layer is first used: on import of
-   ``sr3d_plugin.modeling.modeling_sr3d`` and on the first ``SR3DConfig`` instance (which is how
-   ``AutoModel*.from_pretrained`` meets our folders: it builds the config before it looks the model
-   class up). So ``AutoModelForImageTextToText.from_pretrained(folder)`` works in a process that only
-   did ``import sr3d_plugin``.
-3. :func:`register_auto_classes` does all of it explicitly (idempotent).
+1. ``import sr3d_plugin`` imports neither torch nor transformers. It installs a small import hook
+   (:func:`install_auto_hook`) that lets transformers' Auto modules load as usual and right after each one
+   calls the matching function of :mod:`sr3d_plugin.modeling.registration`: ``configuration_auto`` →
+   ``sr3d`` → ``SR3DConfig`` with ``AutoConfig``; ``processing_auto`` → ``SR3DProcessor`` with
+   ``AutoProcessor`` (which may pick the class by name before any config exists); ``modeling_auto`` →
+   ``SR3DForConditionalGeneration`` with ``AutoModel``, ``AutoModelForImageTextToText`` and
+   ``AutoModelForCausalLM``. A module that is already loaded is served at once.
+2. So ``AutoModelForImageTextToText.from_pretrained(folder)`` works in a process that only did
+   ``import sr3d_plugin``, whichever of the two was imported first.
+3. :func:`sr3d_plugin.register_auto_classes` does all of it explicitly (idempotent).
 
+This module never imports the model layer (the callbacks are handed in by the package root), so the
+import graph stays acyclic: model layer → ``_compat``, never back.
 On transformers < 5 none of this happens (the hook does nothing).
 """
 
@@ -36,16 +36,16 @@ import importlib.abc
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from sr3d_plugin.errors import SR3DDependencyError
 
 __all__ = [
+    "AUTO_MODULES",
     "MODEL_CLASSES_MIN_TRANSFORMERS",
     "install_auto_hook",
     "model_classes_available",
-    "register_auto_classes",
-    "register_model_classes",
     "require_model_classes",
     "transformers_version",
 ]
@@ -55,7 +55,12 @@ MODEL_CLASSES_MIN_TRANSFORMERS = "5.0"
 #: lowest transformers release the core (and the VILA integration) supports
 CORE_MIN_TRANSFORMERS = "4.46"
 
-_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+#: transformers' Auto modules we register with, right after each loads
+AUTO_MODULES = {
+    "config": "transformers.models.auto.configuration_auto",
+    "processor": "transformers.models.auto.processing_auto",
+    "model": "transformers.models.auto.modeling_auto",
+}
 
 #: what works on an older transformers (said in every SR3DDependencyError)
 _CORE_NOTE = (
@@ -124,46 +129,6 @@ def require_model_classes(what: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 _lock = threading.RLock()
-_models_registered = False
-
-
-def register_config_class() -> None:
-    """Register ``sr3d`` → ``SR3DConfig`` with ``AutoConfig`` (importing the config module registers it)."""
-    import sr3d_plugin.modeling.configuration_sr3d  # noqa: F401  (registers on import)
-
-
-def register_model_classes() -> None:
-    """Register the model and processor classes with the Auto classes (idempotent, re-entrant safe)."""
-    global _models_registered
-    with _lock:
-        if _models_registered:
-            return
-        _models_registered = True  # before the imports: the modules below create configs of their own
-        try:
-            from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-            from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
-            from sr3d_plugin.modeling.modeling_sr3d import SR3DForConditionalGeneration
-            from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
-
-            for auto in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
-                auto.register(SR3DConfig, SR3DForConditionalGeneration, exist_ok=True)
-            AutoProcessor.register(SR3DConfig, SR3DProcessor, exist_ok=True)
-        except BaseException:
-            _models_registered = False
-            raise
-
-
-def register_auto_classes() -> None:
-    """Register the ``sr3d`` model type with transformers' Auto classes (idempotent; transformers ≥ 5).
-
-    ``AutoConfig``, ``AutoModel``, ``AutoModelForImageTextToText``, ``AutoModelForCausalLM`` and
-    ``AutoProcessor`` then load our folders without ``trust_remote_code``. Usually not needed: see the
-    module docstring for when this happens on its own.
-    """
-    require_model_classes("sr3d_plugin.register_auto_classes")
-    register_config_class()
-    register_model_classes()
 
 
 class _AutoHook(importlib.abc.MetaPathFinder):
@@ -194,22 +159,8 @@ class _AutoHook(importlib.abc.MetaPathFinder):
         return spec
 
 
-def register_processor_class() -> None:
-    """Register ``SR3DConfig`` → ``SR3DProcessor`` with ``AutoProcessor``."""
-    from transformers import AutoProcessor
-
-    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
-    from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
-
-    AutoProcessor.register(SR3DConfig, SR3DProcessor, exist_ok=True)
-
-
-#: transformers module → what to register right after it loaded. AutoProcessor may pick the processor
-#: class by the name in processor_config.json without building a config, hence its own entry.
-_HOOKED: dict[str, Any] = {
-    _CONFIG_AUTO: register_config_class,
-    "transformers.models.auto.processing_auto": register_processor_class,
-}
+#: transformers module → what to call right after it loaded (filled by :func:`install_auto_hook`)
+_HOOKED: dict[str, Callable[[], None]] = {}
 
 
 def _registered_after_import(module: str) -> None:
@@ -224,12 +175,18 @@ def _registered_after_import(module: str) -> None:
 _hook: _AutoHook | None = None
 
 
-def install_auto_hook() -> None:
-    """Arrange for our classes to reach transformers' Auto modules (called by ``import sr3d_plugin``; cheap)."""
+def install_auto_hook(callbacks: dict[str, Callable[[], None]]) -> None:
+    """Call each callback right after its transformers module has loaded (at once if it already has).
+
+    ``import sr3d_plugin`` passes the registration functions of the model layer
+    (:mod:`sr3d_plugin.modeling.registration`); this module itself never imports the model layer, so
+    the layers stay acyclic. Cheap: nothing is imported here. Nothing happens on transformers < 5.
+    """
     global _hook
     with _lock:
+        _HOOKED.update(callbacks)
         pending = False
-        for module in _HOOKED:
+        for module in callbacks:
             if module in sys.modules:
                 _registered_after_import(module)
             else:

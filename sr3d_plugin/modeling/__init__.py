@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sr3d_plugin._compat import register_auto_classes, require_model_classes
+from sr3d_plugin._compat import require_model_classes
 
 if TYPE_CHECKING:  # pragma: no cover
     from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
     from sr3d_plugin.modeling.projectors import PROJECTOR_KINDS, Projector, SpatialDownsample, build_projector
     from sr3d_plugin.modeling.region_extractor import RegionExtractor, mask_weights
+    from sr3d_plugin.modeling.registration import register_auto_classes
 
 #: public name → submodule; the core ones need torch only
 _CORE: dict[str, str] = {
@@ -48,6 +49,7 @@ _MODEL: dict[str, str] = {
     "SR3DForConditionalGeneration": "modeling_sr3d",
     "SR3DPreTrainedModel": "modeling_sr3d",
     "SR3DProcessor": "processing_sr3d",
+    "register_auto_classes": "registration",
 }
 
 __all__ = [

@@ -16,7 +16,6 @@ from typing import Any, ClassVar, Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from sr3d_plugin._compat import register_model_classes
 from sr3d_plugin.errors import SR3DConfigError
 from sr3d_plugin.modeling._names import SR3D_SPECIAL_TOKENS
 
@@ -157,8 +156,6 @@ class SR3DConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self.validate_sr3d()
-        # first use of the model layer: the Auto model / processor classes learn ``sr3d`` now (see _compat)
-        register_model_classes()
 
     # ------------------------------------------------------------------------------------------
 
@@ -235,5 +232,6 @@ class SR3DConfig(PreTrainedConfig):
         return self.text_config
 
 
-# importing this module registers ``sr3d`` with AutoConfig (sr3d_plugin._compat explains when that happens)
+# importing this module registers ``sr3d`` with AutoConfig (sr3d_plugin._compat explains when that happens;
+# the model and processor classes are registered by sr3d_plugin.modeling.registration)
 AutoConfig.register("sr3d", SR3DConfig, exist_ok=True)

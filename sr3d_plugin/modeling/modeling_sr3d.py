@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from sr3d_plugin import plugins
-from sr3d_plugin._compat import register_model_classes
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
 from sr3d_plugin.modeling.position_encoding import PositionEncoder3D
@@ -467,5 +466,6 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         return torch.cat([prompt, new_tokens], dim=1)
 
 
-# importing the model registers it (and the processor) with the Auto classes (see sr3d_plugin._compat)
-register_model_classes()
+# importing the model registers it with the Auto model classes (how that import happens: sr3d_plugin._compat)
+for _auto in (AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM):
+    _auto.register(SR3DConfig, SR3DForConditionalGeneration, exist_ok=True)

@@ -637,3 +637,15 @@ class SR3DProcessor(ProcessorMixin):
     def decode_answer(self, generated: torch.Tensor, prompt_length: int) -> list[str]:
         """Decode the new tokens of ``generate`` output (``[B, prompt + new]``)."""
         return self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+
+
+def _register_with_auto_processor() -> None:
+    from transformers import AutoProcessor
+
+    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+
+    AutoProcessor.register(SR3DConfig, SR3DProcessor, exist_ok=True)
+
+
+# importing the processor registers it with AutoProcessor (how that import happens: sr3d_plugin._compat)
+_register_with_auto_processor()
