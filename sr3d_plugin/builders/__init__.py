@@ -196,7 +196,7 @@ def convert_checkpoint(
     if kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit") or kwargs.get("quantization_config") is not None:
         raise SR3DConfigError("conversion writes full-precision weights; load_in_4bit/load_in_8bit are not allowed")
     if dst.exists() and not overwrite:
-        raise SR3DInputError(f"destination {dst} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise SR3DInputError(f"destination {dst} already exists; pass overwrite=True to replace it")
     if dst.resolve() == src.resolve():
         raise SR3DInputError(f"destination {dst} is the source folder; expected a new folder")
     name = builder or detect_builder(src)
