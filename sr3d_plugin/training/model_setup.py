@@ -139,8 +139,9 @@ def build_model(
         kwargs["attn_implementation"] = m.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
+        from sr3d_plugin.devices import placement_map
+
+        kwargs["device_map"] = placement_map(device if device is not None else "cpu")
     model, processor = load_model(path, builder=m.builder, **kwargs)
     return model, processor, str(path)
 
