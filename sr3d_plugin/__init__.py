@@ -84,3 +84,15 @@ install_auto_hook(
         AUTO_MODULES["model"]: _registration("register_model_classes"),
     }
 )
+
+
+def _wire_foreign_loading() -> None:
+    """Let ``SR3DForConditionalGeneration.from_pretrained`` load foreign folders through the builders
+    (the model layer does not import the builders, which sit above it; both imports are torch-free)."""
+    from sr3d_plugin.builders import load_foreign_model
+    from sr3d_plugin.modeling._foreign import register_foreign_loader
+
+    register_foreign_loader(load_foreign_model)
+
+
+_wire_foreign_loading()

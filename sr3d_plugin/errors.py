@@ -10,7 +10,22 @@ __all__ = ["SR3DConfigError", "SR3DDependencyError", "SR3DError", "SR3DInputErro
 
 
 class SR3DError(Exception):
-    """Base class for every error raised by sr3d-plugin."""
+    """Base class for every error raised by sr3d-plugin.
+
+    Messages speak Python, never CLI flags: a parameter the caller can change is written as
+    ``name=`` followed by the value or the hint, e.g. ``"pass depth= (a depth map per frame) with
+    intrinsics="``, ``"pass overwrite=True to replace it"``, ``"resume='latest': no checkpoint"``.
+    ``name`` is the keyword argument of the public function the caller used (a recipe key keeps its
+    dotted form, ``training.output_dir``, which the CLI shares).
+
+    The ``sr3d`` command translates such messages into its own flags in one place
+    (:func:`sr3d_plugin.cli.flag_wording`, applied where ``main`` catches :class:`SR3DError`): for the
+    running sub-command, ``name=VALUE`` becomes ``--flag VALUE``, ``name=True`` of an on/off flag
+    becomes ``--flag``, and a bare ``name=`` becomes ``--flag``; ``name`` is matched against the
+    sub-command's option destinations (``--num-frames`` ↔ ``num_frames``) plus the table
+    :data:`sr3d_plugin.cli.PARAMETER_FLAGS` for parameters whose flag has another name. Names that
+    are not parameters of the sub-command are left as written.
+    """
 
 
 class SR3DInputError(SR3DError, ValueError):

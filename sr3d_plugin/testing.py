@@ -1,7 +1,8 @@
-"""Tiny models built from configs: a local BPE tokenizer, a tiny SigLIP tower and a tiny Qwen2.
+"""Fixture writers for tests: tiny random models and tiny checkpoint folders in foreign layouts.
 
-Used by the tests, the from-scratch training recipe and the embedded demo. Nothing here touches the
-network: the tokenizer is trained with ``tokenizers`` on a built-in corpus, weights are random.
+Production code never imports this module: the tiny configs, the tiny tokenizer and the chat template
+live in :mod:`sr3d_plugin.presets` (re-exported here for the tests). Nothing here touches the
+network; weights are random.
 """
 
 from __future__ import annotations
@@ -10,9 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from sr3d_plugin.modeling._names import SR3D_SPECIAL_TOKENS
+from sr3d_plugin.presets import (
+    CHATML_TEMPLATE,
+    SPECIAL_TOKENS,
+    build_tiny_tokenizer,
+    tiny_image_processor,
+    tiny_sr3d_config,
+    tiny_text_config,
+    tiny_vision_config,
+)
 
 __all__ = [
     "CHATML_TEMPLATE",
+    "SPECIAL_TOKENS",
     "build_tiny_model",
     "build_tiny_tokenizer",
     "tiny_image_processor",
@@ -22,135 +33,6 @@ __all__ = [
     "write_tiny_llava_original",
     "write_tiny_vila_checkpoint",
 ]
-
-#: ChatML, the template of Qwen2 / NVILA-Lite / SR-3D
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "[PAD]",
-    SR3D_SPECIAL_TOKENS["sentinel"],
-    SR3D_SPECIAL_TOKENS["image"],
-    SR3D_SPECIAL_TOKENS["video"],
-    SR3D_SPECIAL_TOKENS["mask"],
-]
-
-_CORPUS = """
-You are a helpful assistant. Which region is closer to the camera? Region [0] is closer. Region [1] is closer.
-Is the chair to the left or to the right of the table? Left. Right. Above. Below. In front. Behind.
-How far apart are the two regions? About 1 meter. Less than one meter. Between one and two meters.
-More than three meters. Which one is larger? How many chairs are in the room? There are 2 chairs.
-What color is the sofa? The sofa is red. green blue yellow white black gray brown orange purple pink.
-Describe the object in the region. A wooden table next to the wall. A lamp on the floor. A bed in the corner.
-chair table sofa bed cabinet desk shelf lamp box plant door window wall floor ceiling monitor counter sink
-yes no zero one two three four five six seven eight nine ten eleven twelve 0 1 2 3 4 5 6 7 8 9 10 0.5 1.5 2.5
-the a an of in on at to from with and or is are was were be it this that which what where how why who when
-Answer the question using a single word or phrase. The answer is Region [2]. Region [3]. Region [4].
-"""
-
-
-def build_tiny_tokenizer(
-    save_dir: str | Path | None = None, vocab_size: int = 512, without: tuple[str, ...] = ()
-) -> Any:
-    """A byte-level BPE tokenizer with ChatML and the SR-3D special tokens (deterministic).
-
-    ``without`` leaves out some of the extra special tokens (e.g. ``("<mask>",)`` for a NVILA-Lite
-    stand-in whose tokenizer has no ``<mask>``).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [t for t in SPECIAL_TOKENS if t not in without or t in SPECIAL_TOKENS[:4]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="[PAD]",
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=specials[4:],
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    fast.padding_side = "left"
-    if save_dir is not None:
-        fast.save_pretrained(str(save_dir))
-    return fast
-
-
-def tiny_image_processor(tile_size: int = 56) -> Any:
-    """A SigLIP image processor (resize to ``tile_size``, mean/std 0.5)."""
-    from transformers import SiglipImageProcessor
-
-    return SiglipImageProcessor(
-        size={"height": tile_size, "width": tile_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-
-
-def tiny_sr3d_config(
-    tokenizer: Any,
-    tile_size: int = 56,
-    patch_size: int = 14,
-    vision_hidden: int = 32,
-    llm_hidden: int = 64,
-    llm_layers: int = 2,
-    vision_layers: int = 2,
-    projector_type: str = "mlp_downsample_3x3_fix",
-    **overrides: Any,
-) -> Any:
-    """An :class:`SR3DConfig` with tiny SigLIP and Qwen2 sub-configs matching ``tokenizer``."""
-    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
-
-    vocab = len(tokenizer)
-    kwargs: dict[str, Any] = {
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": vision_hidden,
-            "intermediate_size": 2 * vision_hidden,
-            "num_hidden_layers": vision_layers,
-            "num_attention_heads": 2,
-            "image_size": tile_size,
-            "patch_size": patch_size,
-        },
-        "text_config": {
-            "model_type": "qwen2",
-            "vocab_size": vocab,
-            "hidden_size": llm_hidden,
-            "intermediate_size": 2 * llm_hidden,
-            "num_hidden_layers": llm_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": None,
-        },
-        "projector_type": projector_type,
-        "tile_size": tile_size,
-        "max_tiles": 6,
-        "image_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["image"]),
-        "mask_token_id": tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["mask"]),
-    }
-    kwargs.update(overrides)
-    return SR3DConfig(**kwargs)
 
 
 def build_tiny_model(seed: int = 0, **config_overrides: Any) -> tuple[Any, Any]:
@@ -166,6 +48,11 @@ def build_tiny_model(seed: int = 0, **config_overrides: Any) -> tuple[Any, Any]:
     model = SR3DForConditionalGeneration(config).eval()
     processor = SR3DProcessor.from_model_config(config, tiny_image_processor(config.tile_size), tokenizer)
     return model, processor
+
+
+#: former private names of the tiny sub-configs (now public in :mod:`sr3d_plugin.presets`)
+_tiny_text_config = tiny_text_config
+_tiny_vision_config = tiny_vision_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,39 +75,6 @@ def _save_tensors(path: Path, tensors: dict[str, Any], dtype: Any = None) -> Non
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in tensors.items()
     }
     save_file(out, str(path), metadata={"format": "pt"})
-
-
-def _tiny_text_config(kind: str, tokenizer: Any, hidden: int = 64, layers: int = 2) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        kind,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-
-
-def _tiny_vision_config(kind: str, tile_size: int = 56, hidden: int = 32, layers: int = 2) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        kind,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        image_size=tile_size,
-        patch_size=14,
-    )
 
 
 def write_tiny_vila_checkpoint(
@@ -254,8 +108,8 @@ def write_tiny_vila_checkpoint(
     root = Path(root)
     torch_dtype = parse_dtype(dtype)
     tokenizer = build_tiny_tokenizer(without=() if with_sr3d_parts else (SR3D_SPECIAL_TOKENS["mask"],))
-    text_config = _tiny_text_config("qwen2", tokenizer)
-    vision_config = _tiny_vision_config("siglip_vision_model", tile_size)
+    text_config = tiny_text_config("qwen2", tokenizer)
+    vision_config = tiny_vision_config("siglip_vision_model", tile_size)
     c, h = vision_config.hidden_size, text_config.hidden_size
     projector_type = "mlp_downsample_3x3_fix"
     with torch.random.fork_rng():
@@ -330,8 +184,8 @@ def write_tiny_llava_hf(root: str | Path, model_type: str = "llava", seed: int =
     if model_type == "llava":
         config = AutoConfig.for_model(
             "llava",
-            vision_config=_tiny_vision_config("clip_vision_model", tile_size).to_dict(),
-            text_config=_tiny_text_config("llama", tokenizer).to_dict(),
+            vision_config=tiny_vision_config("clip_vision_model", tile_size).to_dict(),
+            text_config=tiny_text_config("llama", tokenizer).to_dict(),
             image_token_index=image_id,
             image_seq_length=(tile_size // 14) ** 2,
             vision_feature_layer=-2,
@@ -340,8 +194,8 @@ def write_tiny_llava_hf(root: str | Path, model_type: str = "llava", seed: int =
     elif model_type == "llava_next":
         config = AutoConfig.for_model(
             "llava_next",
-            vision_config=_tiny_vision_config("clip_vision_model", tile_size).to_dict(),
-            text_config=_tiny_text_config("llama", tokenizer).to_dict(),
+            vision_config=tiny_vision_config("clip_vision_model", tile_size).to_dict(),
+            text_config=tiny_text_config("llama", tokenizer).to_dict(),
             image_token_index=image_id,
             image_grid_pinpoints=pinpoints,
             image_seq_length=(tile_size // 14) ** 2,
@@ -349,8 +203,8 @@ def write_tiny_llava_hf(root: str | Path, model_type: str = "llava", seed: int =
     elif model_type == "llava_onevision":
         config = AutoConfig.for_model(
             "llava_onevision",
-            vision_config=_tiny_vision_config("siglip_vision_model", tile_size).to_dict(),
-            text_config=_tiny_text_config("qwen2", tokenizer).to_dict(),
+            vision_config=tiny_vision_config("siglip_vision_model", tile_size).to_dict(),
+            text_config=tiny_text_config("qwen2", tokenizer).to_dict(),
             image_token_index=image_id,
             video_token_index=tokenizer.convert_tokens_to_ids(SR3D_SPECIAL_TOKENS["video"]),
             image_grid_pinpoints=pinpoints,
@@ -397,7 +251,7 @@ def write_tiny_clip_vision(root: str | Path, seed: int = 0, tile_size: int = 56)
     from transformers import AutoModel
 
     root = Path(root)
-    config = _tiny_vision_config("clip_vision_model", tile_size)
+    config = tiny_vision_config("clip_vision_model", tile_size)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         tower = AutoModel.from_config(config)
@@ -431,7 +285,7 @@ def write_tiny_llava_original(
         without=tuple(SR3D_SPECIAL_TOKENS[k] for k in ("image", "mask", "video", "sentinel"))
     )
     tokenizer.chat_template = None
-    text_config = _tiny_text_config("llama", tokenizer)
+    text_config = tiny_text_config("llama", tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         llm = AutoModelForCausalLM.from_config(text_config)

@@ -374,3 +374,88 @@ def test_convert_refuses_quantised_output_and_same_folder(folders, tmp_path) -> 
         convert_checkpoint(folders["nvila_lite"], tmp_path / "q", load_in_4bit=True)
     with pytest.raises(SR3DInputError, match="already exists"):
         convert_checkpoint(folders["nvila_lite"], folders["nvila_lite"])
+
+
+# ------------------------------------------------------------------------------------------------
+# config without weights (the memory planner's view): one case per registered builder
+# ------------------------------------------------------------------------------------------------
+
+#: fields a load sets that are not part of what the model is (dtype, where it came from)
+_LOADING_FIELDS = ("_name_or_path", "dtype", "torch_dtype")
+
+
+def _what_the_model_is(config_dict: dict, planned: dict | None = None) -> dict:
+    out = {}
+    for key, value in config_dict.items():
+        if key in _LOADING_FIELDS:
+            continue
+        if key == "image_seq_length" and planned is not None and planned.get(key) is None:
+            continue  # derived from the projector by the model when the config leaves it open
+        out[key] = _what_the_model_is(value) if isinstance(value, dict) else value
+    return out
+
+
+def _builder_case(name: str, folders, tmp_path):
+    """``(path, options)`` for a registered builder on a tiny fixture folder."""
+    from sr3d_plugin.presets import tiny_scratch_spec
+
+    if name == "sr3d":
+        model, proc = load_model(tiny_scratch_spec({"max_tiles": 5}), builder="scratch")
+        model.save_pretrained(str(tmp_path / "native"))
+        proc.save_pretrained(str(tmp_path / "native"))
+        return tmp_path / "native", {}
+    if name == "scratch":
+        (tmp_path / "tiny.yaml").write_text(_SCRATCH_YAML)
+        return tmp_path / "tiny.yaml", {"seed": 3}
+    cases = {
+        "vila": (folders["nvila_lite"], {}),
+        "llava_hf": (folders["onevision"], {}),
+        "llava_original": (folders["llava_original"], {"vision_tower": str(folders["clip"])}),
+    }
+    if name not in cases:
+        pytest.fail(f"registered builder {name!r} has no tiny fixture in this test; add one")
+    return cases[name]
+
+
+@pytest.mark.parametrize("name", sorted(plugins.registry("model_builders")))
+def test_each_builder_reports_the_loaded_config_without_reading_weights(name, folders, tmp_path, monkeypatch):
+    import safetensors.torch
+    from transformers import PreTrainedModel
+
+    from sr3d_plugin.builders import model_config
+
+    path, options = _builder_case(name, folders, tmp_path)
+    assert detect_builder(path) == name
+    model, _ = load_model(path, max_tiles=3, **options)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("config() read model weights")
+
+    with monkeypatch.context() as mp:  # no tensor data may be read while planning
+        mp.setattr(safetensors.torch, "load_file", refuse)
+        mp.setattr(torch, "load", refuse)
+        mp.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+        planned, used = model_config(path, max_tiles=3, dtype="bfloat16", **options)
+    assert used == name
+    assert planned.max_tiles == 3  # overrides apply as for load_model
+    want = planned.to_dict()
+    assert _what_the_model_is(want, want) == _what_the_model_is(model.config.to_dict(), want)
+    assert planned.text_config.vocab_size == model.get_input_embeddings().weight.shape[0]
+
+
+def test_model_config_for_goes_through_the_builders(folders, tmp_path) -> None:
+    from sr3d_plugin.training.model_setup import build_model, model_config_for
+    from sr3d_plugin.training.recipe import load_recipe
+
+    recipe, _ = load_recipe({"model": {"path": str(folders["onevision"])}, "data": {"generator": "x:y"}}, [])
+    config, source = model_config_for(recipe)
+    assert source.startswith("llava_hf checkpoint") and config.image_aspect_ratio == "native"
+    tiny, _ = load_recipe(
+        {"model": {"preset": "tiny", "config_overrides": {"max_tiles": 2}}, "data": {"generator": "x:y"}}, []
+    )
+    config, source = model_config_for(tiny)
+    model, _, _ = build_model(tiny)
+    assert source == "preset tiny" and config.max_tiles == 2
+    assert _what_the_model_is(config.to_dict(), config.to_dict()) == _what_the_model_is(
+        model.config.to_dict(), config.to_dict()
+    )

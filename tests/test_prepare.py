@@ -194,9 +194,27 @@ def test_bad_inputs_name_the_entry(raw: dict[str, Any], tmp_path: Path) -> None:
         )
     # an option the converter does not take
     with pytest.raises(
-        SR3DConfigError, match=r"option\(s\) \['boxes'\] do not apply; options of scanqa: --skip-missing"
+        SR3DConfigError, match=r"option\(s\) \['boxes'\] do not apply; options of scanqa: skip_missing="
     ):
         _conv("scanqa").convert(raw["scanqa"], out, progress=False, boxes="x")
+
+
+def test_prepare_errors_name_parameters_and_the_command_names_flags(
+    raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    # the library speaks Python: parameters as ``name=``
+    with pytest.raises(SR3DInputError, match=r"use split='val'") as caught:
+        _conv("scanqa").convert(raw["scanqa"], out, "test", progress=False)
+    assert "--" not in str(caught.value)
+    # the command translates the same errors into its flags
+    argv = ["prepare", "scanqa", "--raw", str(raw["scanqa"]), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--boxes", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "options of scanqa: --skip-missing" in err and "skip_missing=" not in err
+    assert main([*argv, "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "use --split val" in err and "split=" not in err
 
 
 def test_prepare_command(raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

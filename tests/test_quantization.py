@@ -130,3 +130,17 @@ def test_user_quantization_config_gets_the_skip_list_and_dtypes_are_applied(fold
     assert default.dtype == torch.float32
     with pytest.raises(SR3DConfigError, match=r"unsupported dtype 'float8'"):
         load_model(folders["vila"], dtype="float8")
+
+
+def test_device_placement_is_decided_in_one_place() -> None:
+    from sr3d_plugin.devices import device_of, placement_map, resolve_device
+
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == auto and resolve_device("auto").type == auto
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SR3DConfigError, match=r"unknown device 'gpu'"):
+        resolve_device("gpu")
+    assert placement_map("cpu") == {"": "cpu"}
+    assert placement_map("cuda") == {"": 0} and placement_map(torch.device("cuda", 2)) == {"": 2}
+    assert device_of(placement_map("cuda:3")) == "cuda:3" and device_of(placement_map("cpu")) == "cpu"
+    assert device_of(None) == "cpu" and device_of("auto") == auto and device_of("cuda:1") == "cuda:1"

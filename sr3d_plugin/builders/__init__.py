@@ -11,8 +11,9 @@ registered through the ``register_model_builders`` plugin hook. Built-in builder
 ``scratch``               a fresh model from an SR3DConfig (dict, JSON or YAML) + tokenizer
 ========================  ===================================================================
 
-A builder is any object with ``can_load(path, config_dict) -> bool`` and
-``load(path, **kwargs) -> (model, processor)``. Loading options common to all builders (normalised by
+A builder is any object with ``can_load(path, config_dict) -> bool``,
+``load(path, **kwargs) -> (model, processor)`` and ``config(path, **kwargs) -> SR3DConfig`` (the config
+``load`` would build, without reading weights: :func:`model_config`, used by the memory planner). Loading options common to all builders (normalised by
 :func:`~sr3d_plugin.builders.quantization.resolve_load_options`): ``dtype``, ``device_map``,
 ``load_in_4bit`` / ``load_in_8bit`` (bitsandbytes on the LLM only), ``quantization_config``,
 ``attn_implementation``; builders also accept SR3DConfig fields as overrides
@@ -29,12 +30,20 @@ from sr3d_plugin.errors import SR3DInputError
 
 __all__ = [
     "CONFIG_FILE_SUFFIXES",
+    "LOADING_OPTIONS",
     "convert_checkpoint",
     "detect_builder",
     "foreign_builder_for",
     "load_foreign_model",
     "load_model",
+    "model_config",
 ]
+
+#: options of :func:`load_model` that say how weights are loaded (not what the model is)
+LOADING_OPTIONS = (
+    "dtype", "torch_dtype", "device_map", "load_in_4bit", "load_in_8bit", "quantization_config",
+    "attn_implementation", "max_memory", "offload_folder", "low_cpu_mem_usage",
+)  # fmt: skip
 
 #: files (not folders) that the ``scratch`` builder reads as an SR3DConfig
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -72,11 +81,11 @@ def detect_builder(path: str | Path) -> str:
     )
 
 
-def load_model(path: str | Path, builder: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+def load_model(path: str | Path | dict[str, Any], builder: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
     """Load ``(model, processor)`` from a folder with the named (or detected) builder.
 
     Args:
-        path: model folder (or, for ``scratch``, an SR3DConfig JSON/YAML file).
+        path: model folder (or, for ``scratch``, an SR3DConfig JSON/YAML file or a mapping of its fields).
         builder: registered builder name; detected from the folder when None.
         **kwargs: ``dtype`` (``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"`` or a torch dtype;
             default: the checkpoint's), ``device_map``, ``load_in_4bit`` / ``load_in_8bit`` (NF4 + double
@@ -87,9 +96,35 @@ def load_model(path: str | Path, builder: str | None = None, **kwargs: Any) -> t
     from sr3d_plugin import plugins
     from sr3d_plugin.builders.quantization import resolve_load_options
 
-    name = builder or detect_builder(path)
+    if isinstance(path, dict):  # a mapping of SR3DConfig fields + builder keys (scratch)
+        name, target = builder or "scratch", path
+    else:
+        name, target = builder or detect_builder(path), Path(path)
     options = resolve_load_options(kwargs)
-    return plugins.create("model_builders", name).load(Path(path), **options)
+    return plugins.create("model_builders", name).load(target, **options)
+
+
+def model_config(path: str | Path | dict[str, Any], builder: str | None = None, **kwargs: Any) -> tuple[Any, str]:
+    """The :class:`SR3DConfig` that :func:`load_model` would build, without reading weights.
+
+    Args:
+        path: as for :func:`load_model` (a mapping is accepted by the ``scratch`` builder).
+        builder: registered builder name; detected from ``path`` when None (``scratch`` for a mapping).
+        **kwargs: SR3DConfig field overrides and builder-specific options, as for :func:`load_model`;
+            loading options (``dtype``, ``device_map``, quantisation) are ignored.
+
+    Returns:
+        ``(config, builder name)``.
+    """
+    from sr3d_plugin import plugins
+
+    if builder is not None:
+        name = builder
+    else:
+        name = "scratch" if isinstance(path, dict) else detect_builder(path)
+    options = {k: v for k, v in kwargs.items() if k not in LOADING_OPTIONS}
+    target = path if isinstance(path, dict) else Path(path)
+    return plugins.create("model_builders", name).config(target, **options), name
 
 
 def foreign_builder_for(path: Any, kwargs: dict[str, Any]) -> str | None:
@@ -161,7 +196,7 @@ def convert_checkpoint(
     if kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit") or kwargs.get("quantization_config") is not None:
         raise SR3DConfigError("conversion writes full-precision weights; load_in_4bit/load_in_8bit are not allowed")
     if dst.exists() and not overwrite:
-        raise SR3DInputError(f"destination {dst} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise SR3DInputError(f"destination {dst} already exists; pass overwrite=True to replace it")
     if dst.resolve() == src.resolve():
         raise SR3DInputError(f"destination {dst} is the source folder; expected a new folder")
     name = builder or detect_builder(src)

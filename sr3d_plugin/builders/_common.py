@@ -36,6 +36,7 @@ __all__ = [
     "read_json",
     "read_weights",
     "split_config_overrides",
+    "tensor_shape",
 ]
 
 #: sub-modules a builder may create fresh when the checkpoint has no weights for them
@@ -96,6 +97,21 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     return sorted(folder.glob("*.safetensors"))
+
+
+def tensor_shape(folder: Path, key: str) -> tuple[int, ...] | None:
+    """The shape of tensor ``key`` in a safetensors weight folder, read from the file header only
+    (no tensor data); None when no safetensors file of the folder holds ``key``."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(folder)
+    if not files:
+        read_weights(folder)  # raises the error a load would raise (no weights / pickled weights only)
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            if key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                return tuple(int(n) for n in handle.get_slice(key).get_shape())
+    return None
 
 
 def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

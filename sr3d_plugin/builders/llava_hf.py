@@ -122,21 +122,15 @@ class LlavaHFBuilder:
     def can_load(self, path: Path, config: dict[str, Any]) -> bool:
         return config.get("model_type") in (*SUPPORTED_MODEL_TYPES, *UNSUPPORTED_MODEL_TYPES)
 
-    def load(
-        self,
-        path: Path,
-        dtype: Any = None,
-        device_map: Any = None,
-        quantization_config: Any = None,
-        **kwargs: Any,
-    ) -> tuple[Any, Any]:
-        """Load the folder (``dtype`` default: the checkpoint's; SR3DConfig overrides in ``kwargs``)."""
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    def _plan(self, path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, str, list[str], int, bool]:
+        """``(config, tokenizer, image processor, image token, notes, stored vocabulary size, drop
+        image_newline)`` from the folder's configs, tokenizer and image processor (no weights); SR3DConfig
+        overrides are popped from ``kwargs``. ``config.text_config.vocab_size`` is the loaded size (grown
+        for ``<mask>``)."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
-        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
 
-        path = Path(path)
         overrides = split_config_overrides(kwargs)
         src_config = AutoConfig.from_pretrained(str(path))
         kind = src_config.model_type
@@ -166,14 +160,8 @@ class LlavaHFBuilder:
                 "the plugin lays vision tokens on a grid (3D PE, regions), so this is not supported; expected 'default'"
             )
         notes: list[str] = []
-        source_dtype = dtype if isinstance(dtype, torch.dtype) else "auto"
-        source = AutoModelForImageTextToText.from_pretrained(str(path), dtype=source_dtype)
-        state = llava_state_to_sr3d(source)
-        if dtype is None or dtype == "auto":
-            dtype = next(source.parameters()).dtype
+        drop_newline = False
         vision_config, text_config = src_config.vision_config, src_config.text_config
-        del source
-
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         image_token = tokenizer.convert_ids_to_tokens(int(src_config.image_token_index))
         added = add_special_tokens(tokenizer, [SR3D_SPECIAL_TOKENS["mask"]])
@@ -233,15 +221,46 @@ class LlavaHFBuilder:
         if kwargs_config["image_aspect_ratio"] in ("dynamic", "resize"):  # a named deviation from the folder
             if kwargs_config.get("mm_patch_merge_type", "flat") != "flat":
                 kwargs_config.update(mm_patch_merge_type="flat", use_image_newline=False)
-                state.pop("image_newline", None)
+                drop_newline = True
                 notes.append(f"image_aspect_ratio={kwargs_config['image_aspect_ratio']!r}: image_newline is not used")
             image_processor = tile_image_processor(image_processor, tile)
         config = SR3DConfig(**kwargs_config)
         vocab = int(config.text_config.vocab_size)
         if len(tokenizer) > vocab:
-            size = pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
-            config.text_config.vocab_size = size
-            notes.append(f"LLM embeddings grown from {vocab} to {size} rows for <mask> (mean-initialised)")
+            config.text_config.vocab_size = len(tokenizer)
+            notes.append(f"LLM embeddings grown from {vocab} to {len(tokenizer)} rows for <mask> (mean-initialised)")
+        return config, tokenizer, image_processor, image_token, notes, vocab, drop_newline
+
+    def config(self, path: Path, **kwargs: Any) -> Any:
+        """The :class:`SR3DConfig` :meth:`load` builds (same options), without reading the model weights."""
+        return self._plan(Path(path), dict(kwargs))[0]
+
+    def load(
+        self,
+        path: Path,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load the folder (``dtype`` default: the checkpoint's; SR3DConfig overrides in ``kwargs``)."""
+        from transformers import AutoModelForImageTextToText
+
+        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+        path = Path(path)
+        config, tokenizer, image_processor, image_token, notes, vocab, drop_newline = self._plan(path, kwargs)
+        source_dtype = dtype if isinstance(dtype, torch.dtype) else "auto"
+        source = AutoModelForImageTextToText.from_pretrained(str(path), dtype=source_dtype)
+        state = llava_state_to_sr3d(source)
+        if dtype is None or dtype == "auto":
+            dtype = next(source.parameters()).dtype
+        del source
+        if drop_newline:
+            state.pop("image_newline", None)
+        size = int(config.text_config.vocab_size)
+        if size > vocab:
+            pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], size)
         model = instantiate(
             config, state, dtype=dtype, quantization_config=quantization_config, notes=notes,
             device_map=device_map, **kwargs,

@@ -203,32 +203,18 @@ class LlavaOriginalBuilder:
         archs = [str(a) for a in config.get("architectures") or []]
         return "mm_vision_tower" in config or any(a in LLM_TYPES for a in archs)
 
-    def load(
-        self,
-        path: Path,
-        dtype: Any = None,
-        device_map: Any = None,
-        quantization_config: Any = None,
-        vision_tower: str | Path | None = None,
-        **kwargs: Any,
-    ) -> tuple[Any, Any]:
-        """Load the folder.
-
-        Args:
-            path: original-LLaVA folder.
-            dtype: default the folder's ``torch_dtype`` / ``dtype`` (else float16, LLaVA's own default).
-            vision_tower: local folder of the CLIP tower; overrides ``mm_vision_tower``.
-            **kwargs: SR3DConfig overrides (e.g. ``conv_mode="vicuna_v1"``, ``image_aspect_ratio="resize"``),
-                ``attn_implementation``.
-        """
-        from transformers import AutoConfig, AutoImageProcessor
+    def _plan(
+        self, path: Path, given_path: str, vision_tower: str | Path | None, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Everything :meth:`load` derives without reading weights: ``config``, ``tokenizer``, ``raw``
+        (the folder's config.json), ``tower_dir``, ``vision_config``, ``notes``, ``stored_vocab``, ``cut_vocab`` (the size
+        the stored matrices are cut to, or None) and ``image_newline`` (whether the checkpoint must hold
+        one). SR3DConfig overrides are popped from ``kwargs``."""
+        from transformers import AutoConfig
 
         from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
         from sr3d_plugin.modeling.llava_conventions import conv_mode_for_model_name, model_name_from_path
-        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
 
-        given_path = str(path)
-        path = Path(path)
         overrides = split_config_overrides(kwargs)
         raw = read_json(path / "config.json")
         archs = [str(a) for a in raw.get("architectures") or []]
@@ -247,8 +233,6 @@ class LlavaOriginalBuilder:
             raise SR3DConfigError(f"{path}: s2=true (multi-scale S2 vision tower) is not supported")
         tower_dir = _resolve_tower(path, vision_tower, raw.get("mm_vision_tower"))
         notes: list[str] = []
-        if dtype is None or dtype == "auto":
-            dtype = parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float16")
 
         text_keys = {k: v for k, v in raw.items() if not k.startswith(("mm_", "tune_", "freeze_")) and k not in (
             "architectures", "model_type", "image_aspect_ratio", "tokenizer_padding_side", "tokenizer_model_max_length",
@@ -270,20 +254,6 @@ class LlavaOriginalBuilder:
                 f"{vision_config.hidden_size} wide; expected equal"
             )
 
-        ours, saved_tower = map_original_keys(read_weights(path, allow_pickle=True))
-        if saved_tower and raw.get("unfreeze_mm_vision_tower"):
-            # the original builds the tower at init (unfreeze_mm_vision_tower) and from_pretrained loads these
-            notes.append("unfreeze_mm_vision_tower: the checkpoint's own vision tower tensors are used")
-            tower_state = {"vision_tower." + k.removeprefix("vision_model."): v for k, v in saved_tower.items()}
-        else:
-            if saved_tower:
-                notes.append(
-                    f"vision tower read from {tower_dir} (mm_vision_tower), as the original does; the tower "
-                    "tensors stored in the checkpoint are ignored"
-                )
-            tower_state = _vision_tower_state(tower_dir, vision_config, dtype)
-        ours.update(tower_state)
-
         # the LLM config is passed so that the tokenizer does not try to read the llava_llama config.json
         tokenizer = load_sentencepiece_tokenizer(path, config=text_config)
         if raw.get("mm_use_im_patch_token", True):
@@ -291,20 +261,16 @@ class LlavaOriginalBuilder:
                 "mm_use_im_patch_token: the original adds an unused <im_patch> token with a randomly initialised "
                 "embedding row; it is not added here (logits over the other tokens are unaffected)"
             )
-        vocab = int(text_config.vocab_size)
+        stored_vocab = vocab = int(text_config.vocab_size)
+        cut_vocab = None
         if len(tokenizer) < vocab:  # load_pretrained_model: model.resize_token_embeddings(len(tokenizer))
-            for key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
-                if key in ours:
-                    ours[key] = ours[key][: len(tokenizer)].clone()
-            vocab = len(tokenizer)
+            cut_vocab = vocab = len(tokenizer)
             text_config.vocab_size = vocab
         added = add_special_tokens(tokenizer, [SR3D_SPECIAL_TOKENS["image"], SR3D_SPECIAL_TOKENS["mask"]])
         if added:
             notes.append(f"added {added} to the tokenizer (the original code uses the placeholder id -200)")
         if len(tokenizer) > vocab:
-            size = pad_vocabulary(
-                ours, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer), pad_to_multiple_of=64
-            )
+            size = -(-len(tokenizer) // 64) * 64
             text_config.vocab_size = size
             notes.append(f"LLM embeddings padded from {vocab} to {size} rows (multiple of 64, mean-initialised)")
 
@@ -322,10 +288,6 @@ class LlavaOriginalBuilder:
                 image_aspect_ratio="anyres", image_grid_pinpoints=_pinpoints(path, raw.get("image_grid_pinpoints")),
                 mm_patch_merge_type=merge, unpad_rounding="floor", use_image_newline="unpad" in merge,
             )  # fmt: skip
-        if not host.get("use_image_newline"):
-            ours.pop("image_newline", None)
-        elif "image_newline" not in ours:
-            raise SR3DInputError(f"{path}: mm_patch_merge_type={merge!r} but the checkpoint has no model.image_newline")
         conv_mode = conv_mode_for_model_name(model_name_from_path(given_path))
 
         kwargs_config: dict[str, Any] = {
@@ -348,6 +310,74 @@ class LlavaOriginalBuilder:
         config = SR3DConfig(**kwargs_config)
         if config.image_aspect_ratio in ("dynamic", "resize") and config.mm_patch_merge_type != "flat":
             config.mm_patch_merge_type = "flat"
+        return {
+            "config": config, "tokenizer": tokenizer, "raw": raw, "tower_dir": tower_dir, "notes": notes, "vision_config": vision_config,
+            "stored_vocab": stored_vocab, "cut_vocab": cut_vocab, "image_newline": bool(host.get("use_image_newline")),
+            "merge": merge,
+        }  # fmt: skip
+
+    def config(self, path: Path, vision_tower: str | Path | None = None, **kwargs: Any) -> Any:
+        """The :class:`SR3DConfig` :meth:`load` builds (same options), without reading the model weights."""
+        return self._plan(Path(path), str(path), vision_tower, dict(kwargs))["config"]
+
+    def load(
+        self,
+        path: Path,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        vision_tower: str | Path | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load the folder.
+
+        Args:
+            path: original-LLaVA folder.
+            dtype: default the folder's ``torch_dtype`` / ``dtype`` (else float16, LLaVA's own default).
+            vision_tower: local folder of the CLIP tower; overrides ``mm_vision_tower``.
+            **kwargs: SR3DConfig overrides (e.g. ``conv_mode="vicuna_v1"``, ``image_aspect_ratio="resize"``),
+                ``attn_implementation``.
+        """
+        from transformers import AutoImageProcessor
+
+        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+        given_path = str(path)
+        path = Path(path)
+        plan = self._plan(path, given_path, vision_tower, kwargs)
+        config, tokenizer, raw, tower_dir = plan["config"], plan["tokenizer"], plan["raw"], plan["tower_dir"]
+        notes: list[str] = []
+        if dtype is None or dtype == "auto":
+            dtype = parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float16")
+
+        ours, saved_tower = map_original_keys(read_weights(path, allow_pickle=True))
+        if saved_tower and raw.get("unfreeze_mm_vision_tower"):
+            # the original builds the tower at init (unfreeze_mm_vision_tower) and from_pretrained loads these
+            notes.append("unfreeze_mm_vision_tower: the checkpoint's own vision tower tensors are used")
+            tower_state = {"vision_tower." + k.removeprefix("vision_model."): v for k, v in saved_tower.items()}
+        else:
+            if saved_tower:
+                notes.append(
+                    f"vision tower read from {tower_dir} (mm_vision_tower), as the original does; the tower "
+                    "tensors stored in the checkpoint are ignored"
+                )
+            tower_state = _vision_tower_state(tower_dir, plan["vision_config"], dtype)
+        ours.update(tower_state)
+        notes.extend(plan["notes"])
+        keys = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
+        if plan["cut_vocab"] is not None:
+            for key in keys:
+                if key in ours:
+                    ours[key] = ours[key][: plan["cut_vocab"]].clone()
+        size = int(config.text_config.vocab_size)
+        if size > (plan["cut_vocab"] or plan["stored_vocab"]):
+            pad_vocabulary(ours, list(keys), size)
+        if not plan["image_newline"]:
+            ours.pop("image_newline", None)
+        elif "image_newline" not in ours:
+            raise SR3DInputError(
+                f"{path}: mm_patch_merge_type={plan['merge']!r} but the checkpoint has no model.image_newline"
+            )
         model = instantiate(
             config, ours, dtype=dtype, quantization_config=quantization_config, notes=notes,
             device_map=device_map, allowed_missing=(*FRESH_PARTS, "image_newline"), **kwargs,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sr3d_plugin.devices import device_of
 from sr3d_plugin.errors import SR3DConfigError
 
 __all__ = [
@@ -59,20 +60,6 @@ def check_bitsandbytes(bits: int, device: str = "cpu") -> None:
             f"load_in_{bits}bit=True needs bitsandbytes with {bits}-bit support on {device}, which failed here: "
             f"{error}. Install a bitsandbytes build for this device or load without quantisation"
         )
-
-
-def _device_of(device_map: Any) -> str:
-    if device_map is None:
-        return "cpu"
-    if isinstance(device_map, (str, torch.device)):
-        text = str(device_map)
-        if text in ("auto", "balanced", "balanced_low_0", "sequential"):
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return text
-    if isinstance(device_map, dict) and device_map:
-        first = next(iter(device_map.values()))
-        return f"cuda:{first}" if isinstance(first, int) else str(first)
-    return "cpu"
 
 
 def make_quantization_config(
@@ -150,7 +137,7 @@ def resolve_load_options(kwargs: dict[str, Any], default_dtype: Any = None) -> d
     if qconfig is not None and (load_in_4bit or load_in_8bit):
         raise SR3DConfigError("pass either quantization_config or load_in_4bit/load_in_8bit, not both")
     if load_in_4bit or load_in_8bit:
-        check_bitsandbytes(4 if load_in_4bit else 8, _device_of(out.get("device_map")))
+        check_bitsandbytes(4 if load_in_4bit else 8, device_of(out.get("device_map")))
         compute = dtype if isinstance(dtype, torch.dtype) else None
         qconfig = make_quantization_config(load_in_4bit, load_in_8bit, compute_dtype=compute)
     elif qconfig is not None:

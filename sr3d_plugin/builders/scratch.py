@@ -9,7 +9,7 @@ The config holds SR3DConfig fields (``vision_config`` and ``text_config`` as dic
 ``model_type``) plus three builder keys:
 
 * ``tokenizer``: a tokenizer folder, or ``"tiny"`` for the built-in test tokenizer
-  (:func:`sr3d_plugin.testing.build_tiny_tokenizer`); required.
+  (:func:`sr3d_plugin.presets.build_tiny_tokenizer`); required.
 * ``image_processor``: an image-processor folder, or a dict of ``SiglipImageProcessor`` arguments;
   default: resize to ``tile_size`` and normalise with mean = std = 0.5.
 * ``seed``: random seed of the initial weights (default 0).
@@ -67,7 +67,7 @@ def _tokenizer(spec: Any, base: Path | None) -> Any:
     if spec is None:
         raise SR3DConfigError("a scratch model needs a tokenizer: set tokenizer to a tokenizer folder or 'tiny'")
     if isinstance(spec, str) and spec == "tiny":
-        from sr3d_plugin.testing import build_tiny_tokenizer
+        from sr3d_plugin.presets import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
     if not isinstance(spec, (str, Path)) and hasattr(spec, "convert_tokens_to_ids"):
@@ -109,15 +109,9 @@ class ScratchBuilder:
             return False
         return not any(next(path.glob(pattern), None) for pattern in _WEIGHT_PATTERNS)
 
-    def load(
-        self,
-        path: Path | dict[str, Any],
-        dtype: Any = None,
-        device_map: Any = None,
-        quantization_config: Any = None,
-        **kwargs: Any,
-    ) -> tuple[Any, Any]:
-        """Build from a config file, a config-only folder or a mapping (``kwargs`` override its entries)."""
+    def _spec(self, path: Path | dict[str, Any], kwargs: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+        """``(mapping, base folder)`` from a config file, a config-only folder or a mapping; builder keys and
+        SR3DConfig fields are popped from ``kwargs`` into the mapping."""
         base: Path | None = None
         if isinstance(path, dict):
             data = dict(path)
@@ -135,33 +129,36 @@ class ScratchBuilder:
             if key in kwargs:
                 data[key] = kwargs.pop(key)
         data.update(split_config_overrides(kwargs))
-        return self.build(data, dtype=dtype, device_map=device_map, quantization_config=quantization_config,
-                          base=base, **kwargs)  # fmt: skip
+        return data, base
 
-    def build(
+    def config(self, path: Path | dict[str, Any], **kwargs: Any) -> Any:
+        """The :class:`SR3DConfig` :meth:`load` builds, without creating weights (reads the tokenizer only)."""
+        data, base = self._spec(path, kwargs)
+        return self._prepare(data, None, base)[0]
+
+    def load(
         self,
-        data: dict[str, Any],
-        tokenizer: Any = None,
-        image_processor: Any = None,
+        path: Path | dict[str, Any],
         dtype: Any = None,
         device_map: Any = None,
         quantization_config: Any = None,
-        base: Path | None = None,
         **kwargs: Any,
     ) -> tuple[Any, Any]:
-        """Build ``(model, processor)`` from a mapping of SR3DConfig fields + builder keys."""
-        from sr3d_plugin.builders._common import instantiate
-        from sr3d_plugin.modeling import SR3DForConditionalGeneration
-        from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig, parse_dtype
-        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+        """Build from a config file, a config-only folder or a mapping (``kwargs`` override its entries)."""
+        data, base = self._spec(path, kwargs)
+        return self.build(data, dtype=dtype, device_map=device_map, quantization_config=quantization_config,
+                          base=base, **kwargs)  # fmt: skip
+
+    def _prepare(self, data: dict[str, Any], tokenizer: Any, base: Path | None) -> tuple[Any, Any, Any, int]:
+        """``(config, tokenizer, image-processor spec, seed)`` from a mapping of SR3DConfig fields + builder keys."""
+        from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
 
         data = dict(data)
         for key in ("model_type", "architectures", "transformers_version", "auto_map"):
             data.pop(key, None)
         tok = _tokenizer(tokenizer if tokenizer is not None else data.pop("tokenizer", None), base)
         data.pop("tokenizer", None)
-        ip_spec = image_processor if image_processor is not None else data.pop("image_processor", None)
-        data.pop("image_processor", None)
+        ip_spec = data.pop("image_processor", None)
         seed = int(data.pop("seed", 0))
         add_special_tokens(tok, [SR3D_SPECIAL_TOKENS["image"], SR3D_SPECIAL_TOKENS["mask"]])
         text = data.get("text_config")
@@ -182,6 +179,28 @@ class ScratchBuilder:
             config = SR3DConfig(**data)
         except TypeError as exc:
             raise SR3DConfigError(f"invalid SR3DConfig field in the scratch config: {exc}") from exc
+        return config, tok, ip_spec, seed
+
+    def build(
+        self,
+        data: dict[str, Any],
+        tokenizer: Any = None,
+        image_processor: Any = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        base: Path | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Build ``(model, processor)`` from a mapping of SR3DConfig fields + builder keys."""
+        from sr3d_plugin.builders._common import instantiate
+        from sr3d_plugin.modeling import SR3DForConditionalGeneration
+        from sr3d_plugin.modeling.configuration_sr3d import parse_dtype
+        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+        config, tok, ip_spec, seed = self._prepare(data, tokenizer, base)
+        if image_processor is not None:
+            ip_spec = image_processor
         torch_dtype = parse_dtype(dtype) if dtype not in (None, "auto") else torch.float32
         with torch.random.fork_rng():
             torch.manual_seed(seed)

@@ -54,6 +54,7 @@ from sr3d_plugin.builders._common import (
     read_json,
     read_weights,
     split_config_overrides,
+    tensor_shape,
     truncate_vocabulary,
 )
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
@@ -196,9 +197,9 @@ def vila_config_to_sr3d(
     }
     pe_weights = path / "perception_encoder"
     if pe_weights.is_dir():
-        head = read_weights(pe_weights).get("layers.position_embedding_head.0.weight")
+        head = tensor_shape(pe_weights, "layers.position_embedding_head.0.weight")  # header only
         if head is not None:
-            in_features = int(head.shape[1])
+            in_features = int(head[1])
             if in_features % 3 or (in_features // 3 - 1) % 2:
                 raise SR3DConfigError(
                     f"{pe_weights}: the first PE layer takes {in_features} features; expected 3·(1 + 2·F)"
@@ -268,31 +269,18 @@ class VilaBuilder:
         vila_like = config.get("model_type") in VILA_MODEL_TYPES or any("VILA" in a for a in archs)
         return vila_like and all((path / part).is_dir() for part in REQUIRED_PARTS)
 
-    def load(
-        self,
-        path: Path,
-        dtype: Any = None,
-        device_map: Any = None,
-        quantization_config: Any = None,
-        **kwargs: Any,
-    ) -> tuple[Any, Any]:
-        """Load the folder.
+    def _plan(self, path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], list[str], int]:
+        """``(config, tokenizer, top-level config, notes, stored vocabulary size)``; reads configs and the
+        tokenizer (and the PE's first weight for its frequency count), never the model weights.
 
-        Args:
-            path: VILA-layout folder.
-            dtype: torch dtype or name; default (None or ``"auto"``) is the folder's ``model_dtype``.
-            device_map, quantization_config: as for ``from_pretrained`` (see ``load_model``).
-            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``), ``attn_implementation`` and
-                ``keep_padded_vocab`` (default False: like the original loader, cut the LLM's
-                embeddings and ``lm_head`` to ``len(tokenizer)`` rows; True keeps Qwen2's padded rows,
-                which greedy decoding may then emit although they were never trained).
+        ``config.text_config.vocab_size`` is already the loaded size: ``len(tokenizer)`` (the stored
+        matrices are cut, as the original loader does, unless ``keep_padded_vocab``, or grown for
+        added tokens). SR3DConfig overrides and ``keep_padded_vocab`` are popped from ``kwargs``.
         """
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
-        from sr3d_plugin.testing import CHATML_TEMPLATE
+        from sr3d_plugin.presets import CHATML_TEMPLATE
 
-        path = Path(path)
         missing = [p for p in REQUIRED_PARTS if not (path / p).is_dir()]
         if missing:
             raise SR3DInputError(f"{path} lacks the VILA sub-folder(s) {missing}; expected {list(REQUIRED_PARTS)}")
@@ -318,10 +306,58 @@ class VilaBuilder:
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = CHATML_TEMPLATE
             notes.append("llm/ has no chat template: using ChatML (the Qwen2 / NVILA template)")
-        image_processor = AutoImageProcessor.from_pretrained(str(path / "vision_tower"))
-
         config, config_notes = vila_config_to_sr3d(path, top, tokenizer, overrides)
         notes.extend(config_notes)
+        vocab = int(config.text_config.vocab_size)
+        if len(tokenizer) < vocab and not keep_padded_vocab:
+            # the original loader (llava/model/builder.py load_pretrained_model) calls
+            # resize_token_embeddings(len(tokenizer)): Qwen2's padded, never-trained rows are cut off
+            config.text_config.vocab_size = len(tokenizer)
+        elif len(tokenizer) > vocab:
+            config.text_config.vocab_size = len(tokenizer)
+        return config, tokenizer, top, notes, vocab
+
+    @staticmethod
+    def _vocab_notes(stored: int, size: int) -> list[str]:
+        if size < stored:
+            return [
+                f"LLM embeddings and lm_head cut from {stored} to len(tokenizer)={size} rows, as the original "
+                "loader does (keep_padded_vocab=True keeps the padded rows)"
+            ]
+        if size > stored:
+            return [f"LLM embeddings grown from {stored} to {size} rows for the added tokens (mean-initialised)"]
+        return []
+
+    def config(self, path: Path, **kwargs: Any) -> Any:
+        """The :class:`SR3DConfig` :meth:`load` builds (same options), without reading the model weights."""
+        return self._plan(Path(path), dict(kwargs))[0]
+
+    def load(
+        self,
+        path: Path,
+        dtype: Any = None,
+        device_map: Any = None,
+        quantization_config: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load the folder.
+
+        Args:
+            path: VILA-layout folder.
+            dtype: torch dtype or name; default (None or ``"auto"``) is the folder's ``model_dtype``.
+            device_map, quantization_config: as for ``from_pretrained`` (see ``load_model``).
+            **kwargs: SR3DConfig overrides (e.g. ``max_tiles=6``), ``attn_implementation`` and
+                ``keep_padded_vocab`` (default False: like the original loader, cut the LLM's
+                embeddings and ``lm_head`` to ``len(tokenizer)`` rows; True keeps Qwen2's padded rows,
+                which greedy decoding may then emit although they were never trained).
+        """
+        from transformers import AutoImageProcessor
+
+        from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+
+        path = Path(path)
+        config, tokenizer, top, notes, vocab = self._plan(path, kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(str(path / "vision_tower"))
         state = read_vila_state_dict(path, config.vision_config)
         for flag, part in (
             ("use_position_encoding", "perception_encoder"),
@@ -333,20 +369,13 @@ class VilaBuilder:
                     del state[k]
                 if unused:
                     notes.append(f"{flag}=False: the {len(unused)} tensor(s) of {part}/ are not loaded")
-        vocab = int(config.text_config.vocab_size)
-        if len(tokenizer) < vocab and not keep_padded_vocab:
-            # the original loader (llava/model/builder.py load_pretrained_model) calls
-            # resize_token_embeddings(len(tokenizer)): Qwen2's padded, never-trained rows are cut off
-            truncate_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
-            config.text_config.vocab_size = len(tokenizer)
-            notes.append(
-                f"LLM embeddings and lm_head cut from {vocab} to len(tokenizer)={len(tokenizer)} rows, as the original "
-                "loader does (keep_padded_vocab=True keeps the padded rows)"
-            )
-        elif len(tokenizer) > vocab:
-            size = pad_vocabulary(state, ["llm.model.embed_tokens.weight", "llm.lm_head.weight"], len(tokenizer))
-            config.text_config.vocab_size = size
-            notes.append(f"LLM embeddings grown from {vocab} to {size} rows for the added tokens (mean-initialised)")
+        size = int(config.text_config.vocab_size)
+        keys = ["llm.model.embed_tokens.weight", "llm.lm_head.weight"]
+        if size < vocab:
+            truncate_vocabulary(state, keys, size)
+        elif size > vocab:
+            pad_vocabulary(state, keys, size)
+        notes.extend(self._vocab_notes(vocab, size))
 
         if dtype is None or dtype == "auto":
             dtype = parse_dtype(top.get("model_dtype", "torch.float16"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,70 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+#: Python parameter → flag, per sub-command (``"*"``: every sub-command), where the flag is not the
+#: parameter's own option destination (``--num-frames`` needs no entry: its destination is ``num_frames``)
+PARAMETER_FLAGS: dict[str, dict[str, str]] = {
+    "*": {},
+    "merge": {"base": "--base"},
+}
+
+#: ``name=`` (not part of a dotted recipe key, a longer word, a path or a quoted value such as a user's
+#: ``'num_frames=8'`` model argument), then an optional value: a quoted
+#: string, a bracketed list, or a run of characters up to a space or a sentence sign
+_PARAMETER = re.compile(
+    r"(?<![\w.\-'\"/=])(?P<name>[A-Za-z_]\w*)=(?P<value>'[^']*'|\"[^\"]*\"|\[[^\]]*\]|[^\s,;:)]*[^\s,;:).])?"
+)
+
+
+def _flags_of(parser: argparse.ArgumentParser | None, command: str | None) -> dict[str, tuple[str, bool]]:
+    """Python parameter → ``(long flag, may stand alone)`` for ``sr3d COMMAND``: the parser's option
+    destinations, then :data:`PARAMETER_FLAGS`."""
+    by_dest: dict[str, tuple[str, bool]] = {}
+    by_flag: dict[str, bool] = {}
+    for action in getattr(parser, "_actions", []):
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        for flag in longs:
+            by_flag[flag] = action.nargs in (0, "?")
+        if longs and action.dest not in by_dest:
+            by_dest[action.dest] = (longs[0], action.nargs in (0, "?"))
+    for name, flag in {**PARAMETER_FLAGS.get("*", {}), **PARAMETER_FLAGS.get(command or "", {})}.items():
+        by_dest[name] = (flag, by_flag.get(flag, False))
+    return by_dest
+
+
+def flag_wording(message: str, command: str | None = None, parser: argparse.ArgumentParser | None = None) -> str:
+    """A library message (Python parameters written ``name=``) in the flag wording of ``sr3d COMMAND``.
+
+    See :class:`~sr3d_plugin.errors.SR3DError` for the convention. ``parser`` is the sub-command's
+    parser (its option destinations give the flags; built from :func:`build_parser` when None);
+    :data:`PARAMETER_FLAGS` adds the others. Example: ``flag_wording("pass depth= with intrinsics='K.txt'", "ask", p)`` →
+    ``"pass --depth with --intrinsics K.txt"``.
+    """
+    if parser is None and command:
+        parser = _subparser(build_parser(), command)
+    flags = _flags_of(parser, command)
+
+    def replace(match: re.Match[str]) -> str:
+        name, value = match.group("name"), match.group("value")
+        if name not in flags:
+            return match.group(0)
+        flag, no_value = flags[name]
+        if not value or (no_value and value in ("True", "true")):
+            return flag
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{flag} {value}"
+
+    return _PARAMETER.sub(replace, message)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command or "")
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sr3d",
@@ -50,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except SR3DError as exc:
-        print(f"sr3d {args.command}: error: {exc}", file=sys.stderr)
+        message = flag_wording(str(exc), args.command, _subparser(parser, args.command))
+        print(f"sr3d {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

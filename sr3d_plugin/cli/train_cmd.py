@@ -117,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"recipe: {recipe.source or '(mapping)'}")
             for w in warnings:
                 print(f"warning: {w}")
-            print(plan.format())
+            from sr3d_plugin.cli import flag_wording
+
+            print(flag_wording(plan.format(), "train"))
         return 0
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -81,7 +81,7 @@ class Converter:
         check_options(self, options)
         resolved = split or self.default_split
         if resolved is None:
-            raise SR3DConfigError(f"{self.name}: give --split (this dataset has no default split)")
+            raise SR3DConfigError(f"{self.name}: give split= (this dataset has no default split)")
         folder = Path(out).expanduser()
         dest = folder / self.name / f"{resolved}.jsonl"
         done = None
@@ -95,7 +95,7 @@ def check_options(converter: Any, given: Mapping[str, Any]) -> None:
     accepted = getattr(converter, "options", {}) or {}
     unknown = sorted(k for k in given if k not in accepted)
     if unknown:
-        known = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(accepted)) or "none"
+        known = ", ".join(f"{k}=" for k in sorted(accepted)) or "none"
         raise SR3DConfigError(
             f"{converter.name}: option(s) {unknown} do not apply; options of {converter.name}: {known}"
         )
@@ -200,8 +200,8 @@ def missing_scene_error(dataset: str, missing: Mapping[str, int], out: Path) -> 
     shown = ", ".join(f"{s} ({missing[s]} item(s))" for s in ids[:5]) + (" …" if len(ids) > 5 else "")
     return SR3DInputError(
         f"{dataset}: {sum(missing.values())} item(s) refer to {len(ids)} scene(s) missing from "
-        f"{str(out / SCENES_DIR)!r}: {shown}; run `sr3d prepare scannet --raw <scans> --out {out}` first, or pass "
-        "--skip-missing to leave those items out"
+        f"{str(out / SCENES_DIR)!r}: {shown}; prepare the scannet data set first (raw= the scans, out={str(out)!r}), "
+        "or pass skip_missing=True to leave those items out"
     )
 
 

@@ -99,7 +99,7 @@ class ScanQAConverter(Converter):
         if split.startswith("test"):
             raise SR3DInputError(
                 f"scanqa: split {split!r} has no public answers (ScanQA's test sets are scored by its server); "
-                "use --split val"
+                "use split='val'"
             )
         if done is not None:
             return done

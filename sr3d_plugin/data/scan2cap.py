@@ -85,7 +85,7 @@ class _BoxSource:
         self.table: dict[str, dict[str, Box]] | None = None
         if self.path is not None:
             if not self.path.exists():
-                raise SR3DInputError(f"scan2cap: --boxes {str(self.path)!r} does not exist")
+                raise SR3DInputError(f"scan2cap: boxes={str(self.path)!r} does not exist")
             if self.path.is_file():
                 self.table = load_gt_boxes(self.path)
 
@@ -205,7 +205,7 @@ class Scan2CapConverter(Converter):
         boxes = _BoxSource(options.get("boxes"), out)
         proposals = Path(options["proposals"]).expanduser() if options.get("proposals") else None
         if proposals is not None and not proposals.exists():
-            raise SR3DInputError(f"scan2cap: --proposals {str(proposals)!r} does not exist")
+            raise SR3DInputError(f"scan2cap: proposals={str(proposals)!r} does not exist")
         source = find_file(raw, [f"ScanRefer_filtered_{split}.json"], "scan2cap")
         data = load_json(source, "ScanRefer file")
         if not isinstance(data, list):

@@ -95,7 +95,7 @@ class ScanNetConverter(Converter):
     def scene_folders(self, raw: Path, wanted: set[str] | None) -> list[Path]:
         """Scene folders under ``raw`` (``raw`` itself when it is one)."""
         if not raw.is_dir():
-            raise SR3DInputError(f"scannet: --raw {str(raw)!r} is not a folder (expected scene folders)")
+            raise SR3DInputError(f"scannet: raw={str(raw)!r} is not a folder (expected scene folders)")
         if detect_layout(raw) is not None:
             found = [raw]
         else:
@@ -125,11 +125,11 @@ class ScanNetConverter(Converter):
         """Prepare every scene folder found under ``raw`` into ``out/scenes/``."""
         check_options(self, options)
         if split is not None:
-            raise SR3DInputError("scannet: scenes have no split; leave out --split")
+            raise SR3DInputError("scannet: scenes have no split; leave out split=")
         raw, out = Path(raw).expanduser(), Path(out).expanduser()
         meta_root = Path(options["meta"]).expanduser() if options.get("meta") else None
         if meta_root is not None and not meta_root.is_dir():
-            raise SR3DInputError(f"scannet: --meta {str(meta_root)!r} is not a folder")
+            raise SR3DInputError(f"scannet: meta={str(meta_root)!r} is not a folder")
         step = as_int(options.get("frame_step", 1), "frame_step")
         copy = as_bool(options.get("copy", False), "copy")
         wanted = None

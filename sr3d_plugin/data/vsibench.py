@@ -34,10 +34,10 @@ _COLUMNS = ("id", "dataset", "scene_name", "question_type", "question", "ground_
 def _parquet_files(raw: Path, split: str) -> list[Path]:
     if raw.is_file():
         if raw.suffix != ".parquet":
-            raise SR3DInputError(f"vsibench: --raw {str(raw)!r} is not a .parquet file")
+            raise SR3DInputError(f"vsibench: raw={str(raw)!r} is not a .parquet file")
         return [raw]
     if not raw.is_dir():
-        raise SR3DInputError(f"vsibench: --raw {str(raw)!r} does not exist")
+        raise SR3DInputError(f"vsibench: raw={str(raw)!r} does not exist")
     files = sorted(p for p in raw.rglob(f"{split}-*.parquet") if not any(part.startswith(".") for part in p.parts))
     if not files:
         files = sorted(raw.rglob(f"{split}.parquet"))
@@ -166,7 +166,7 @@ class VSIBenchConverter(Converter):
             shown = ", ".join(list(missing_videos)[:3])
             raise SR3DInputError(
                 f"vsibench: {sum(missing_videos.values())} question(s) refer to {len(missing_videos)} missing video(s), "
-                f"e.g. {shown}; give the video folder with --videos, or pass --skip-missing"
+                f"e.g. {shown}; give the video folder as videos=, or pass skip_missing=True"
             )
         if not records:
             raise SR3DInputError(f"vsibench: no question left to write for split {split!r}")

@@ -43,7 +43,7 @@ def run_demo(
     if not (path / "config.json").is_file():
         raise SR3DInputError(
             f"no model at {path}; train the tiny model with `sr3d train recipes/tiny-synthetic.yaml` "
-            "or pass model= a model folder"
+            "or pass model= (a model folder)"
         )
     torch.manual_seed(seed)
     net, processor = load_model(path)

@@ -139,10 +139,11 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any = None, *model_args: Any, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; a local folder in a foreign layout (VILA / NVILA / SR-3D
-        release, LLaVA) is loaded by its model builder instead (see :mod:`sr3d_plugin.builders`)."""
-        from sr3d_plugin.builders import load_foreign_model
+        release, LLaVA) is loaded by its model builder instead (see :mod:`sr3d_plugin.builders`, which the
+        package root registers in :mod:`sr3d_plugin.modeling._foreign`)."""
+        from sr3d_plugin.modeling._foreign import load_foreign
 
-        foreign = load_foreign_model(pretrained_model_name_or_path, model_args, kwargs)
+        foreign = load_foreign(pretrained_model_name_or_path, model_args, kwargs)
         if foreign is not None:
             return foreign
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.geometry import check_intrinsics, check_rigid
-
-if TYPE_CHECKING:
-    from sr3d_plugin.synthetic.scene import Room, SceneObject
+from sr3d_plugin.synthetic.objects import Room, SceneObject
 
 __all__ = ["LIGHTS", "RenderResult", "render"]
 

@@ -277,7 +277,7 @@ def plan_memory(
         for k in [k for k in b if k.startswith("weights.")] + ["adapters"]:
             b[k] //= w
     if stage and w == 1:
-        notes.append(f"ZeRO/FSDP stage {stage} shards states across processes; pass --num-processes to plan per GPU")
+        notes.append(f"ZeRO/FSDP stage {stage} shards states across processes; pass num_processes= to plan per GPU")
     b["gradients"] = grad_b
     b["optimizer"] = opt_b
 

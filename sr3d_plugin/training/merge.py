@@ -45,7 +45,7 @@ def merge_adapter(
     base_path = Path(base) if base is not None else Path(str(cfg.get("base_model_name_or_path") or ""))
     if not str(base_path) or not base_path.is_dir():
         raise SR3DInputError(
-            f"base model {str(base_path)!r} of adapter {folder} is not a folder on this machine; pass --base"
+            f"base model {str(base_path)!r} of adapter {folder} is not a folder on this machine; pass base= (the base model folder)"
         )
     model, processor = load_model(base_path, dtype=dtype)
     merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()

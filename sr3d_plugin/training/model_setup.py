@@ -16,7 +16,6 @@ Rules (SR3D-FACTS §7, §9):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sr3d_plugin.errors import SR3DConfigError
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3D_SPECIAL_TOKENS, SR3DConfig, parse_dtype
+from sr3d_plugin.presets import PRESETS
 
 __all__ = [
     "PRESETS",
@@ -42,63 +42,33 @@ __all__ = [
 ]
 
 
-def _sr3d_8b_config() -> SR3DConfig:
-    """SR-3D-8B / NVILA-Lite-8B (SR3D-FACTS §1): SigLIP-so400m-448 + Qwen2-7B (vocabulary as Qwen2-7B's)."""
-    return SR3DConfig(
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": 152064,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 32768,
-            "rope_theta": 1000000.0,
-            "tie_word_embeddings": False,
-        },
-        max_tiles=12,
-        image_token_id=151649,
-        mask_token_id=151651,
-    )
+def _tiny_spec(recipe: Any) -> dict[str, Any]:
+    """The ``scratch`` builder's input for ``model.preset: tiny`` (seeded with ``training.seed``)."""
+    from sr3d_plugin.presets import tiny_scratch_spec
 
-
-#: architecture presets: name → callable returning an SR3DConfig (``tiny`` needs a tokenizer, see build_model)
-PRESETS: dict[str, Any] = {"sr3d-8b": _sr3d_8b_config}
-
-
-def _tiny_config(overrides: dict[str, Any]) -> tuple[SR3DConfig, Any]:
-    from sr3d_plugin.testing import build_tiny_tokenizer, tiny_sr3d_config
-
-    tokenizer = build_tiny_tokenizer()
-    return tiny_sr3d_config(tokenizer, **overrides), tokenizer
-
-
-class _NoTokens:
-    """Stand-in tokenizer for planning: placeholder ids do not change parameter or activation counts."""
-
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return 0
+    return tiny_scratch_spec(dict(recipe.model.config_overrides), seed=recipe.training.seed)
 
 
 def model_config_for(recipe: Any) -> tuple[SR3DConfig, str]:
     """The model's config without loading weights: ``(config, where it came from)``.
 
-    From ``model.path`` when the folder exists (sr3d or VILA layout), else from ``model.preset``.
+    From ``model.path`` when it exists on this machine (through the builder that would load it,
+    ``model.builder`` or :func:`~sr3d_plugin.builders.detect_builder`), else from ``model.preset``.
     """
-    m = recipe.model
-    if m.path is not None and Path(m.path).is_dir():
-        p = Path(m.path)
-        top = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
-        if top.get("model_type") == "sr3d":
-            return SR3DConfig.from_pretrained(str(p)), f"checkpoint {p}"
-        if (p / "llm").is_dir() and (p / "vision_tower").is_dir():
-            from sr3d_plugin.builders.vila import vila_config_to_sr3d
+    from sr3d_plugin import builders
 
-            cfg, _ = vila_config_to_sr3d(p, top, _NoTokens())
-            return cfg, f"VILA-layout checkpoint {p}"
+    m = recipe.model
+    if m.path is not None and Path(m.path).exists():
+        p = Path(m.path)
+        try:
+            config, name = builders.model_config(p, builder=m.builder)
+        except SR3DInputError:
+            if m.builder is not None or m.preset is None:
+                raise
+        else:
+            return config, f"{name} checkpoint {p}"
     if m.preset == "tiny":
-        return _tiny_config(dict(m.config_overrides))[0], "preset tiny"
+        return builders.model_config(_tiny_spec(recipe), builder="scratch")[0], "preset tiny"
     if m.preset in PRESETS:
         return PRESETS[m.preset](), f"preset {m.preset}"
     raise SR3DConfigError(
@@ -141,13 +111,11 @@ def build_model(
     if path is None:
         if m.preset != "tiny":
             raise SR3DConfigError("model.path is empty; give a checkpoint folder or model.preset=tiny")
-        from sr3d_plugin.modeling import SR3DForConditionalGeneration, SR3DProcessor
-        from sr3d_plugin.testing import tiny_image_processor
+        from sr3d_plugin.builders import load_model
+        from sr3d_plugin.modeling import SR3DForConditionalGeneration
 
-        config, tokenizer = _tiny_config(dict(m.config_overrides))
         torch.manual_seed(recipe.training.seed)
-        model = SR3DForConditionalGeneration(config)
-        processor = SR3DProcessor.from_model_config(config, tiny_image_processor(config.tile_size), tokenizer)
+        model, processor = load_model(_tiny_spec(recipe), builder="scratch")
         if base_dir is None:
             if quant is not None:
                 raise SR3DConfigError("a 4-bit tiny model needs a base folder to be quantised from")
@@ -171,8 +139,9 @@ def build_model(
         kwargs["attn_implementation"] = m.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
+        from sr3d_plugin.devices import placement_map
+
+        kwargs["device_map"] = placement_map(device if device is not None else "cpu")
     model, processor = load_model(path, builder=m.builder, **kwargs)
     return model, processor, str(path)
 

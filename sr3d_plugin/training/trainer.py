@@ -71,7 +71,7 @@ def find_checkpoint(output_dir: str | Path, which: str | bool | None = True) -> 
     if isinstance(which, str) and which not in ("latest", ""):
         p = Path(which)
         if not (p / "trainer_state.json").is_file():
-            raise SR3DConfigError(f"--resume {which}: not a complete checkpoint folder (no trainer_state.json)")
+            raise SR3DConfigError(f"resume={str(which)!r}: not a complete checkpoint folder (no trainer_state.json)")
         return p
     out = Path(output_dir)
     found = []
@@ -203,14 +203,14 @@ def train(
     # ---- run folder -----------------------------------------------------------------------------
     ckpt = find_checkpoint(out, resume) if resume else None
     if resume and ckpt is None:
-        raise SR3DConfigError(f"--resume: no complete checkpoint in {out}")
+        raise SR3DConfigError(f"resume={resume!r}: no complete checkpoint in {out}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".checkpoint-*.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
         if not resume and find_checkpoint(out, True) is not None:
             raise SR3DConfigError(
-                f"{out} already holds checkpoints; pass --resume to continue, or choose another training.output_dir"
+                f"{out} already holds checkpoints; pass resume=True to continue, or choose another training.output_dir"
             )
         atomic_write_text(out / "recipe.yaml", _recipe_yaml(recipe))
     acc.wait_for_everyone()
