@@ -287,10 +287,8 @@ def _on_sampled_frame(value: Any, frames: Any) -> bool:
     """False when a mask's ``frame`` (``"@ID"`` or an index after sampling) names a frame that sampling
     left out; True otherwise, including for a missing or malformed value, which
     :func:`region_from_record` then reports."""
-    from sr3d_plugin.regions import _normalise_id
-
     if isinstance(value, str) and value.startswith("@"):
-        return _normalise_id(value[1:]) in {_normalise_id(f) for f in frames.frame_ids}
+        return frames.find(value) is not None
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return value < len(frames)
     return True

@@ -20,6 +20,7 @@ For a single image ``frame`` may be left out. Every mask ends up at its frame's 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ __all__ = [
     "REGION_KINDS",
     "RegionSpec",
     "box3d_masks",
+    "check_question",
+    "count_region_references",
     "decode_coco_rle",
     "encode_coco_rle",
     "load_mask_image",
@@ -410,23 +413,17 @@ def _fit_to_image(mask: np.ndarray, image_size: tuple[int, int], what: str) -> n
     return out
 
 
-def _normalise_id(value: str) -> str:
-    s = Path(str(value).strip()).stem if "." in str(value) else str(value).strip()
-    return str(int(s)) if s.isdigit() else s
-
-
 def _frame_index(spec: RegionSpec, index: int, frames: Any) -> int:
     v = len(frames)
     if spec.frame_id is not None:
-        wanted = _normalise_id(spec.frame_id)
-        ids = [_normalise_id(f) for f in frames.frame_ids]
-        if wanted not in ids:
+        k = frames.find(spec.frame_id)
+        if k is None:
             shown = ", ".join(frames.frame_ids[:8]) + (" …" if v > 8 else "")
             raise SR3DInputError(
                 f"region {index} ({spec.text!r}) refers to frame id {spec.frame_id!r}, which is not among the "
                 f"{v} sampled frame(s) ({shown}); pick one of those ids, or an index frame=0..{v - 1}"
             )
-        return ids.index(wanted)
+        return k
     if spec.frame is None:
         if v == 1:
             return 0
@@ -481,6 +478,40 @@ def _spec_region(spec: RegionSpec, index: int, frames: Any) -> Region:
             "expected at least one foreground pixel"
         )
     return Region({k: mask}, label=label)
+
+
+_REGION_ALIAS = re.compile(r"<region(\d+)>")
+
+
+def count_region_references(question: str, mask_token: str = "<mask>") -> tuple[int, list[int]]:
+    """``(number of <mask> tokens, [K of every <regionK> alias])`` in a question."""
+    return question.count(mask_token), [int(m.group(1)) for m in _REGION_ALIAS.finditer(question)]
+
+
+def check_question(question: Any, n_regions: int, image_token: str = "<image>", mask_token: str = "<mask>") -> None:
+    """Fail unless ``question`` is non-empty text without image markers whose region references
+    (``<mask>`` in order, or ``<regionK>`` aliases — not both) fit ``n_regions`` regions."""
+    if not isinstance(question, str) or not question.strip():
+        raise SR3DInputError(f"the question is empty ({question!r}); expected some text")
+    if image_token in question:
+        raise SR3DInputError(
+            f"the question contains {image_token}; image markers are added automatically — remove them"
+        )
+    bare, aliases = count_region_references(question, mask_token)
+    if bare and aliases:
+        raise SR3DInputError(f"the question mixes {mask_token} and <regionK> references; use one style")
+    if aliases:
+        bad = sorted({k for k in aliases if k >= n_regions})
+        if bad:
+            raise SR3DInputError(
+                f"the question refers to <region{bad[0]}> but {n_regions} region(s) were given"
+                + (f" (<region0>..<region{n_regions - 1}>)" if n_regions else "")
+            )
+    elif bare != n_regions:
+        raise SR3DInputError(
+            f"the question has {bare} {mask_token} token(s) but {n_regions} region(s) were given; "
+            f"expected one {mask_token} per region, in order (or <regionK> aliases)"
+        )
 
 
 def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> list[Region]:
