@@ -25,6 +25,7 @@ import torch
 
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.regions import region_from_record as region_from_record
 from sr3d_plugin.visual_inputs import DEPTH_SOURCES as DEPTH_SOURCES
 from sr3d_plugin.visual_inputs import depth_source_name, positions, read_frames
 
@@ -222,100 +223,6 @@ def record_messages(rec: dict[str, Any], num_images: int, system_prompt: str | N
 # ----------------------------------------------------------------------------------------------
 # regions
 # ----------------------------------------------------------------------------------------------
-
-
-def _frame_of(value: Any, frames: Any, where: str) -> int:
-    """Frame index (after sampling) of a record region's ``frame`` (int, or ``"@ID"`` for an original frame id)."""
-    from sr3d_plugin.regions import RegionSpec, _frame_index  # the inference convention, one implementation
-
-    if value is None:
-        return _frame_index(RegionSpec("box", where), 0, frames)
-    if isinstance(value, str) and value.startswith("@"):
-        return _frame_index(RegionSpec("box", where, frame_id=value[1:]), 0, frames)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise SR3DInputError(f"{where}: frame={value!r}; expected a frame index >= 0 or '@<frame id>'")
-    return _frame_index(RegionSpec("box", where, frame=int(value)), 0, frames)
-
-
-def region_from_record(item: Any, frames: Any, base: Path, where: str = "region") -> Region:
-    """One record region on ``frames`` (a FrameSet after sampling).
-
-    ``item`` is a spec string (``"frame=2 box=10,20,50,60"``, :mod:`sr3d_plugin.regions`) or an object
-    with ``frame`` (index after sampling or ``"@ID"``) and one of ``box`` ``[x0, y0, x1, y1]``,
-    ``mask`` (image path), ``rle`` (COCO RLE object or a JSON file), ``polygon`` ``[x0, y0, …]``, or
-    ``box3d`` ``[cx, cy, cz, sx, sy, sz(, yaw)]`` (metres in the scene's aligned world frame); plus an
-    optional ``label``. ``{"masks": [...], "box3d"?, "label"?}`` draws one region on several frames.
-    """
-    from sr3d_plugin.regions import REGION_KINDS, RegionSpec, decode_coco_rle, resolve_regions
-
-    if isinstance(item, str):
-        return resolve_regions([item], frames)[0]
-    if not isinstance(item, dict):
-        raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec string")
-    if "masks" in item:
-        return _multi_frame_region(item, frames, base, where)
-    unknown = sorted(set(item) - {"frame", "label", *REGION_KINDS})
-    if unknown:
-        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected frame, label and one of {REGION_KINDS}")
-    kinds = [k for k in REGION_KINDS if k in item]
-    if len(kinds) != 1:
-        raise SR3DInputError(f"{where} names {kinds}; expected exactly one of {', '.join(REGION_KINDS)}")
-    kind, value, label = kinds[0], item[kinds[0]], item.get("label")
-    text = f"{where} ({kind})"
-    if kind == "box3d":
-        if "frame" in item:
-            raise SR3DInputError(f"{where}: box3d regions cover every frame where the box is visible; drop 'frame'")
-        spec = RegionSpec("box3d", text, values=tuple(float(v) for v in value), label=label)
-        return resolve_regions([spec], frames)[0]
-    k = _frame_of(item.get("frame"), frames, where)
-    if kind == "rle" and isinstance(value, dict):
-        mask = decode_coco_rle(value, what=f"{where} RLE")
-        return resolve_regions([Region({k: mask}, label=label)], frames)[0]
-    if kind in ("box", "polygon"):
-        if not isinstance(value, (list, tuple)):
-            raise SR3DInputError(f"{where}: {kind} must be a list of numbers, got {value!r}")
-        spec = RegionSpec(kind, text, frame=k, values=tuple(float(v) for v in value), label=label)
-    else:
-        if not isinstance(value, str):
-            raise SR3DInputError(f"{where}: {kind} must be a file path, got {value!r}")
-        spec = RegionSpec(kind, text, frame=k, path=str(_path(value, base)), label=label)
-    return resolve_regions([spec], frames)[0]
-
-
-def _on_sampled_frame(value: Any, frames: Any) -> bool:
-    """False when a mask's ``frame`` (``"@ID"`` or an index after sampling) names a frame that sampling
-    left out; True otherwise, including for a missing or malformed value, which
-    :func:`region_from_record` then reports."""
-    if isinstance(value, str) and value.startswith("@"):
-        return frames.find(value) is not None
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return value < len(frames)
-    return True
-
-
-def _multi_frame_region(item: dict[str, Any], frames: Any, base: Path, where: str) -> Region:
-    """``{"masks": [{frame, box | mask | rle | polygon}, …], "box3d"?, "label"?}`` — one region drawn on
-    several frames (the layout ``sr3d prepare`` writes). Masks on frames that were not sampled are
-    skipped; with none left, the ``box3d`` is projected onto the sampled frames."""
-    unknown = sorted(set(item) - {"masks", "box3d", "label"})
-    if unknown:
-        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected masks, box3d and label")
-    if not isinstance(item["masks"], list):
-        raise SR3DInputError(f"{where}: masks must be a list of {{frame, box | mask | rle | polygon}} objects")
-    merged: dict[int, np.ndarray] = {}
-    for j, entry in enumerate(item["masks"]):
-        if not isinstance(entry, dict):
-            raise SR3DInputError(f"{where} mask {j} must be an object")
-        if not _on_sampled_frame(entry.get("frame"), frames):
-            continue  # drawn on a frame that was not sampled
-        part = region_from_record(entry, frames, base, f"{where} mask {j}")
-        for k, m in part.masks.items():
-            merged[k] = merged[k] | m if k in merged else m
-    if merged:
-        return Region(merged, label=item.get("label"))
-    if item.get("box3d") is not None:
-        return region_from_record({"box3d": item["box3d"], "label": item.get("label")}, frames, base, where)
-    raise SR3DInputError(f"{where}: none of its masks lies on a sampled frame and it has no box3d to project")
 
 
 # ----------------------------------------------------------------------------------------------

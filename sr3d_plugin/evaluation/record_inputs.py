@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
@@ -212,52 +211,16 @@ class RecordInputBuilder:
     # ------------------------------------------------------------------------------------------
 
     def regions(self, record: Mapping[str, Any], frames: Any) -> list[Region]:
-        """The record's region prompts on the sampled ``frames`` (see the module docstring)."""
-        from sr3d_plugin.regions import box3d_masks, decode_coco_rle, resolve_regions
+        """The record's region prompts on the sampled ``frames`` (:func:`sr3d_plugin.regions.region_from_record`,
+        the reader training records use; see the module docstring)."""
+        from sr3d_plugin.regions import region_from_record
 
         items = record.get("regions") or []
         label = record_label(record)
         if not isinstance(items, (list, tuple)):
             raise SR3DInputError(f"{label}: 'regions' must be a list, got {type(items).__name__}")
-        out: list[Region] = []
-        for i, item in enumerate(items):
-            where = f"{label}: region {i}"
-            if isinstance(item, str):
-                try:
-                    out.append(resolve_regions([item], frames)[0])
-                except SR3DInputError as exc:
-                    raise SR3DInputError(f"{where}: {exc}") from None
-                continue
-            if not isinstance(item, Mapping):
-                raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec")
-            name = item.get("label")
-            masks: dict[int, np.ndarray] = {}
-            for j, m in enumerate(item.get("masks") or []):
-                if not isinstance(m, Mapping) or "frame" not in m or "rle" not in m:
-                    raise SR3DInputError(f"{where}: mask {j} must be an object with 'frame' and 'rle'")
-                k = frames.find(m["frame"])
-                if k is None:
-                    continue  # drawn on a frame that was not sampled
-                mask = decode_coco_rle(dict(m["rle"]), what=f"{where} mask {j}")
-                if mask.any():
-                    masks[k] = mask
-            if masks:
-                out.append(resolve_regions([Region(masks, label=name)], frames)[0])
-                continue
-            box = item.get("box3d")
-            if box is None:
-                raise SR3DInputError(
-                    f"{where}: none of its masks is on the {len(frames)} sampled frame(s) and it has no 'box3d' "
-                    "to project; prepare the data with the same number of frames as the model uses"
-                )
-            values = [float(v) for v in box]
-            if len(values) not in (6, 7):
-                raise SR3DInputError(f"{where}: box3d must have 6 or 7 numbers, got {len(values)}")
-            projected, _ = box3d_masks(values, frames)
-            if not projected:
-                raise SR3DInputError(f"{where}: the 3D box is not visible in any of the {len(frames)} sampled frame(s)")
-            out.append(Region(projected, label=name))
-        return out
+        base = record.get(DATA_DIR_FIELD)
+        return [region_from_record(item, frames, base, f"{label}: region {i}") for i, item in enumerate(items)]
 
     def visual(self, record: Mapping[str, Any]) -> VisualInput:
         """The full :class:`VisualInput` of a record (frames, positions, regions)."""
