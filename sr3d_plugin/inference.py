@@ -11,24 +11,15 @@
 
 What happens in :meth:`SR3DPipeline.ask` (SR3D-FACTS §2, §3, §6):
 
-1. **Frames.** ``image`` (one image, tiled dynamically), ``frames`` (image files or PIL images of
-   one scene), ``video`` (a video file) or ``scene`` (a ScanNet-style folder). Frame lists, videos and
-   scenes are sampled uniformly to ``num_frames`` (default ``config.num_video_frames`` = 32,
-   ``floor(linspace(0, N−1, n))``); every sampled frame is one tile.
-2. **3D positions** (only for models with ``use_position_encoding``), first that applies:
-   ``points`` (a reconstruction ``.npz``/``.npy`` or an array; robust canonical mode) →
-   ``depth_model`` (Depth Anything V2 id or folder; single-view convention per frame) → given depth:
-   with intrinsics (and poses for several frames) metric back-projection into one world frame and
-   the canonical transform in ``config.canonical_mode``; without intrinsics the single-view relative
-   depth convention. No source at all is an error.
-   Steps 1–2 are :mod:`sr3d_plugin.visual_inputs` (shared with training and evaluation).
-3. **Regions** (:mod:`sr3d_plugin.regions`): box / mask image / COCO RLE / polygon on a frame, or a
-   3D box projected onto every frame where it is visible. Frame indices count the frames after
-   sampling; ``frame=@ID`` names an original frame id. The question refers to regions with
-   ``<mask>`` (in order) or ``<region0>``, ``<region1>`` … aliases.
-4. **Generation** (:meth:`SR3DPipeline.generate`, batched, left padding) with the model's ``generate``
+1. **Frames, 3D positions, regions** — :func:`sr3d_plugin.visual_inputs.visual_input`, the path that
+   training records and the lmms-eval model share: one ``image`` (tiled dynamically), ``frames``, a
+   ``video`` or a ``scene`` sampled uniformly to ``num_frames`` (``config.num_video_frames``; one tile
+   per frame); positions (models with ``use_position_encoding``) from ``points`` → ``depth_model`` →
+   the given depth (metric with intrinsics, relative without), canonicalised in ``config.canonical_mode``
+   for metric depth; regions (:mod:`sr3d_plugin.regions`) referred to by ``<mask>`` or ``<regionK>``.
+2. **Generation** (:meth:`SR3DPipeline.generate`, batched, left padding) with the model's ``generate``
    (greedy unless ``do_sample``), seeded with ``seed``.
-5. **Scoring** (``score_answer``, :meth:`SR3DPipeline.score`): ``answer_logprob`` = Σᵢ log p(aᵢ | prompt, a₍<ᵢ₎), the *summed*
+3. **Scoring** (``score_answer``, :meth:`SR3DPipeline.score`): ``answer_logprob`` = Σᵢ log p(aᵢ | prompt, a₍<ᵢ₎), the *summed*
    log-probability (natural log) of the answer's tokens under teacher forcing, i.e.
    log p(answer | prompt). The answer is tokenised on its own (no special tokens) and appended
    right after the generation prompt (``…<|im_start|>assistant\\n``); the end-of-turn token is not
@@ -40,58 +31,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from sr3d_plugin.decoding import ContinuationScore, cut_at_stops, eos_token_ids, score_continuations
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
-from sr3d_plugin.regions import RegionSpec, check_question, count_region_references, region_summary
+from sr3d_plugin.regions import RegionSpec, check_question, count_region_references
 
 __all__ = ["ContinuationScore", "SR3DPipeline", "count_region_references", "cut_at_stops"]
 
 PathLike = str | os.PathLike
 
 
-class ContinuationScore(NamedTuple):
-    """Teacher-forced score of one continuation: summed natural-log probability, whether every token
-    is the argmax (greedy), and the number of continuation tokens."""
-
-    logprob: float
-    greedy: bool
-    num_tokens: int
-
-
-def cut_at_stops(text: str, stops: Sequence[str] = ()) -> str:
-    """``text`` cut at the first occurrence of each stop string, stripped."""
-    for s in stops:
-        pos = text.find(s)
-        if pos >= 0:
-            text = text[:pos]
-    return text.strip()
-
-
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     from sr3d_plugin.sources.depth_anything import resolve_device
 
     return resolve_device(device)
-
-
-def _check_paths(**inputs: Any) -> None:
-    """Fail early (before any decoding or model work) when a named input file or folder is missing."""
-    from sr3d_plugin.sources.files import require_file
-
-    kinds = {"image": "image", "frames": "frame image", "video": "video file"}
-    for name, value in inputs.items():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not isinstance(item, (str, os.PathLike)):
-                continue
-            if name == "scene":
-                if not Path(item).expanduser().is_dir():
-                    raise SR3DInputError(f"scene folder not found: {str(item)!r}")
-            else:
-                require_file(item, kinds.get(name, "point-map file"))
 
 
 class SR3DPipeline:
@@ -220,13 +177,6 @@ class SR3DPipeline:
         """The processor batch of ``prompts`` with their ``visuals`` (left padding), on the model's device."""
         return self.to_device(self.processor(list(prompts), list(visuals), padding_side="left"))
 
-    def _eos_ids(self) -> set[int]:
-        tok = self.processor.tokenizer
-        ids = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else [int(e) for e in eos or ()])
-        return ids
-
     @torch.inference_mode()
     def generate(
         self,
@@ -266,7 +216,7 @@ class SR3DPipeline:
         seconds = {"encode": t1 - t0, "generate": time.perf_counter() - t1}
         if not return_details:
             return texts
-        eos = self._eos_ids()
+        eos = eos_token_ids(self.model, self.processor.tokenizer)
         details = []
         for r, text in enumerate(texts):
             new_ids = out[r, prompt_len:].tolist()
@@ -281,47 +231,11 @@ class SR3DPipeline:
             )
         return details
 
-    @torch.inference_mode()
     def score(self, batch: dict[str, Any], continuations: Sequence[str | Sequence[int]]) -> list[ContinuationScore]:
-        """Teacher-forced ``log p(continuation | prompt)`` for each row of a processor batch.
-
-        Args:
-            batch: a processor batch of ``B`` prompts ending in the generation prompt (any padding side).
-            continuations: ``B`` texts (tokenised on their own, no special tokens, no end-of-turn token)
-                or token-id lists, appended right after each prompt's last real token.
-
-        Returns:
-            ``B`` :class:`ContinuationScore` (natural log, summed over the continuation's tokens).
-        """
-        tok = self.processor.tokenizer
-        conts: list[list[int]] = []
-        for c in continuations:
-            ids = tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else [int(x) for x in c]
-            if not ids:
-                raise SR3DInputError(f"continuation {c!r} has no tokens; expected a non-empty answer")
-            conts.append(list(ids))
-        if len(conts) != batch["input_ids"].shape[0]:
-            raise SR3DInputError(f"{len(conts)} continuation(s) for {batch['input_ids'].shape[0]} prompt(s)")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        rows = [batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist() + c for r, c in enumerate(conts)]
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, row in enumerate(rows):  # left padding: every continuation ends at the last position
-            ids[r, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[r, length - len(row) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "num_tiles")}
-        inputs = self.to_device({"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **extra})
-        logits = self.model(**inputs).logits.float()
-        out = []
-        for r, cont in enumerate(conts):
-            n = len(cont)
-            logp = torch.log_softmax(logits[r, length - n - 1 : length - 1], dim=-1)
-            target = torch.tensor(cont, device=logp.device)
-            picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            out.append(ContinuationScore(float(picked.sum()), bool((logp.argmax(-1) == target).all()), n))
-        return out
+        """Teacher-forced ``log p(continuation | prompt)`` per row of a processor ``batch``
+        (:func:`sr3d_plugin.decoding.score_continuations`: natural log, summed over the continuation's
+        tokens, tokenised on their own and appended right after each prompt's last real token)."""
+        return score_continuations(self.model, self.processor.tokenizer, self.to_device(batch), continuations)
 
     def answer_logprob(self, inputs: dict[str, Any], answer: str) -> tuple[float, int]:
         """Teacher-forced ``log p(answer | prompt)`` of one prompt: ``(summed log-probability, number of
@@ -365,17 +279,11 @@ class SR3DPipeline:
 
         Args:
             question: the user text; refers to regions with ``<mask>`` (in order) or ``<regionK>``.
-            image: one image (path, PIL image or ``[H, W, 3]`` uint8 array), tiled dynamically.
-            frames: several images of one scene (paths / PIL / arrays), one tile each.
-            video: a video file.
-            scene: a ScanNet-style posed RGB-D folder (CONTRIBUTING.md, "Data layouts").
-            depth: depth for ``image`` / ``frames``: file(s) (16-bit PNG in mm / ``depth_scale``,
-                ``.npy`` in metres) or ``[H, W]`` / ``[V, H, W]`` arrays in metres; one per frame.
+            image, frames, video, scene, depth, intrinsics, poses, points: exactly one visual input
+                and its geometry, as :func:`sr3d_plugin.visual_inputs.visual_input` (an image is tiled
+                dynamically; frames, videos and scenes give one tile per sampled frame).
             depth_model: Depth Anything V2 id or folder (``"auto"``: the model config's default);
-                overrides the pipeline's default.
-            intrinsics: ``[3, 3]`` pinhole matrix of the depth maps (file or array), or ``[V, 3, 3]``.
-            poses: 4×4 camera-to-world per frame (files or ``[V, 4, 4]``).
-            points: reconstruction point maps (``.npz`` / ``.npy`` file or ``[V, H, W, 3]`` array).
+                overrides the pipeline's default and a scene's own depth.
             regions: region specs (:mod:`sr3d_plugin.regions`) or :class:`Region` objects, in the order
                 ``<mask>`` tokens use them.
             num_frames: frames sampled from frame lists, videos and scenes (default ``config.num_video_frames``).
@@ -408,21 +316,9 @@ class SR3DPipeline:
         )
         if max_new_tokens is None or int(max_new_tokens) <= 0:
             raise SR3DInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if points is not None and depth is not None:
-            raise SR3DInputError("give either depth or points (reconstruction point maps), not both")
-        if depth_model is not None and (depth is not None or points is not None):
-            raise SR3DInputError("a depth model estimates depth; do not also give depth or points")
         if depth_model == "auto":
             depth_model = default_depth_model(self.config)
         dm = depth_model if depth_model is not None else self.depth_model
-        dm = default_depth_model(self.config) if dm == "auto" else dm
-        _check_paths(image=image, frames=frames, video=video, scene=scene, points=points)
-        if self.needs_positions and not (scene is not None or depth is not None or points is not None or dm):
-            raise SR3DInputError(
-                "this model adds 3D positional encodings (use_position_encoding=True) but no depth source was given; "
-                "pass depth (with intrinsics, and poses for several frames), points (a .npz/.npy reconstruction "
-                f"or an array) or depth_model (e.g. {default_depth_model(self.config)!r})"
-            )
         bundle = visual_input(
             image=image,
             frames=frames,
@@ -433,7 +329,7 @@ class SR3DPipeline:
             poses=poses,
             points=points,
             depth_model=depth_model,  # an explicit depth model beats a scene's own depth
-            fallback_depth_model=dm,  # the pipeline default only fills gaps
+            fallback_depth_model=default_depth_model(self.config) if dm == "auto" else dm,  # only fills gaps
             regions=regions,
             num_frames=getattr(self.config, "num_video_frames", 32) if num_frames is None else num_frames,
             depth_scale=depth_scale,
@@ -442,7 +338,7 @@ class SR3DPipeline:
             device=self.device,
             cache=cache,
         )
-        fs, visual, timings = bundle.frames, bundle.visual, {"load": self.load_seconds, **bundle.timings}
+        visual, timings = bundle.visual, {"load": self.load_seconds, **bundle.timings}
         prompt = proc.build_prompt(question, visual, **({} if system is None else {"system": system}))
         set_seed(int(seed))
         gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample)}
@@ -457,27 +353,12 @@ class SR3DPipeline:
             result.update({"answer_logprob": logprob, "score_answer": score_answer, "answer_tokens": n_tok})
             timings["score"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        kind = next(
-            k for k, v in (("image", image), ("frames", frames), ("video", video), ("scene", scene)) if v is not None
-        )
+        result.update(bundle.summary())
         result.update(
             {
-                "regions": [
-                    region_summary(r, i, fs, s if isinstance(s, (str, RegionSpec)) else None)
-                    for i, (r, s) in enumerate(zip(visual.regions, bundle.specs))
-                ],
-                "num_frames": len(fs),
-                "frame_ids": [str(f) for f in fs.frame_ids],
                 "num_tiles": out["num_tiles"],
                 "prompt_tokens": out["prompt_tokens"],
                 "generated_tokens": out["generated_tokens"],
-                "geometry": bundle.geometry,
-                "input": {
-                    "kind": kind,
-                    "source": fs.source,
-                    "total_frames": int(fs.meta.get("total_frames", len(fs))),
-                    "image_size": list(fs.images[0].size),
-                },
                 "model": self.model_path,
                 "seed": int(seed),
                 "timings": {k: round(float(v), 4) for k, v in timings.items()},

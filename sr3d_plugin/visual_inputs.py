@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from sr3d_plugin.modeling.inputs import Region, VisualInput
 __all__ = [
     "DEPTH_SOURCES",
     "VisualBundle",
+    "check_input_paths",
     "default_depth_model",
     "depth_source_name",
     "positions",
@@ -73,6 +75,22 @@ def _is_path(value: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 # frames
 # ----------------------------------------------------------------------------------------------
+
+
+def check_input_paths(**inputs: Any) -> None:
+    """Fail early (before any decoding or model work) when a named input file or folder is missing."""
+    from sr3d_plugin.sources.files import require_file
+
+    kinds = {"image": "image", "frames": "frame image", "video": "video file"}
+    for name, value in inputs.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, (str, os.PathLike)):
+                continue
+            if name == "scene":
+                if not Path(item).expanduser().is_dir():
+                    raise SR3DInputError(f"scene folder not found: {str(item)!r}")
+            else:
+                require_file(item, kinds.get(name, "point-map file"))
 
 
 def read_frames(
@@ -251,6 +269,29 @@ class VisualBundle:
     geometry: dict[str, Any]
     specs: list[Any] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    kind: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready report: ``{"regions", "num_frames", "frame_ids", "geometry", "input"}``
+        (regions as :func:`sr3d_plugin.regions.region_summary`)."""
+        from sr3d_plugin.regions import RegionSpec, region_summary
+
+        fs = self.frames
+        return {
+            "regions": [
+                region_summary(r, i, fs, s if isinstance(s, (str, RegionSpec)) else None)
+                for i, (r, s) in enumerate(zip(self.visual.regions, self.specs))
+            ],
+            "num_frames": len(fs),
+            "frame_ids": [str(f) for f in fs.frame_ids],
+            "geometry": self.geometry,
+            "input": {
+                "kind": self.kind,
+                "source": fs.source,
+                "total_frames": int(fs.meta.get("total_frames", len(fs))),
+                "image_size": list(fs.images[0].size),
+            },
+        }
 
 
 def visual_input(
@@ -276,10 +317,31 @@ def visual_input(
 ) -> VisualBundle:
     """:func:`read_frames` + :func:`positions` (when ``needs_positions``) + regions, as one :class:`VisualBundle`.
 
-    ``regions``: specs (:func:`sr3d_plugin.regions.parse_region_spec` strings, :class:`RegionSpec`)
-    or :class:`Region` objects on the sampled frames, in ``<mask>`` order.
+    Args:
+        image, frames, video, scene, depth, intrinsics, poses, num_frames, depth_scale: as :func:`read_frames`.
+        points, source, depth_model, fallback_depth_model, canonical_mode, device, cache: as :func:`positions`.
+        regions: specs (:func:`sr3d_plugin.regions.parse_region_spec` strings, :class:`RegionSpec`) or
+            :class:`Region` objects on the sampled frames, in ``<mask>`` order.
+        needs_positions: whether the model adds 3D positions (without them no depth source is needed).
+
+    The inputs are checked before anything is read: files exist, ``depth`` and ``points`` are not
+    both given, a ``depth_model`` comes without ``depth`` / ``points``, and a model that needs
+    positions has some depth source (a scene's depth, ``depth``, ``points`` or a depth model).
     """
     from sr3d_plugin.regions import RegionSpec, parse_region_spec, resolve_regions
+
+    if points is not None and depth is not None:
+        raise SR3DInputError("give either depth or points (reconstruction point maps), not both")
+    if depth_model is not None and (depth is not None or points is not None):
+        raise SR3DInputError("a depth model estimates depth; do not also give depth or points")
+    check_input_paths(image=image, frames=frames, video=video, scene=scene, points=points)
+    has_source = scene is not None or any(x is not None for x in (depth, points, depth_model, fallback_depth_model))
+    if needs_positions and not has_source:
+        raise SR3DInputError(
+            "this model adds 3D positional encodings (use_position_encoding=True) but no depth source was given; "
+            "pass depth (with intrinsics, and poses for several frames), points (a .npz/.npy reconstruction or "
+            f"an array) or depth_model (e.g. {default_depth_model(None)!r})"
+        )
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -317,4 +379,7 @@ def visual_input(
     region_objs = resolve_regions(specs, fs)
     timings["regions"] = time.perf_counter() - t
     visual = VisualInput(list(fs.images), points=canonical, valid=valid, regions=region_objs)
-    return VisualBundle(visual, fs, geometry, specs, timings)
+    kind = next(
+        k for k, v in (("image", image), ("frames", frames), ("video", video), ("scene", scene)) if v is not None
+    )
+    return VisualBundle(visual, fs, geometry, specs, timings, kind)
