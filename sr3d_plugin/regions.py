@@ -187,8 +187,8 @@ def box3d_masks(
 
     if frames.cam_to_world is None or frames.intrinsics is None:
         raise SR3DInputError(
-            "box3d regions need camera poses and intrinsics (a --scene folder, or --frames with --poses and "
-            "--intrinsics); these frames have " + ("no poses" if frames.cam_to_world is None else "no intrinsics")
+            "box3d regions need camera poses and intrinsics (a scene folder, or frames with poses and "
+            "intrinsics); these frames have " + ("no poses" if frames.cam_to_world is None else "no intrinsics")
         )
     box = Box3D.from_center_size_yaw(list(values[:3]), list(values[3:6]), float(values[6]) if len(values) > 6 else 0.0)
     if frames.depth is not None:

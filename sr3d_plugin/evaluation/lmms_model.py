@@ -133,7 +133,7 @@ class SR3DLmms(lmms):
             )
         pretrained = _opt_str(pretrained)
         if pretrained is None:
-            raise SR3DConfigError("the sr3d model needs pretrained=<model folder> (--model_args pretrained=PATH)")
+            raise SR3DConfigError("the sr3d model needs pretrained=<model folder> (a model argument)")
         try:
             depth_source = depth_source_name(depth_source)
         except SR3DInputError as exc:
