@@ -6,9 +6,9 @@ The record format is documented in ``docs/data-format.md``. One record is a JSON
 ``points``, ``depth_source``), ``num_frames``, ``regions`` and ``conversations``. Relative paths are
 relative to the folder of the JSON/JSONL file.
 
-Frame reading, region parsing and 3D positions reuse the inference code
-(:class:`sr3d_plugin.inference.SR3DPipeline`'s ``read_frames`` / ``positions`` and
-:mod:`sr3d_plugin.regions`), so a record means exactly what the same arguments mean to ``sr3d ask``.
+Frame reading and 3D positions go through :mod:`sr3d_plugin.visual_inputs` (``read_frames`` /
+``positions``, as the pipeline and the lmms-eval model do) and regions through
+:mod:`sr3d_plugin.regions`, so a record means exactly what the same arguments mean to ``sr3d ask``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import torch
 
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.regions import region_from_record as region_from_record
+from sr3d_plugin.visual_inputs import DEPTH_SOURCES as DEPTH_SOURCES
+from sr3d_plugin.visual_inputs import depth_source_name, positions, read_frames
 
 __all__ = [
     "VISUAL_KEYS",
@@ -56,7 +59,6 @@ RECORD_KEYS = {
 }
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MARKERS = re.compile(r"(?:<image>|<video>)\n?")
-DEPTH_SOURCES = ("auto", "gt_depth", "relative_depth", "depth_anything", "points")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,9 +164,7 @@ def validate_record(rec: Any, where: str = "record") -> None:
         raise SR3DInputError(f"{where} names {visual}; expected exactly one of {', '.join(VISUAL_KEYS)}")
     if "frames" in rec and not (isinstance(rec["frames"], list) and rec["frames"]):
         raise SR3DInputError(f"{where}: frames must be a non-empty list of image paths")
-    src = rec.get("depth_source", "auto")
-    if src not in DEPTH_SOURCES:
-        raise SR3DInputError(f"{where}: depth_source={src!r}; expected one of {', '.join(DEPTH_SOURCES)}")
+    depth_source_name(rec.get("depth_source", "auto"), f"{where}: depth_source")
     if "num_frames" in rec and (
         not isinstance(rec["num_frames"], int) or isinstance(rec["num_frames"], bool) or rec["num_frames"] <= 0
     ):
@@ -225,102 +225,6 @@ def record_messages(rec: dict[str, Any], num_images: int, system_prompt: str | N
 # ----------------------------------------------------------------------------------------------
 
 
-def _frame_of(value: Any, frames: Any, where: str) -> int:
-    """Frame index (after sampling) of a record region's ``frame`` (int, or ``"@ID"`` for an original frame id)."""
-    from sr3d_plugin.regions import RegionSpec, _frame_index  # the inference convention, one implementation
-
-    if value is None:
-        return _frame_index(RegionSpec("box", where), 0, frames)
-    if isinstance(value, str) and value.startswith("@"):
-        return _frame_index(RegionSpec("box", where, frame_id=value[1:]), 0, frames)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise SR3DInputError(f"{where}: frame={value!r}; expected a frame index >= 0 or '@<frame id>'")
-    return _frame_index(RegionSpec("box", where, frame=int(value)), 0, frames)
-
-
-def region_from_record(item: Any, frames: Any, base: Path, where: str = "region") -> Region:
-    """One record region on ``frames`` (a FrameSet after sampling).
-
-    ``item`` is a spec string (``"frame=2 box=10,20,50,60"``, :mod:`sr3d_plugin.regions`) or an object
-    with ``frame`` (index after sampling or ``"@ID"``) and one of ``box`` ``[x0, y0, x1, y1]``,
-    ``mask`` (image path), ``rle`` (COCO RLE object or a JSON file), ``polygon`` ``[x0, y0, …]``, or
-    ``box3d`` ``[cx, cy, cz, sx, sy, sz(, yaw)]`` (metres in the scene's aligned world frame); plus an
-    optional ``label``. ``{"masks": [...], "box3d"?, "label"?}`` draws one region on several frames.
-    """
-    from sr3d_plugin.regions import REGION_KINDS, RegionSpec, decode_coco_rle, resolve_regions
-
-    if isinstance(item, str):
-        return resolve_regions([item], frames)[0]
-    if not isinstance(item, dict):
-        raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec string")
-    if "masks" in item:
-        return _multi_frame_region(item, frames, base, where)
-    unknown = sorted(set(item) - {"frame", "label", *REGION_KINDS})
-    if unknown:
-        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected frame, label and one of {REGION_KINDS}")
-    kinds = [k for k in REGION_KINDS if k in item]
-    if len(kinds) != 1:
-        raise SR3DInputError(f"{where} names {kinds}; expected exactly one of {', '.join(REGION_KINDS)}")
-    kind, value, label = kinds[0], item[kinds[0]], item.get("label")
-    text = f"{where} ({kind})"
-    if kind == "box3d":
-        if "frame" in item:
-            raise SR3DInputError(f"{where}: box3d regions cover every frame where the box is visible; drop 'frame'")
-        spec = RegionSpec("box3d", text, values=tuple(float(v) for v in value), label=label)
-        return resolve_regions([spec], frames)[0]
-    k = _frame_of(item.get("frame"), frames, where)
-    if kind == "rle" and isinstance(value, dict):
-        mask = decode_coco_rle(value, what=f"{where} RLE")
-        return resolve_regions([Region({k: mask}, label=label)], frames)[0]
-    if kind in ("box", "polygon"):
-        if not isinstance(value, (list, tuple)):
-            raise SR3DInputError(f"{where}: {kind} must be a list of numbers, got {value!r}")
-        spec = RegionSpec(kind, text, frame=k, values=tuple(float(v) for v in value), label=label)
-    else:
-        if not isinstance(value, str):
-            raise SR3DInputError(f"{where}: {kind} must be a file path, got {value!r}")
-        spec = RegionSpec(kind, text, frame=k, path=str(_path(value, base)), label=label)
-    return resolve_regions([spec], frames)[0]
-
-
-def _on_sampled_frame(value: Any, frames: Any) -> bool:
-    """False when a mask's ``frame`` (``"@ID"`` or an index after sampling) names a frame that sampling
-    left out; True otherwise, including for a missing or malformed value, which
-    :func:`region_from_record` then reports."""
-    from sr3d_plugin.regions import _normalise_id
-
-    if isinstance(value, str) and value.startswith("@"):
-        return _normalise_id(value[1:]) in {_normalise_id(f) for f in frames.frame_ids}
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return value < len(frames)
-    return True
-
-
-def _multi_frame_region(item: dict[str, Any], frames: Any, base: Path, where: str) -> Region:
-    """``{"masks": [{frame, box | mask | rle | polygon}, …], "box3d"?, "label"?}`` — one region drawn on
-    several frames (the layout ``sr3d prepare`` writes). Masks on frames that were not sampled are
-    skipped; with none left, the ``box3d`` is projected onto the sampled frames."""
-    unknown = sorted(set(item) - {"masks", "box3d", "label"})
-    if unknown:
-        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected masks, box3d and label")
-    if not isinstance(item["masks"], list):
-        raise SR3DInputError(f"{where}: masks must be a list of {{frame, box | mask | rle | polygon}} objects")
-    merged: dict[int, np.ndarray] = {}
-    for j, entry in enumerate(item["masks"]):
-        if not isinstance(entry, dict):
-            raise SR3DInputError(f"{where} mask {j} must be an object")
-        if not _on_sampled_frame(entry.get("frame"), frames):
-            continue  # drawn on a frame that was not sampled
-        part = region_from_record(entry, frames, base, f"{where} mask {j}")
-        for k, m in part.masks.items():
-            merged[k] = merged[k] | m if k in merged else m
-    if merged:
-        return Region(merged, label=item.get("label"))
-    if item.get("box3d") is not None:
-        return region_from_record({"box3d": item["box3d"], "label": item.get("label")}, frames, base, where)
-    raise SR3DInputError(f"{where}: none of its masks lies on a sampled frame and it has no box3d to project")
-
-
 # ----------------------------------------------------------------------------------------------
 # frames and positions
 # ----------------------------------------------------------------------------------------------
@@ -351,17 +255,6 @@ def _matrix(value: Any, base: Path, shape: tuple[int, ...], what: str) -> np.nda
     return m
 
 
-class _ConfigOnly:
-    """Carries a model config for :class:`~sr3d_plugin.inference.SR3DPipeline`'s frame and position readers.
-
-    The pipeline's ``read_frames`` / ``positions`` use only ``config`` and ``device``; data loaders
-    (often in worker processes) must not hold the model, so they get this instead.
-    """
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-
 class RecordReader:
     """Turns records into :class:`~sr3d_plugin.sources.base.FrameSet`, regions and canonical point maps.
 
@@ -370,7 +263,8 @@ class RecordReader:
             depth model, whether positions are needed).
         num_frames: default frames sampled from frame lists, videos and scenes (a record's
             ``num_frames`` wins).
-        depth_source: default point-map source for records that do not name one.
+        depth_source: default point-map source for records that do not name one
+            (:data:`sr3d_plugin.visual_inputs.DEPTH_SOURCES`; ``"points"`` is read as ``"reconstruction"``).
         depth_model: Depth Anything V2 id or folder for ``depth_source: depth_anything``.
         cache: point-map cache (False, True, a folder) — see :func:`sr3d_plugin.pointmap.pointmaps_with_cache`.
         device: device of the depth estimator.
@@ -385,16 +279,12 @@ class RecordReader:
         cache: Any = False,
         device: str = "cpu",
     ) -> None:
-        from sr3d_plugin.inference import SR3DPipeline
-
-        if depth_source not in DEPTH_SOURCES:
-            raise SR3DInputError(f"depth_source={depth_source!r}; expected one of {', '.join(DEPTH_SOURCES)}")
         self.config = config
         self.num_frames = num_frames
-        self.depth_source = depth_source
+        self.depth_source = depth_source_name(depth_source)
         self.depth_model = depth_model or getattr(config, "depth_model", None)
         self.cache = cache
-        self.pipe = SR3DPipeline(_ConfigOnly(config), processor=None, device=device)
+        self.device = device
 
     @property
     def needs_positions(self) -> bool:
@@ -426,7 +316,7 @@ class RecordReader:
                 kwargs["poses"] = _paths(poses, base)  # pose files
             else:
                 kwargs["poses"] = np.asarray(poses, dtype=np.float64)  # 4×4 matrices
-        fs = self.pipe.read_frames(**kwargs)
+        fs = read_frames(**kwargs)
         if rec.get("axis_align") is not None:
             a = _axis_align(rec["axis_align"], base)
             if fs.cam_to_world is None:
@@ -450,39 +340,43 @@ class RecordReader:
         model needs no positions.
 
         Sources, by ``depth_source`` (record, else the reader default; ``auto`` picks the first that
-        applies): ``points`` (reconstruction file) → ``relative_depth`` (a released single-view depth image:
-        value/255, 0 = nearest) → ``depth`` (+ ``intrinsics`` / ``poses``; metric back-projection) →
-        ``depth_anything``.
+        applies): ``reconstruction`` (the ``points`` file) → ``relative_depth`` (a released single-view
+        depth image: value/255, 0 = nearest) → ``gt_depth`` (``depth`` + ``intrinsics`` / ``poses``;
+        metric back-projection) → ``depth_anything``. An explicit ``relative_depth`` without a
+        ``relative_depth`` file reads the record's ``depth`` under the single-view convention.
         """
         if not self.needs_positions:
             return None, None
         cache = self.cache if cache is None else cache
-        src = rec.get("depth_source", self.depth_source)
+        src = depth_source_name(rec.get("depth_source", self.depth_source))
         rid = rec.get("id", "?")
         if src == "auto":
             if rec.get("points") is not None:
-                src = "points"
+                src = "reconstruction"
             elif rec.get("relative_depth") is not None:
                 src = "relative_depth"
             elif frames.depth is not None:
                 src = "gt_depth"
             else:
                 src = "depth_anything"
-        if src == "points":
+        mode = getattr(self.config, "canonical_mode", "sr3d")
+        if src == "reconstruction":
             if rec.get("points") is None:
-                raise SR3DInputError(f"record {rid!r}: depth_source 'points' needs a 'points' file")
-            canonical, valid, _ = self.pipe.positions(frames, points=_path(rec["points"], base))
+                raise SR3DInputError(f"record {rid!r}: depth_source 'reconstruction' needs a 'points' file")
+            canonical, valid, _ = positions(frames, src, points=_path(rec["points"], base), canonical_mode=mode)
             return canonical, valid
         if src == "relative_depth" and rec.get("relative_depth") is not None:
             return self._relative(rec, frames, base, cache)
         if src == "depth_anything":
             if not self.depth_model:
                 raise SR3DInputError(f"record {rid!r} needs a depth model (no depth, points or relative_depth)")
-            canonical, valid, _ = self.pipe.positions(frames, depth_model=self.depth_model, cache=cache)
+            canonical, valid, _ = positions(
+                frames, src, depth_model=self.depth_model, device=self.device, canonical_mode=mode, cache=cache
+            )
             return canonical, valid
         if frames.depth is None:
             raise SR3DInputError(f"record {rid!r}: depth_source {src!r} needs depth maps")
-        canonical, valid, _ = self.pipe.positions(frames, cache=cache)
+        canonical, valid, _ = positions(frames, src, canonical_mode=mode, cache=cache)
         return canonical, valid
 
     def _relative(self, rec: dict[str, Any], frames: Any, base: Path, cache: Any) -> tuple[torch.Tensor, None]:
@@ -490,7 +384,6 @@ class RecordReader:
         0 = nearest and valid, as SR-REAL's ``mm_utils.process_depth`` (SR3D-FACTS §3)."""
         from PIL import Image
 
-        from sr3d_plugin.pointmap import pointmaps_with_cache
         from sr3d_plugin.sources.base import FrameSet
 
         files = rec["relative_depth"]
@@ -515,8 +408,8 @@ class RecordReader:
             source=frames.source,
             meta={"input_files": [str(_path(f, base)) for f in files], "reader": "relative_depth"},
         )
-        result = pointmaps_with_cache(fs, "relative_depth", cache=cache, scaling="sr3d", depth_scale=1.0)
-        return result.canonical.to(torch.float32), None
+        canonical, _, _ = positions(fs, "relative_depth", cache=cache, scaling="sr3d", depth_scale=1.0)
+        return canonical, None
 
     def visual(self, rec: dict[str, Any], base: Path) -> VisualInput | None:
         """The complete visual input of a record (None for text-only records)."""

@@ -19,30 +19,32 @@ For a single image ``frame`` may be left out. Every mask ends up at its frame's 
 
 from __future__ import annotations
 
-import json
+import re
 import shlex
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.masks import decode_coco_rle, encode_coco_rle, fit_mask, load_mask_image, load_rle_file, polygon_mask
 from sr3d_plugin.modeling.inputs import Region
 
 __all__ = [
     "REGION_KINDS",
     "RegionSpec",
     "box3d_masks",
+    "check_question",
+    "count_region_references",
     "decode_coco_rle",
     "encode_coco_rle",
     "load_mask_image",
     "load_rle_file",
     "parse_region_spec",
     "polygon_mask",
+    "region_from_record",
     "region_summary",
     "resolve_regions",
 ]
@@ -165,183 +167,6 @@ def parse_region_spec(text: str) -> RegionSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def _counts_from_string(s: str) -> list[int]:
-    """COCO's compressed counts (LEB128-like, 5 bits per char offset by 48, deltas from count i−2)."""
-    counts: list[int] = []
-    p = 0
-    n = len(s)
-    while p < n:
-        x = 0
-        k = 0
-        more = True
-        while more:
-            if p >= n:
-                raise SR3DInputError(f"RLE counts string is truncated at character {p}")
-            c = ord(s[p]) - 48
-            if not 0 <= c < 64:
-                raise SR3DInputError(f"RLE counts string has an invalid character {s[p]!r} at {p}")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def _counts_to_string(counts: Sequence[int]) -> str:
-    out: list[str] = []
-    for i, value in enumerate(counts):
-        x = int(value) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
-
-
-def decode_coco_rle(rle: dict[str, Any], what: str = "RLE", backend: str = "auto") -> np.ndarray:
-    """Decode a COCO RLE (``{"size": [h, w], "counts": str | list[int]}``) into an ``[h, w]`` bool mask.
-
-    ``counts`` may be compressed (COCO's string form) or uncompressed (a list of run lengths,
-    column-major, starting with a run of zeros).
-
-    Args:
-        rle: the RLE object.
-        what: name used in error messages.
-        backend: ``"auto"`` (``pycocotools`` for compressed counts when it is installed, else the
-            built-in decoder), ``"pycocotools"`` or ``"builtin"``. Both decoders give the same mask.
-    """
-    if backend not in ("auto", "pycocotools", "builtin"):
-        raise SR3DInputError(f"unknown RLE backend {backend!r}; expected 'auto', 'pycocotools' or 'builtin'")
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise SR3DInputError(f"{what} must be an object with 'size' [h, w] and 'counts'; got {_short(rle)}")
-    size = rle["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise SR3DInputError(f"{what} 'size' must be [height, width] positive integers, got {size!r}")
-    h, w = int(size[0]), int(size[1])
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii", errors="replace")
-    if isinstance(counts, str):
-        if backend != "builtin":
-            try:
-                import pycocotools.mask as mask_utils
-            except ImportError:
-                if backend == "pycocotools":
-                    raise SR3DInputError("backend='pycocotools' but pycocotools is not installed") from None
-            else:
-                # check the runs first: the C decoder does not validate them
-                _check_runs(_counts_from_string(counts), h, w, what)
-                with warnings.catch_warnings():  # pycocotools' __array__ warns under numpy 2
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded = mask_utils.decode({"size": [h, w], "counts": counts.encode("ascii")})
-                return np.asarray(decoded, dtype=bool)
-        runs = _counts_from_string(counts)
-    elif isinstance(counts, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        runs = [int(c) for c in counts]
-    else:
-        raise SR3DInputError(f"{what} 'counts' must be a string or a list of integers, got {_short(counts)}")
-    return _runs_to_mask(runs, h, w, what)
-
-
-def _check_runs(runs: Sequence[int], h: int, w: int, what: str) -> None:
-    if any(r < 0 for r in runs):
-        raise SR3DInputError(f"{what} has negative run lengths; the counts are corrupt")
-    total = int(sum(runs))
-    if total != h * w:
-        raise SR3DInputError(f"{what} run lengths sum to {total}; expected height × width = {h} × {w} = {h * w}")
-
-
-def _runs_to_mask(runs: Sequence[int], h: int, w: int, what: str) -> np.ndarray:
-    _check_runs(runs, h, w, what)
-    flat = np.zeros(h * w, dtype=bool)
-    pos = 0
-    for i, run in enumerate(runs):
-        if i % 2:
-            flat[pos : pos + run] = True
-        pos += run
-    return flat.reshape((h, w), order="F")
-
-
-def encode_coco_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
-    """Encode an ``[h, w]`` mask as COCO RLE (``counts`` a string when ``compressed``, else a list)."""
-    m = np.asarray(mask).astype(bool)
-    if m.ndim != 2:
-        raise SR3DInputError(f"mask must be [H, W], got shape {m.shape}")
-    flat = m.reshape(-1, order="F")
-    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    edges = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(edges).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    counts: str | list[int] = _counts_to_string(runs) if compressed else [int(r) for r in runs]
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": counts}
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def load_rle_file(path: str | Path) -> np.ndarray:
-    """Read a COCO RLE JSON file (an RLE object, or an annotation with ``segmentation``) as a bool mask."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise SR3DInputError(f"RLE file not found: {str(p)!r}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SR3DInputError(f"RLE file {str(p)!r} is not readable JSON: {exc}") from exc
-    if isinstance(data, dict) and "segmentation" in data and "counts" not in data:
-        data = data["segmentation"]
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
-        data = data[0]
-    return decode_coco_rle(data, f"RLE file {str(p)!r}")
-
-
-def load_mask_image(path: str | Path) -> np.ndarray:
-    """Read a binary mask image as ``[H, W]`` bool: any non-zero pixel (or non-zero alpha) is set."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise SR3DInputError(f"mask image not found: {str(p)!r}")
-    try:
-        with Image.open(p) as im:
-            mode = im.mode
-            arr = np.array(im)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SR3DInputError(f"mask image {str(p)!r} is not a readable image: {exc}") from exc
-    if arr.ndim == 3:
-        if mode in ("RGBA", "LA", "PA") and (arr[..., -1] < 255).any():
-            return arr[..., -1] > 0
-        return (arr[..., : (1 if mode in ("LA",) else 3)] > 0).any(axis=-1)
-    return arr > 0
-
-
-def polygon_mask(coords: Sequence[float], size: tuple[int, int]) -> np.ndarray:
-    """Rasterise a polygon ``x0, y0, x1, y1, …`` (pixels) into an ``[H, W]`` bool mask of ``size = (W, H)``.
-
-    Pixels on the outline are included (PIL's polygon fill).
-    """
-    width, height = size
-    pts = [(float(coords[i]), float(coords[i + 1])) for i in range(0, len(coords) - 1, 2)]
-    canvas = Image.new("1", (width, height), 0)
-    ImageDraw.Draw(canvas).polygon(pts, fill=1, outline=1)
-    return np.array(canvas, dtype=bool)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3D boxes
-# ----------------------------------------------------------------------------------------------
-
-
 def box3d_masks(
     values: Sequence[float], frames: Any, depth_tolerance: float = 0.05
 ) -> tuple[dict[int, np.ndarray], Any]:
@@ -362,8 +187,8 @@ def box3d_masks(
 
     if frames.cam_to_world is None or frames.intrinsics is None:
         raise SR3DInputError(
-            "box3d regions need camera poses and intrinsics (a --scene folder, or --frames with --poses and "
-            "--intrinsics); these frames have " + ("no poses" if frames.cam_to_world is None else "no intrinsics")
+            "box3d regions need camera poses and intrinsics (a scene folder, or frames with poses and "
+            "intrinsics); these frames have " + ("no poses" if frames.cam_to_world is None else "no intrinsics")
         )
     box = Box3D.from_center_size_yaw(list(values[:3]), list(values[3:6]), float(values[6]) if len(values) > 6 else 0.0)
     if frames.depth is not None:
@@ -384,7 +209,7 @@ def box3d_masks(
     out: dict[int, np.ndarray] = {}
     for i, m in enumerate(masks.numpy()):
         if m.any():
-            out[i] = _fit_to_image(m, frames.images[i].size, f"projected 3D box on frame {i}")
+            out[i] = fit_mask(m, frames.images[i].size, f"projected 3D box on frame {i}")
     return out, box
 
 
@@ -393,40 +218,17 @@ def box3d_masks(
 # ----------------------------------------------------------------------------------------------
 
 
-def _fit_to_image(mask: np.ndarray, image_size: tuple[int, int], what: str) -> np.ndarray:
-    """``mask`` at the image size (nearest); an error when the aspect ratio differs by more than 2 %."""
-    width, height = image_size
-    mh, mw = mask.shape
-    if (mw, mh) == (width, height):
-        return mask.astype(bool)
-    if abs(mw / mh - width / height) > 0.02 * (width / height):
-        raise SR3DInputError(
-            f"{what} is {mw}×{mh} but the frame is {width}×{height}; expected the frame's size or aspect ratio"
-        )
-    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
-    out = np.array(resized) > 127
-    if not out.any():  # thinner than a resized pixel: keep it with a box filter
-        out = np.array(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BOX)) > 0
-    return out
-
-
-def _normalise_id(value: str) -> str:
-    s = Path(str(value).strip()).stem if "." in str(value) else str(value).strip()
-    return str(int(s)) if s.isdigit() else s
-
-
 def _frame_index(spec: RegionSpec, index: int, frames: Any) -> int:
     v = len(frames)
     if spec.frame_id is not None:
-        wanted = _normalise_id(spec.frame_id)
-        ids = [_normalise_id(f) for f in frames.frame_ids]
-        if wanted not in ids:
+        k = frames.find(spec.frame_id)
+        if k is None:
             shown = ", ".join(frames.frame_ids[:8]) + (" …" if v > 8 else "")
             raise SR3DInputError(
                 f"region {index} ({spec.text!r}) refers to frame id {spec.frame_id!r}, which is not among the "
                 f"{v} sampled frame(s) ({shown}); pick one of those ids, or an index frame=0..{v - 1}"
             )
-        return ids.index(wanted)
+        return k
     if spec.frame is None:
         if v == 1:
             return 0
@@ -471,16 +273,50 @@ def _spec_region(spec: RegionSpec, index: int, frames: Any) -> Region:
         mask = polygon_mask(spec.values, size)
     elif spec.kind == "mask":
         assert spec.path is not None
-        mask = _fit_to_image(load_mask_image(spec.path), size, f"{where}: mask image {spec.path!r}")
+        mask = fit_mask(load_mask_image(spec.path), size, f"{where}: mask image {spec.path!r}")
     else:
         assert spec.path is not None
-        mask = _fit_to_image(load_rle_file(spec.path), size, f"{where}: RLE mask {spec.path!r}")
+        mask = fit_mask(load_rle_file(spec.path), size, f"{where}: RLE mask {spec.path!r}")
     if not mask.any():
         raise SR3DInputError(
             f"{where}: the {spec.kind} mask on frame {k} is empty (no pixel inside the {width}×{height} image); "
             "expected at least one foreground pixel"
         )
     return Region({k: mask}, label=label)
+
+
+_REGION_ALIAS = re.compile(r"<region(\d+)>")
+
+
+def count_region_references(question: str, mask_token: str = "<mask>") -> tuple[int, list[int]]:
+    """``(number of <mask> tokens, [K of every <regionK> alias])`` in a question."""
+    return question.count(mask_token), [int(m.group(1)) for m in _REGION_ALIAS.finditer(question)]
+
+
+def check_question(question: Any, n_regions: int, image_token: str = "<image>", mask_token: str = "<mask>") -> None:
+    """Fail unless ``question`` is non-empty text without image markers whose region references
+    (``<mask>`` in order, or ``<regionK>`` aliases — not both) fit ``n_regions`` regions."""
+    if not isinstance(question, str) or not question.strip():
+        raise SR3DInputError(f"the question is empty ({question!r}); expected some text")
+    if image_token in question:
+        raise SR3DInputError(
+            f"the question contains {image_token}; image markers are added automatically — remove them"
+        )
+    bare, aliases = count_region_references(question, mask_token)
+    if bare and aliases:
+        raise SR3DInputError(f"the question mixes {mask_token} and <regionK> references; use one style")
+    if aliases:
+        bad = sorted({k for k in aliases if k >= n_regions})
+        if bad:
+            raise SR3DInputError(
+                f"the question refers to <region{bad[0]}> but {n_regions} region(s) were given"
+                + (f" (<region0>..<region{n_regions - 1}>)" if n_regions else "")
+            )
+    elif bare != n_regions:
+        raise SR3DInputError(
+            f"the question has {bare} {mask_token} token(s) but {n_regions} region(s) were given; "
+            f"expected one {mask_token} per region, in order (or <regionK> aliases)"
+        )
 
 
 def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> list[Region]:
@@ -499,8 +335,7 @@ def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> 
                         f"region {i} is drawn on frame {k}, but there are {v} frame(s) after sampling (0..{v - 1})"
                     )
             masks = {
-                k: _fit_to_image(m, frames.images[k].size, f"mask of region {i} on frame {k}")
-                for k, m in item.masks.items()
+                k: fit_mask(m, frames.images[k].size, f"mask of region {i} on frame {k}") for k, m in item.masks.items()
             }
             out.append(Region(masks, label=item.label))
             continue
@@ -509,6 +344,125 @@ def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> 
             raise SR3DInputError(f"region {i} is a {type(item).__name__}; expected a spec string, RegionSpec or Region")
         out.append(_spec_region(spec, i, frames))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# regions of data records (JSON objects)
+# ----------------------------------------------------------------------------------------------
+
+
+def _frame_of(value: Any, frames: Any, where: str) -> int:
+    """Frame index (after sampling) of a record region's ``frame`` (int, or ``"@ID"`` for an original frame id)."""
+    if value is None:
+        return _frame_index(RegionSpec("box", where), 0, frames)
+    if isinstance(value, str) and value.startswith("@"):
+        return _frame_index(RegionSpec("box", where, frame_id=value[1:]), 0, frames)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SR3DInputError(f"{where}: frame={value!r}; expected a frame index >= 0 or '@<frame id>'")
+    return _frame_index(RegionSpec("box", where, frame=int(value)), 0, frames)
+
+
+def region_from_record(item: Any, frames: Any, base: str | Path | None = None, where: str = "region") -> Region:
+    """One region of a data record (training or prepared evaluation data) on ``frames`` (after sampling).
+
+    The one reader of record regions (:mod:`sr3d_plugin.records` and
+    :class:`~sr3d_plugin.evaluation.record_inputs.RecordInputBuilder` both use it). Relative file
+    paths are relative to ``base``.
+
+    ``item`` is a spec string (``"frame=2 box=10,20,50,60"``, :mod:`sr3d_plugin.regions`) or an object
+    with ``frame`` (index after sampling or ``"@ID"``) and one of ``box`` ``[x0, y0, x1, y1]``,
+    ``mask`` (image path), ``rle`` (COCO RLE object or a JSON file), ``polygon`` ``[x0, y0, …]``, or
+    ``box3d`` ``[cx, cy, cz, sx, sy, sz(, yaw)]`` (metres in the scene's aligned world frame); plus an
+    optional ``label``. ``{"masks": [...], "box3d"?, "label"?}`` draws one region on several frames.
+
+    Frame lookup (decided once, for every record): an integer ``frame`` is an index *after sampling*
+    (as ``frame=K`` in a spec); ``"@ID"`` names an original frame id, looked up with
+    :meth:`FrameSet.index_of <sr3d_plugin.sources.base.FrameSet.index_of>`; anything else (a bare
+    string, a negative or boolean value) is an error. Unknown keys are errors. In a multi-frame region,
+    masks on frames that sampling left out (an ``@ID`` not sampled, an index ``>= V``) and empty inline
+    RLE masks (an object hidden on that frame) are skipped; with none left the ``box3d`` is projected
+    onto the sampled frames, and without a ``box3d`` that is an error.
+    """
+    if isinstance(item, str):
+        try:
+            return resolve_regions([item], frames)[0]
+        except SR3DInputError as exc:
+            raise SR3DInputError(f"{where}: {exc}") from None
+    if not isinstance(item, Mapping):
+        raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec string")
+    if "masks" in item:
+        return _multi_frame_region(item, frames, base, where)
+    unknown = sorted(set(item) - {"frame", "label", *REGION_KINDS})
+    if unknown:
+        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected frame, label and one of {REGION_KINDS}")
+    kinds = [k for k in REGION_KINDS if k in item]
+    if len(kinds) != 1:
+        raise SR3DInputError(f"{where} names {kinds}; expected exactly one of {', '.join(REGION_KINDS)}")
+    kind, value, label = kinds[0], item[kinds[0]], item.get("label")
+    text = f"{where} ({kind})"
+    if kind == "box3d":
+        if "frame" in item:
+            raise SR3DInputError(f"{where}: box3d regions cover every frame where the box is visible; drop 'frame'")
+        spec = RegionSpec("box3d", text, values=tuple(float(v) for v in value), label=label)
+        return resolve_regions([spec], frames)[0]
+    k = _frame_of(item.get("frame"), frames, where)
+    if kind == "rle" and isinstance(value, dict):
+        mask = decode_coco_rle(dict(value), what=f"{where} RLE")
+        return resolve_regions([Region({k: mask}, label=label)], frames)[0]
+    if kind in ("box", "polygon"):
+        if not isinstance(value, (list, tuple)):
+            raise SR3DInputError(f"{where}: {kind} must be a list of numbers, got {value!r}")
+        spec = RegionSpec(kind, text, frame=k, values=tuple(float(v) for v in value), label=label)
+    else:
+        if not isinstance(value, str):
+            raise SR3DInputError(f"{where}: {kind} must be a file path, got {value!r}")
+        path = Path(value).expanduser()
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        spec = RegionSpec(kind, text, frame=k, path=str(path), label=label)
+    return resolve_regions([spec], frames)[0]
+
+
+def _on_sampled_frame(value: Any, frames: Any) -> bool:
+    """False when a mask's ``frame`` (``"@ID"`` or an index after sampling) names a frame that sampling
+    left out; True otherwise, including for a missing or malformed value, which
+    :func:`region_from_record` then reports."""
+    if isinstance(value, str) and value.startswith("@"):
+        return frames.find(value) is not None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return value < len(frames)
+    return True
+
+
+def _multi_frame_region(item: Mapping[str, Any], frames: Any, base: str | Path | None, where: str) -> Region:
+    """``{"masks": [{frame, box | mask | rle | polygon}, …], "box3d"?, "label"?}`` — one region drawn on
+    several frames (the layout ``sr3d prepare`` writes). Masks on frames that were not sampled are
+    skipped; with none left, the ``box3d`` is projected onto the sampled frames."""
+    unknown = sorted(set(item) - {"masks", "box3d", "label"})
+    if unknown:
+        raise SR3DInputError(f"{where} has unknown keys {unknown}; expected masks, box3d and label")
+    if not isinstance(item["masks"], list):
+        raise SR3DInputError(f"{where}: masks must be a list of {{frame, box | mask | rle | polygon}} objects")
+    merged: dict[int, np.ndarray] = {}
+    for j, entry in enumerate(item["masks"]):
+        if not isinstance(entry, Mapping):
+            raise SR3DInputError(f"{where} mask {j} must be an object")
+        if not _on_sampled_frame(entry.get("frame"), frames):
+            continue  # drawn on a frame that was not sampled
+        rle = entry.get("rle")
+        if isinstance(rle, Mapping) and not decode_coco_rle(dict(rle), what=f"{where} mask {j} RLE").any():
+            continue  # an empty inline RLE: the object is not visible on that frame
+        part = region_from_record(entry, frames, base, f"{where} mask {j}")
+        for k, m in part.masks.items():
+            merged[k] = merged[k] | m if k in merged else m
+    if merged:
+        return Region(merged, label=item.get("label"))
+    if item.get("box3d") is not None:
+        return region_from_record({"box3d": item["box3d"], "label": item.get("label")}, frames, base, where)
+    raise SR3DInputError(
+        f"{where}: none of its masks lies on the {len(frames)} sampled frame(s) and it has no box3d to project; "
+        "prepare the data with the frames the model samples"
+    )
 
 
 def region_summary(region: Region, index: int, frames: Any, spec: str | RegionSpec | None = None) -> dict[str, Any]:

@@ -227,7 +227,7 @@ def test_bad_inputs_give_empty_answers_and_keep_the_others(env: dict[str, Any]) 
     # ground-truth depth asked for a video
     gt = _model(env, depth_source="gt")
     assert gt.generate_until(_requests(gt, kinds=("vsibench",), per_task=1)) == [""]
-    assert "depth_source=gt but the video has no depth maps" in gt.failures[0][3]
+    assert "depth_source=gt_depth but the video has no depth maps" in gt.failures[0][3]
 
 
 def test_depth_sources_for_videos(env: dict[str, Any], tmp_path: Path) -> None:

@@ -218,7 +218,7 @@ def test_frames_reader_poses_sampling_and_mismatches(tmp_path: Path) -> None:
     np.testing.assert_allclose(fs.depth[:, 0, 0], [1.0, 3.0, 5.0])
     np.testing.assert_allclose(fs.cam_to_world[1], raw_pose(2))
     assert fs.has_metric_geometry
-    with pytest.raises(SR3DInputError, match="4 depth file.*for 5 image"):
+    with pytest.raises(SR3DInputError, match=r"4 depth map\(s\) for 5 frame\(s\)"):
         FramesReader().read(paths, depth=depths[:4])
     np.save(depths[3], np.ones((10, 16), np.float32))
     with pytest.raises(SR3DInputError, match="different shapes"):

@@ -11,7 +11,8 @@ Model arguments (``--model_args key=value,…``):
 =================  ==========================================================================
 ``pretrained``     model folder (ours, VILA/NVILA/SR-3D, LLaVA; see :func:`sr3d_plugin.builders.load_model`)
 ``builder``        builder name (default: detected from the folder)
-``depth_source``   ``auto`` | ``gt`` | ``depth_anything`` | ``reconstruction`` (see
+``depth_source``   ``auto`` | ``gt_depth`` (``gt``) | ``relative_depth`` | ``depth_anything`` |
+                   ``reconstruction`` (:data:`sr3d_plugin.visual_inputs.DEPTH_SOURCES`, see
                    :class:`~sr3d_plugin.evaluation.record_inputs.RecordInputBuilder`)
 ``depth_model``    Depth Anything V2 id or folder (default: the config's ``depth_model``)
 ``pointmap_dir``   reconstruction point maps ``[<dataset>/]<scene_id>.npz|.npy``
@@ -32,6 +33,11 @@ The model reads each request's record (scene, frames, depth, poses, regions) fro
 ``self.task_dict[task][split][doc_id]``; the task's ``doc_to_visual`` is not used. Under
 ``accelerate launch -m lmms_eval`` every process loads the model on its own device (data
 parallelism, as lmms-eval's built-in models do); ``accelerate launch --cpu`` works with gloo.
+
+This class is an adapter: prompts come from the processor (``build_prompt``), answers from
+:meth:`SR3DPipeline.generate <sr3d_plugin.inference.SR3DPipeline.generate>` and log-likelihoods from
+:meth:`SR3DPipeline.score <sr3d_plugin.inference.SR3DPipeline.score>`; it adds lmms-eval's request
+bookkeeping (batching by scene, stop strings, failures).
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ from tqdm import tqdm
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DError, SR3DInputError
 from sr3d_plugin.evaluation.lmms_entry import MODEL_CLASS_PATH, MODEL_ID
-from sr3d_plugin.evaluation.record_inputs import DEPTH_SOURCES, RecordInputBuilder
+from sr3d_plugin.evaluation.record_inputs import RecordInputBuilder
 from sr3d_plugin.evaluation.schema import record_label
+from sr3d_plugin.inference import SR3DPipeline, cut_at_stops
+from sr3d_plugin.visual_inputs import depth_source_name
 
 __all__ = ["MANIFEST", "SR3DLmms"]
 
@@ -125,9 +133,11 @@ class SR3DLmms(lmms):
             )
         pretrained = _opt_str(pretrained)
         if pretrained is None:
-            raise SR3DConfigError("the sr3d model needs pretrained=<model folder> (--model_args pretrained=PATH)")
-        if depth_source not in DEPTH_SOURCES:
-            raise SR3DConfigError(f"depth_source={depth_source!r}; expected one of {', '.join(DEPTH_SOURCES)}")
+            raise SR3DConfigError("the sr3d model needs pretrained=<model folder> (a model argument)")
+        try:
+            depth_source = depth_source_name(depth_source)
+        except SR3DInputError as exc:
+            raise SR3DConfigError(str(exc)) from None
         if on_error not in _ON_ERROR:
             raise SR3DConfigError(f"on_error={on_error!r}; expected one of {', '.join(_ON_ERROR)}")
         batch = str(batch_size).strip()
@@ -155,8 +165,6 @@ class SR3DLmms(lmms):
             self._world_size = accelerator.num_processes
         else:
             dev = _opt_str(device) or "auto"
-
-        from sr3d_plugin.inference import SR3DPipeline
 
         load: dict[str, Any] = {}
         if device_map is not None:
@@ -226,24 +234,16 @@ class SR3DLmms(lmms):
             raise SR3DInputError(f"no document {doc_id} in task {task!r} split {split!r}: {exc}") from exc
 
     def _prompt(self, context: str, visual: Any, history: Sequence[tuple[str, str]] = ()) -> str:
-        """Chat prompt: system, the visual markers + first user turn, earlier turns, generation prompt."""
-        proc = self.processor
-        image_token = getattr(proc, "image_token", "<image>")
-        turns = [*history, (context, None)]
-        messages: list[dict[str, str]] = []
-        system = self.system_prompt
-        if system is None:  # the processor's default (none for VILA and LLaVA folders: their template's own)
-            from sr3d_plugin.modeling.processing_sr3d import DEFAULT_SYSTEM_PROMPT
+        """Chat prompt from the processor: system, the visual markers + first user turn, earlier turns,
+        generation prompt (image markers that a task left in its text are dropped)."""
+        image_token = getattr(self.processor, "image_token", "<image>")
 
-            system = getattr(proc, "default_system", DEFAULT_SYSTEM_PROMPT)
-        if system:
-            messages.append({"role": "system", "content": system})
-        for i, (user, answer) in enumerate(turns):
-            text = user.replace(image_token, "").strip()
-            messages.append({"role": "user", "content": proc.user_content(text, visual) if i == 0 else text})
-            if answer is not None:
-                messages.append({"role": "assistant", "content": answer})
-        return proc.render_chat(messages, add_generation_prompt=True)
+        def clean(text: str) -> str:
+            return text.replace(image_token, "").strip()
+
+        turns = [(clean(u), a) for u, a in history]
+        system = {} if self.system_prompt is None else {"system": self.system_prompt}
+        return self.processor.build_prompt(clean(context), visual, history=turns, **system)
 
     def _record_failure(self, task: str, split: str, doc_id: int, doc: Any, exc: BaseException) -> None:
         if doc is None:
@@ -263,8 +263,7 @@ class SR3DLmms(lmms):
         return doc, self.inputs.visual(doc)
 
     def _batch_to_device(self, batch: Any) -> dict[str, Any]:
-        dev = self.pipeline._model_device()
-        return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return self.pipeline.to_device(batch)
 
     def _gen_kwargs(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         kw = dict(gen_kwargs or {})
@@ -289,13 +288,7 @@ class SR3DLmms(lmms):
             out["pad_token_id"] = int(pad)
         return out, stops
 
-    @staticmethod
-    def _cut(text: str, stops: Sequence[str]) -> str:
-        for s in stops:
-            pos = text.find(s)
-            if pos >= 0:
-                text = text[:pos]
-        return text.strip()
+    _cut = staticmethod(cut_at_stops)
 
     def _ordered_batches(self, requests: Sequence[Instance], group: Callable[[tuple], Any]) -> list[list[int]]:
         """Request indices grouped by ``group(args)`` and by scene (cache locality), cut into batches."""
@@ -376,18 +369,11 @@ class SR3DLmms(lmms):
         except SR3DError:
             return None
 
-    @torch.inference_mode()
     def _generate_batch(
         self, prepared: list[tuple[int, str, Any]], gen: dict[str, Any], stops: list[str]
     ) -> dict[int, str]:
-        prompts = [p for _, p, _ in prepared]
-        visuals = [v for _, _, v in prepared]
-        batch = self.processor(prompts, visuals, padding_side="left")
-        inputs = self._batch_to_device(batch)
-        prompt_len = int(inputs["input_ids"].shape[1])
-        out = self.model.generate(**inputs, **gen)
-        texts = self.processor.decode_answer(out, prompt_len)
-        return {i: self._cut(t, stops) for (i, _, _), t in zip(prepared, texts)}
+        texts = self.pipeline.generate([p for _, p, _ in prepared], [v for _, _, v in prepared], stop=stops, **gen)
+        return {i: t for (i, _, _), t in zip(prepared, texts)}
 
     # ------------------------------------------------------------------------------------------
     # loglikelihood
@@ -398,7 +384,7 @@ class SR3DLmms(lmms):
 
         ``args = (context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)``; the
         continuation is tokenised on its own and appended after the generation prompt (as
-        :meth:`SR3DPipeline.answer_logprob`). A request whose input fails gets ``(-inf, False)``.
+        :meth:`SR3DPipeline.score`). A request whose input fails gets ``(-inf, False)``.
         """
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         batches = self._ordered_batches(requests, lambda args: (args[4], args[5]))
@@ -441,35 +427,10 @@ class SR3DLmms(lmms):
         pbar.close()
         return [r if r is not None else (float("-inf"), False) for r in results]
 
-    @torch.inference_mode()
     def _loglik_batch(self, prepared: list[tuple[int, str, Any, list[int]]]) -> dict[int, tuple[float, bool]]:
         batch = self.processor([p for _, p, _, _ in prepared], [v for _, _, v, _ in prepared], padding_side="left")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = []
-        for r, (_, _, _, cont) in enumerate(prepared):
-            keep = batch["attention_mask"][r].bool()
-            rows.append(batch["input_ids"][r][keep].tolist() + cont)
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[r, length - len(row) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "num_tiles")}
-        inputs = self._batch_to_device(
-            {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **extra}
-        )
-        logits = self.model(**inputs).logits.float()
-        out: dict[int, tuple[float, bool]] = {}
-        for r, (i, _, _, cont) in enumerate(prepared):
-            n = len(cont)
-            logp = torch.log_softmax(logits[r, length - n - 1 : length - 1], dim=-1)
-            target = torch.tensor(cont, device=logp.device)
-            picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            greedy = bool((logp.argmax(-1) == target).all())
-            out[i] = (float(picked.sum()), greedy)
-        return out
+        scores = self.pipeline.score(batch, [cont for _, _, _, cont in prepared])
+        return {i: (s.logprob, s.greedy) for (i, _, _, _), s in zip(prepared, scores)}
 
     # ------------------------------------------------------------------------------------------
     # multi-round generation

@@ -20,8 +20,9 @@ The visual fields of a record (written by ``sr3d prepare``, documented in ``docs
     among the sampled frames are dropped; when none is left the 3D box is projected onto the sampled
     frames with the depth test (:func:`sr3d_plugin.regions.box3d_masks`).
 
-Frames are sampled with :meth:`SR3DPipeline.read_frames` (uniform, SR3D-FACTS §3) and 3D positions
-come from :meth:`SR3DPipeline.positions`, so a record means what the same inputs mean to ``sr3d ask``.
+Frames are sampled with :func:`sr3d_plugin.visual_inputs.read_frames` (uniform, SR3D-FACTS §3) and 3D
+positions come from :func:`sr3d_plugin.visual_inputs.positions` — the functions the pipeline and the
+training records use — so a record means what the same inputs mean to ``sr3d ask``.
 Frames and point maps of the most recent scenes are kept in a small LRU cache (questions of one
 scene are usually asked together).
 """
@@ -35,17 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.evaluation.schema import record_label
 from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.visual_inputs import DEPTH_SOURCES as _VOCABULARY
+from sr3d_plugin.visual_inputs import default_depth_model, depth_source_name, positions, read_frames
 
 __all__ = ["DATA_DIR_FIELD", "DEPTH_SOURCES", "RecordInputBuilder", "SceneGeometry", "resolve_record_path"]
 
-#: how 3D positions are obtained (model argument ``depth_source``)
-DEPTH_SOURCES = ("auto", "gt", "depth_anything", "reconstruction")
+#: how 3D positions are obtained (model argument ``depth_source``; ``gt`` is still read as ``gt_depth``)
+DEPTH_SOURCES = _VOCABULARY
 #: field added by the sr3d lmms-eval tasks to every document: the absolute data folder
 DATA_DIR_FIELD = "sr3d_data_dir"
 _POINT_SUFFIXES = (".npz", ".npy")
@@ -73,22 +75,17 @@ class SceneGeometry:
     info: dict[str, Any]
 
 
-def _norm_frame_id(value: Any) -> str:
-    """A frame id as regions compare them (``"@0120"``, ``"0120.jpg"`` and ``120`` are the same frame)."""
-    from sr3d_plugin.regions import _normalise_id
-
-    return _normalise_id(str(value).strip().removeprefix("@"))
-
-
 class RecordInputBuilder:
     """Turn records into :class:`VisualInput` objects with a pipeline's frame reader and point-map code.
 
     Args:
         pipeline: an :class:`~sr3d_plugin.inference.SR3DPipeline`.
         num_frames: frames sampled per scene / video (SR-3D uses 32).
-        depth_source: ``"auto"`` (scenes: their depth; videos: point maps when found, else the depth
-            model), ``"gt"`` (the scene's depth only), ``"depth_anything"`` (monocular estimate for
-            every input) or ``"reconstruction"`` (point-map files only).
+        depth_source: one of :data:`sr3d_plugin.visual_inputs.DEPTH_SOURCES`: ``"auto"`` (point maps
+            when found, else the scene's depth, else the depth model), ``"gt_depth"`` (the scene's depth
+            only; ``"gt"`` is accepted), ``"relative_depth"`` (the scene's depth, single-view convention),
+            ``"depth_anything"`` (monocular estimate for every input) or ``"reconstruction"``
+            (point-map files only).
         depth_model: Depth Anything V2 id or folder (default: the model config's ``depth_model``).
         pointmap_dir: folder of reconstruction point maps ``<scene_id>.npz`` / ``.npy`` (optionally in a
             ``<dataset>/`` sub-folder), used when a record has no ``points`` field.
@@ -104,8 +101,10 @@ class RecordInputBuilder:
         pointmap_dir: str | os.PathLike | None = None,
         cache_size: int = 2,
     ) -> None:
-        if depth_source not in DEPTH_SOURCES:
-            raise SR3DConfigError(f"unknown depth_source {depth_source!r}; expected one of {', '.join(DEPTH_SOURCES)}")
+        try:
+            depth_source = depth_source_name(depth_source)
+        except SR3DInputError as exc:
+            raise SR3DConfigError(str(exc)) from None
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise SR3DConfigError(f"num_frames must be a positive integer, got {num_frames!r}")
         if pointmap_dir is not None and not Path(pointmap_dir).expanduser().is_dir():
@@ -154,14 +153,10 @@ class RecordInputBuilder:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        pipe = self.pipeline
-        if kind == "scene":
-            frames = pipe.read_frames(scene=path, num_frames=self.num_frames)
-        else:
-            frames = pipe.read_frames(video=path, num_frames=self.num_frames)
+        frames = read_frames(**{kind: path}, num_frames=self.num_frames)
         pts = valid = None
         info: dict[str, Any] = {"source": None}
-        if pipe.needs_positions:
+        if self.pipeline.needs_positions:
             pts, valid, info = self._positions(frames, kind, points, label)
         geo = SceneGeometry(frames, pts, valid, info)
         if self.cache_size:
@@ -192,7 +187,7 @@ class RecordInputBuilder:
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
         pipe = self.pipeline
         mode = self.depth_source
-        dm = self.depth_model or pipe._default_depth_model()
+        options = {"canonical_mode": getattr(pipe.config, "canonical_mode", "sr3d"), "device": pipe.device}
         if mode == "reconstruction" or (mode == "auto" and points is not None):
             if points is None:
                 where = f" in {str(self.pointmap_dir)!r}" if self.pointmap_dir is not None else ""
@@ -200,68 +195,32 @@ class RecordInputBuilder:
                     f"{label}: depth_source=reconstruction but no point-map file was found{where} "
                     "(expected <pointmap_dir>/[<dataset>/]<scene_id>.npz or a 'points' field)"
                 )
-            return pipe.positions(frames, points=points)
-        if mode == "gt" or (mode == "auto" and frames.depth is not None):
+            return positions(frames, "reconstruction", points=points, **options)
+        if mode in ("gt_depth", "relative_depth") or (mode == "auto" and frames.depth is not None):
             if frames.depth is None:
                 raise SR3DInputError(
-                    f"{label}: depth_source=gt but the {kind} has no depth maps; use depth_source=depth_anything "
+                    f"{label}: depth_source={mode} but the {kind} has no depth maps; use depth_source=depth_anything "
                     "or reconstruction"
                 )
-            return pipe.positions(frames)
-        return pipe.positions(frames, depth_model=dm)
+            return positions(frames, "gt_depth" if mode == "auto" else mode, **options)
+        dm = self.depth_model or default_depth_model(pipe.config)
+        return positions(frames, "depth_anything", depth_model=dm, **options)
 
     # ------------------------------------------------------------------------------------------
     # regions
     # ------------------------------------------------------------------------------------------
 
     def regions(self, record: Mapping[str, Any], frames: Any) -> list[Region]:
-        """The record's region prompts on the sampled ``frames`` (see the module docstring)."""
-        from sr3d_plugin.regions import box3d_masks, decode_coco_rle, resolve_regions
+        """The record's region prompts on the sampled ``frames`` (:func:`sr3d_plugin.regions.region_from_record`,
+        the reader training records use; see the module docstring)."""
+        from sr3d_plugin.regions import region_from_record
 
         items = record.get("regions") or []
         label = record_label(record)
         if not isinstance(items, (list, tuple)):
             raise SR3DInputError(f"{label}: 'regions' must be a list, got {type(items).__name__}")
-        index = {_norm_frame_id(fid): k for k, fid in enumerate(frames.frame_ids)}
-        out: list[Region] = []
-        for i, item in enumerate(items):
-            where = f"{label}: region {i}"
-            if isinstance(item, str):
-                try:
-                    out.append(resolve_regions([item], frames)[0])
-                except SR3DInputError as exc:
-                    raise SR3DInputError(f"{where}: {exc}") from None
-                continue
-            if not isinstance(item, Mapping):
-                raise SR3DInputError(f"{where} is a {type(item).__name__}; expected an object or a region spec")
-            name = item.get("label")
-            masks: dict[int, np.ndarray] = {}
-            for j, m in enumerate(item.get("masks") or []):
-                if not isinstance(m, Mapping) or "frame" not in m or "rle" not in m:
-                    raise SR3DInputError(f"{where}: mask {j} must be an object with 'frame' and 'rle'")
-                k = index.get(_norm_frame_id(m["frame"]))
-                if k is None:
-                    continue  # drawn on a frame that was not sampled
-                mask = decode_coco_rle(dict(m["rle"]), what=f"{where} mask {j}")
-                if mask.any():
-                    masks[k] = mask
-            if masks:
-                out.append(resolve_regions([Region(masks, label=name)], frames)[0])
-                continue
-            box = item.get("box3d")
-            if box is None:
-                raise SR3DInputError(
-                    f"{where}: none of its masks is on the {len(frames)} sampled frame(s) and it has no 'box3d' "
-                    "to project; prepare the data with the same number of frames as the model uses"
-                )
-            values = [float(v) for v in box]
-            if len(values) not in (6, 7):
-                raise SR3DInputError(f"{where}: box3d must have 6 or 7 numbers, got {len(values)}")
-            projected, _ = box3d_masks(values, frames)
-            if not projected:
-                raise SR3DInputError(f"{where}: the 3D box is not visible in any of the {len(frames)} sampled frame(s)")
-            out.append(Region(projected, label=name))
-        return out
+        base = record.get(DATA_DIR_FIELD)
+        return [region_from_record(item, frames, base, f"{label}: region {i}") for i, item in enumerate(items)]
 
     def visual(self, record: Mapping[str, Any]) -> VisualInput:
         """The full :class:`VisualInput` of a record (frames, positions, regions)."""

@@ -275,22 +275,26 @@ class SR3DProcessor(ProcessorMixin):
         visual: VisualInput | None = None,
         system: str | None = _DEFAULT_SYSTEM,
         answer: str | None = None,
+        history: Sequence[tuple[str, str]] = (),
     ) -> str:
-        """A chat-templated single-turn prompt (generation prompt appended when ``answer`` is None).
+        """A chat-templated prompt (generation prompt appended when ``answer`` is None).
 
         ``system``: the system message; left out, the processor's ``default_system`` (None for VILA
         folders: no system message, so the chat template inserts its own default exactly as SR-REAL's
         ``tokenize_conversation`` does; none for LLaVA folders, whose conversation template brings its
         own; "You are a helpful assistant." otherwise); None: no system message.
+        ``history``: earlier ``(user, assistant)`` turns of the conversation; the visual markers go with
+        the first user turn (:meth:`user_content`), later user turns are used as given.
         """
         if system is _DEFAULT_SYSTEM:
             system = self.default_system
         messages: list[dict[str, str]] = []
         if system is not None:
             messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": self.user_content(question, visual)})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
+        for i, (user, reply) in enumerate([*history, (question, answer)]):
+            messages.append({"role": "user", "content": self.user_content(user, visual) if i == 0 else user})
+            if reply is not None:
+                messages.append({"role": "assistant", "content": reply})
         return self.render_chat(messages, add_generation_prompt=answer is None)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

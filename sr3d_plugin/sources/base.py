@@ -16,7 +16,26 @@ from PIL import Image
 
 from sr3d_plugin.errors import SR3DInputError
 
-__all__ = ["FrameSet", "PointMaps", "uniform_frame_indices"]
+__all__ = ["FrameSet", "PointMaps", "normalise_frame_id", "uniform_frame_indices"]
+
+#: suffixes dropped from a frame id (``"frames/000010.jpg"`` names frame ``"10"``)
+_ID_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".npy", ".npz", ".txt")
+
+
+def normalise_frame_id(value: object) -> str:
+    """The one frame-id rule: ``"@frames/000010.jpg"``, ``"000010.png"``, ``"000010"``, ``10`` all name ``"10"``.
+
+    Surrounding blanks and one leading ``@`` (the region-spec marker for original ids) are dropped,
+    then any folder part; a known file suffix (images, ``.npy``/``.npz``/``.txt``) is dropped; an id
+    made only of digits loses its leading zeros. Everything else is compared as written.
+    """
+    s = str(value).strip().removeprefix("@").replace("\\", "/")
+    name = s.rsplit("/", 1)[-1] if "/" in s.rstrip("/") else s
+    for suffix in _ID_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return str(int(name)) if name.isdigit() else name
 
 
 def uniform_frame_indices(total: int, count: int = 32) -> list[int]:
@@ -41,7 +60,8 @@ class FrameSet:
         cam_to_world: ``[V, 4, 4]`` camera-to-world poses, axis alignment already applied, or None.
         color_intrinsics: ``[V, 3, 3]`` of the colour images, if different from ``intrinsics``.
         axis_align: ``[4, 4]`` scene axis-alignment matrix that was applied (for reference), or None.
-        frame_ids: one identifier per frame (file stem or frame index).
+        frame_ids: one identifier per frame (file stem or frame index); unique under
+            :func:`normalise_frame_id`, looked up with :meth:`index_of`.
         source: where the frames came from (path), for messages and cache keys.
         meta: free-form extras (scene id, fps, original frame count, …).
     """
@@ -64,6 +84,16 @@ class FrameSet:
         v = len(self.images)
         if len(self.frame_ids) != v:
             raise SR3DInputError(f"{len(self.frame_ids)} frame ids for {v} images")
+        self.frame_ids = [str(f) for f in self.frame_ids]
+        self._ids: dict[str, int] = {}
+        for i, fid in enumerate(self.frame_ids):
+            key = normalise_frame_id(fid)
+            if key in self._ids:
+                raise SR3DInputError(
+                    f"frame ids {self.frame_ids[self._ids[key]]!r} and {fid!r} of {self.source or 'the input'} name "
+                    "the same frame; expected one id per frame"
+                )
+            self._ids[key] = i
         for name in ("depth", "intrinsics", "cam_to_world", "color_intrinsics"):
             arr = getattr(self, name)
             if arr is not None and len(arr) != v:
@@ -71,6 +101,21 @@ class FrameSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def find(self, frame_id: object) -> int | None:
+        """Position of the frame named ``frame_id`` (:func:`normalise_frame_id` rule), or None."""
+        return self._ids.get(normalise_frame_id(frame_id))
+
+    def index_of(self, frame_id: object) -> int:
+        """Position (0..V−1) of the frame named ``frame_id`` (:func:`normalise_frame_id` rule).
+
+        Raises :class:`SR3DInputError` naming the known ids when no frame has that id.
+        """
+        k = self.find(frame_id)
+        if k is None:
+            shown = ", ".join(self.frame_ids[:8]) + (" …" if len(self) > 8 else "")
+            raise SR3DInputError(f"frame id {str(frame_id)!r} is not among the {len(self)} frame(s) ({shown})")
+        return k
 
     @property
     def has_metric_geometry(self) -> bool:

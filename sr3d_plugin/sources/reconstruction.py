@@ -11,6 +11,7 @@ is ``"robust"`` (min/max over valid points), since estimated geometry has outlie
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DInputError
-from sr3d_plugin.sources.base import FrameSet, PointMaps
-from sr3d_plugin.sources.files import IMAGE_SUFFIXES, file_identity, require_file
+from sr3d_plugin.sources.base import FrameSet, PointMaps, normalise_frame_id
+from sr3d_plugin.sources.files import file_identity, require_file
 from sr3d_plugin.sources.pointmap_sources import check_aspect
 
-__all__ = ["Reconstruction", "ReconstructionSource", "load_reconstruction"]
+__all__ = ["Reconstruction", "ReconstructionSource", "load_reconstruction", "reconstruction_from_array"]
 
 
 class Reconstruction:
@@ -46,13 +47,6 @@ class Reconstruction:
 
     def __len__(self) -> int:
         return self.xyz.shape[0]
-
-
-def _normalise_id(value: str) -> str:
-    """``"frames/000010.jpg"``, ``"000010"`` and ``"10"`` all name frame ``"10"``."""
-    p = Path(str(value).strip())
-    stem = p.stem if p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".txt") else p.name
-    return str(int(stem)) if stem.isdigit() else stem
 
 
 def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
@@ -121,79 +115,110 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
     return Reconstruction(xyz, valid, confidence, ids, str(p))
 
 
+def reconstruction_from_array(points: object, where: str = "the points array") -> Reconstruction:
+    """A :class:`Reconstruction` from an in-memory ``[V, H, W, 3]`` (or ``[H, W, 3]``) array or tensor;
+    non-finite points are invalid (and zeroed)."""
+    if isinstance(points, torch.Tensor):
+        points = points.detach().cpu().numpy()
+    xyz = np.asarray(points, dtype=np.float32)
+    if xyz.ndim == 3:
+        xyz = xyz[None]
+    if xyz.ndim != 4 or xyz.shape[-1] != 3:
+        raise SR3DInputError(f"points must be [V, H, W, 3], got shape {xyz.shape}")
+    valid = np.isfinite(xyz).all(axis=-1)
+    xyz = np.where(valid[..., None], xyz, 0.0).astype(np.float32)
+    return Reconstruction(xyz, valid, None, None, where)
+
+
 class ReconstructionSource:
     """Point maps from a reconstruction file, matched to the frames of a :class:`FrameSet`.
 
     Args:
-        path: the ``.npz`` / ``.npy`` file.
+        path: the ``.npz`` / ``.npy`` file, or the point maps themselves (``[V, H, W, 3]`` array or
+            tensor, non-finite = invalid).
         min_confidence: points with a lower confidence are invalid (needs ``confidence`` in the file).
         canonical_mode: mode suggested to the canonicalisation (default ``"robust"``).
         aspect_tolerance: allowed relative aspect-ratio difference between point maps and images.
 
     Frames are matched by ``frame_ids`` when the file has them and every frame of the set is found
-    there (so a reconstruction of the whole video serves any sampling of it); otherwise by order,
-    which needs the same number of frames.
+    there (:meth:`FrameSet.index_of` rule, so a reconstruction of the whole video serves any sampling
+    of it); otherwise by order, which needs one point map per frame of the set, or one per original
+    frame (``frames.meta["total_frames"]``, picked by ``meta["sampled_indices"]``).
     """
 
     name = "reconstruction"
 
     def __init__(
         self,
-        path: str | os.PathLike | None = None,
+        path: str | os.PathLike | np.ndarray | torch.Tensor | None = None,
         min_confidence: float | None = None,
         canonical_mode: str = "robust",
         aspect_tolerance: float = 0.02,
     ) -> None:
         if path is None:
             raise SR3DInputError(
-                "the reconstruction source needs a point-map file: pass path=... (sr3d pointmap --points FILE)"
+                "the reconstruction source needs a point-map file: pass path=<.npz/.npy file or [V, H, W, 3] array>"
             )
         if canonical_mode not in ("sr3d", "robust"):
             raise SR3DInputError(f"unknown canonical mode {canonical_mode!r}; expected 'sr3d' or 'robust'")
         if min_confidence is not None and not np.isfinite(min_confidence):
             raise SR3DInputError(f"min_confidence must be a finite number, got {min_confidence!r}")
-        self.path = Path(path).expanduser()
+        self.array = None if isinstance(path, (str, os.PathLike)) else reconstruction_from_array(path)
+        self.path = Path(path).expanduser() if self.array is None else None
         self.min_confidence = min_confidence
         self.canonical_mode = canonical_mode
         self.aspect_tolerance = float(aspect_tolerance)
 
+    @property
+    def where(self) -> str:
+        """The input as named in messages."""
+        return "the points array" if self.path is None else repr(str(self.path))
+
     def options(self) -> dict:
-        ident = file_identity(self.path) if self.path.exists() else [str(self.path)]
+        if self.array is not None:
+            digest = hashlib.sha1(np.ascontiguousarray(self.array.xyz).tobytes()).hexdigest()
+            ident = ["array", list(self.array.xyz.shape), digest]
+        else:
+            ident = file_identity(self.path) if self.path.exists() else [str(self.path)]
         return {"path": ident, "min_confidence": self.min_confidence, "canonical_mode": self.canonical_mode}
 
     def _match(self, rec: Reconstruction, frames: FrameSet) -> list[int]:
         if rec.frame_ids is not None:
             lookup: dict[str, int] = {}
             for i, fid in enumerate(rec.frame_ids):
-                lookup.setdefault(_normalise_id(fid), i)
-            wanted = [_normalise_id(f) for f in frames.frame_ids]
+                lookup.setdefault(normalise_frame_id(fid), i)
+            wanted = [normalise_frame_id(f) for f in frames.frame_ids]
             if all(w in lookup for w in wanted):
                 return [lookup[w] for w in wanted]
-        if len(rec) != len(frames):
-            raise SR3DInputError(
-                f"reconstruction {rec.path!r} has {len(rec)} point maps but there are {len(frames)} frames "
-                f"({frames.frame_ids[:5]}{' …' if len(frames) > 5 else ''}); expected one point map per frame, "
-                "or 'frame_ids' in the file that name every frame"
-            )
-        return list(range(len(frames)))
+        if len(rec) == len(frames):
+            return list(range(len(frames)))
+        sampled, total = frames.meta.get("sampled_indices"), frames.meta.get("total_frames")
+        if sampled is not None and total is not None and len(rec) == int(total) and len(sampled) == len(frames):
+            return [int(i) for i in sampled]
+        raise SR3DInputError(
+            f"reconstruction {self.where} has {len(rec)} point maps but there are {len(frames)} frames "
+            + (f"sampled from {total} " if total is not None else "")
+            + f"({frames.frame_ids[:5]}{' …' if len(frames) > 5 else ''}); expected one point map per frame, "
+            "one per original frame, or 'frame_ids' in the file that name every frame"
+        )
 
     def pointmaps(self, frames: FrameSet) -> PointMaps:
         """Returns ``xyz [V, H, W, 3]`` float32 (file units, one world frame), ``valid``, ``confidence``."""
-        rec = load_reconstruction(self.path)
+        rec = self.array if self.array is not None else load_reconstruction(self.path)
         idx = self._match(rec, frames)
         xyz, valid = rec.xyz[idx], rec.valid[idx]
         conf = None if rec.confidence is None else rec.confidence[idx]
         height, width = xyz.shape[1:3]
-        check_aspect(frames, height, width, self.aspect_tolerance, f"reconstruction point map of {str(self.path)!r}")
+        check_aspect(frames, height, width, self.aspect_tolerance, f"reconstruction point map of {self.where}")
         if self.min_confidence is not None:
             if conf is None:
                 raise SR3DInputError(
-                    f"min_confidence={self.min_confidence} was given but {str(self.path)!r} has no 'confidence' array"
+                    f"min_confidence={self.min_confidence} was given but {self.where} has no 'confidence' array"
                 )
             valid = valid & (conf >= self.min_confidence)
         if not valid.any():
             raise SR3DInputError(
-                f"no valid point in {str(self.path)!r} for frames {frames.frame_ids[:5]}"
+                f"no valid point in {self.where} for frames {frames.frame_ids[:5]}"
                 + (f" at min_confidence={self.min_confidence}" if self.min_confidence is not None else "")
             )
         xyz = np.where(valid[..., None], xyz, 0.0).astype(np.float32)
