@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sr3d_plugin.decoding import ContinuationScore, cut_at_stops, eos_token_ids, score_continuations
+from sr3d_plugin.devices import resolve_device
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.regions import RegionSpec, check_question, count_region_references
@@ -43,12 +44,6 @@ from sr3d_plugin.regions import RegionSpec, check_question, count_region_referen
 __all__ = ["ContinuationScore", "SR3DPipeline", "count_region_references", "cut_at_stops"]
 
 PathLike = str | os.PathLike
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    from sr3d_plugin.sources.depth_anything import resolve_device
-
-    return resolve_device(device)
 
 
 class SR3DPipeline:
@@ -77,7 +72,7 @@ class SR3DPipeline:
         self.processor = processor
         self.config = model.config
         self.depth_model = None if depth_model is None else str(depth_model)
-        self.device = _resolve_device(device) if device is not None else self.model_device()
+        self.device = resolve_device(device) if device is not None else self.model_device()
         self.load_seconds = float(load_seconds)
         self.model_path = model_path
 
@@ -106,7 +101,7 @@ class SR3DPipeline:
                 quantisation the model is not moved to ``device`` afterwards.
         """
         t0 = time.perf_counter()
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         kwargs: dict[str, Any] = dict(load_kwargs)
         if dtype is not None:
             kwargs["dtype"] = dtype

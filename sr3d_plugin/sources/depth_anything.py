@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sr3d_plugin.devices import resolve_device  # re-exported: one device rule (sr3d_plugin.devices)
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.geometry import disparity_to_relative_depth
 from sr3d_plugin.sources.files import file_identity
@@ -47,16 +48,6 @@ _DTYPES: dict[str, torch.dtype] = {
 
 _cache_lock = threading.Lock()
 _loaded: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` / ``"auto"`` → CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SR3DConfigError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1' or 'auto'") from exc
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
