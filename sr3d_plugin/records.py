@@ -81,7 +81,7 @@ def eval_record_to_training(rec: dict[str, Any], task: str, root: str | os.PathL
     caption (Scan2Cap). Visual keys and regions are kept; relative file paths, which prepared data
     gives relative to the data folder ``root``, are made absolute.
     """
-    from sr3d_plugin.evaluation.lmms_tasks import doc_to_text, task_prompt_kwargs
+    from sr3d_plugin.evaluation.prompts import doc_to_text, task_prompt_kwargs
 
     if task not in TRAINABLE_EVAL_TASKS:
         raise SR3DInputError(f"records of task {task!r} cannot be trained on; expected one of {TRAINABLE_EVAL_TASKS}")
