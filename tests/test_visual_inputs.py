@@ -229,3 +229,29 @@ def test_generate_and_score_batched_equal_single_calls(pipe) -> None:  # type: i
         pipe.generate(prompts[:2], visuals[:1], **gen)
     with pytest.raises(SR3DInputError, match="has no tokens"):
         pipe.score(pipe.processor(prompts[:1], visuals[:1]), [""])
+
+
+def test_frame_set_checks_depth_intrinsics_and_poses_once_when_built() -> None:
+    """The point-map sources trust a FrameSet: bad geometry is refused when the set is made, naming the frame."""
+    from PIL import Image
+
+    from sr3d_plugin.sources.base import FrameSet
+
+    imgs = [Image.new("RGB", (8, 6)) for _ in range(2)]
+    depth = np.ones((2, 6, 8), dtype=np.float32)
+    k = np.tile(np.array([[5.0, 0, 4], [0, 5.0, 3], [0, 0, 1]]), (2, 1, 1))
+    poses = np.tile(np.eye(4), (2, 1, 1))
+    fs = FrameSet(images=imgs, depth=depth, intrinsics=k, cam_to_world=poses, frame_ids=["a", "b"])
+    assert fs.cam_to_world.dtype == np.float64 and fs.depth.shape == (2, 6, 8)
+    bad = depth.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(SR3DInputError, match="depth of frame b contains 1 non-finite"):
+        FrameSet(images=imgs, depth=bad, intrinsics=k, frame_ids=["a", "b"])
+    with pytest.raises(SR3DInputError, match=r"intrinsics must be \[2, 3, 3\]"):
+        FrameSet(images=imgs, depth=depth, intrinsics=k[:, :2], frame_ids=["a", "b"])
+    p = poses.copy()
+    p[0, 0, 3] = np.inf
+    with pytest.raises(SR3DInputError, match=r"frames \['a'\] have non-finite poses"):
+        FrameSet(images=imgs, depth=depth, intrinsics=k, cam_to_world=p, frame_ids=["a", "b"])
+    with pytest.raises(SR3DInputError, match="depth must be real numbers"):
+        FrameSet(images=imgs, depth=depth.astype(np.complex64), frame_ids=["a", "b"])

@@ -98,6 +98,44 @@ class FrameSet:
             arr = getattr(self, name)
             if arr is not None and len(arr) != v:
                 raise SR3DInputError(f"{name} has {len(arr)} entries but there are {v} images; expected one per frame")
+        self._check_geometry(v)
+
+    def _check_geometry(self, v: int) -> None:
+        """Depth, intrinsics and poses are checked here, once; the point-map sources trust them."""
+        from sr3d_plugin.sources.files import check_depth_array
+
+        if self.depth is not None:
+            try:
+                depth = np.asarray(self.depth)
+            except ValueError as exc:
+                raise SR3DInputError(
+                    f"depth maps of {self.source or 'the input'} differ in size; expected one [H, W] size"
+                ) from exc
+            if depth.ndim != 3 or depth.shape[0] != v:
+                raise SR3DInputError(f"depth must be [V, H, W] with V = {v} frames, got shape {depth.shape}")
+            if not np.issubdtype(depth.dtype, np.number) or np.issubdtype(depth.dtype, np.complexfloating):
+                raise SR3DInputError(f"depth must be real numbers, got dtype {depth.dtype}")
+            for fid, d in zip(self.frame_ids, depth):
+                check_depth_array(d, f"depth of frame {fid}")
+            self.depth = depth
+        labels = {
+            "intrinsics": "intrinsics",
+            "color_intrinsics": "color_intrinsics",
+            "cam_to_world": "poses (camera-to-world)",
+        }
+        for name, shape in (("intrinsics", (3, 3)), ("color_intrinsics", (3, 3)), ("cam_to_world", (4, 4))):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            arr = np.asarray(arr, dtype=np.float64)
+            if arr.shape != (v, *shape):
+                raise SR3DInputError(
+                    f"{labels[name]} must be [{v}, {shape[0]}, {shape[1]}] (one per frame), got shape {arr.shape}"
+                )
+            bad = [fid for fid, m in zip(self.frame_ids, arr) if not np.isfinite(m).all()]
+            if bad:
+                raise SR3DInputError(f"frames {bad} have non-finite {labels[name]}; drop them or fix their files")
+            setattr(self, name, arr)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -29,7 +29,6 @@ from sr3d_plugin.geometry import (
     relative_depth_to_points,
 )
 from sr3d_plugin.sources.base import FrameSet, PointMaps
-from sr3d_plugin.sources.files import check_depth_array
 
 __all__ = [
     "DepthAnythingSource",
@@ -62,12 +61,7 @@ def _frame_depth(frames: FrameSet, source: str) -> np.ndarray:
             f"the {source} source needs depth maps, but the frames from {frames.source or 'the input'} have none; "
             "pass depth files, or use the depth_anything source (monocular estimate) instead"
         )
-    depth = np.asarray(frames.depth)
-    if depth.ndim != 3 or depth.shape[0] != len(frames):
-        raise SR3DInputError(f"depth must be [V, H, W] with V = {len(frames)} frames, got shape {depth.shape}")
-    if not np.issubdtype(depth.dtype, np.number):
-        raise SR3DInputError(f"depth must be numeric, got dtype {depth.dtype}")
-    return depth
+    return np.asarray(frames.depth)  # shape, dtype and values checked when the FrameSet was built
 
 
 class GTDepthSource:
@@ -98,16 +92,12 @@ class GTDepthSource:
         frame for a single frame without pose — and ``valid = depth > 0``."""
         depth = _frame_depth(frames, self.name)
         v, height, width = depth.shape
-        for i, fid in enumerate(frames.frame_ids):
-            check_depth_array(depth[i], f"depth of frame {fid}")
         if frames.intrinsics is None:
             raise SR3DInputError(
                 f"the gt_depth source needs depth intrinsics, but the frames from {frames.source or 'the input'} "
                 "have none; pass an intrinsics file, or use the relative_depth source (no camera model)"
             )
         k = np.asarray(frames.intrinsics, dtype=np.float64)
-        if k.shape != (v, 3, 3):
-            raise SR3DInputError(f"intrinsics must be [{v}, 3, 3] (one per frame), got shape {k.shape}")
         cx, cy = k[:, 0, 2], k[:, 1, 2]
         if (cx < 0).any() or (cx > width).any() or (cy < 0).any() or (cy > height).any():
             raise SR3DInputError(
@@ -124,11 +114,6 @@ class GTDepthSource:
             )
         if poses is not None:
             poses = np.asarray(poses, dtype=np.float64)
-            if poses.shape != (v, 4, 4):
-                raise SR3DInputError(f"poses must be [{v}, 4, 4] (one per frame), got shape {poses.shape}")
-            bad = [fid for fid, p in zip(frames.frame_ids, poses) if not np.isfinite(p).all()]
-            if bad:
-                raise SR3DInputError(f"frames {bad} have invalid (non-finite) poses; drop them before back-projecting")
         valid = depth > 0
         if self.max_depth is not None:
             valid &= depth <= self.max_depth
@@ -204,7 +189,6 @@ class RelativeDepthSource:
         for i, fid in enumerate(frames.frame_ids):
             d = depth[i]
             what = f"{'disparity' if self.disparity else 'depth'} of frame {fid}"
-            check_depth_array(d, what)
             if self.scaling == "sr3d":
                 rel[i] = depth_image_to_relative(d * scale)
                 continue
