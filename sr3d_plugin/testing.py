@@ -29,6 +29,7 @@ __all__ = [
     "tiny_image_processor",
     "tiny_sr3d_config",
     "write_tiny_clip_vision",
+    "write_tiny_depth_anything",
     "write_tiny_llava_hf",
     "write_tiny_llava_original",
     "write_tiny_vila_checkpoint",
@@ -322,3 +323,48 @@ def _read_tiny_json(path: Path) -> dict[str, Any]:
     import json
 
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_tiny_depth_anything(root: str | Path, seed: int = 0) -> Path:
+    """A tiny random Depth Anything V2 folder (DINOv2 backbone, width 32, 28-px input) built from a config.
+
+    Its head is scaled so the random prediction varies over the image (a random head outputs ~0 after its
+    ReLU). Saved with its ``DPTImageProcessor``; loads with ``AutoModelForDepthEstimation``.
+    """
+    import torch
+    from transformers import AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        patch_size=14,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForDepthEstimation.from_config(config)
+    with torch.no_grad():
+        model.head.conv3.weight.mul_(300.0)
+        model.head.conv3.bias.fill_(1.0)
+    folder = Path(root)
+    model.save_pretrained(folder)
+    DPTImageProcessor(
+        size={"height": 28, "width": 28},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    return folder

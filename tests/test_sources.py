@@ -300,42 +300,9 @@ def test_video_errors(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_depth_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config, DPTImageProcessor
+    from sr3d_plugin.testing import write_tiny_depth_anything
 
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=28,
-        patch_size=14,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-        patch_size=14,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForDepthEstimation.from_config(config)
-    with torch.no_grad():  # a random head outputs ~0 after its ReLU; make the prediction vary
-        model.head.conv3.weight.mul_(300.0)
-        model.head.conv3.bias.fill_(1.0)
-    folder = tmp_path_factory.mktemp("tiny-depth-anything")
-    model.save_pretrained(folder)
-    DPTImageProcessor(
-        size={"height": 28, "width": 28},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
-    return folder
+    return write_tiny_depth_anything(tmp_path_factory.mktemp("tiny-depth-anything"))
 
 
 def test_depth_anything_estimator_matches_manual_pipeline(tiny_depth_model: Path) -> None:
