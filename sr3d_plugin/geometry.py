@@ -10,7 +10,11 @@ Conventions (SR3D-FACTS §3):
   axis to ``[−1, 1]`` with the minimum and maximum over **all points of all frames** together.
 
 Every function accepts torch tensors or NumPy arrays, works in float32 or float64 (the dtype of the
-input is kept), and raises :class:`~sr3d_plugin.errors.SR3DInputError` on bad input.
+input is kept), and raises :class:`~sr3d_plugin.errors.SR3DInputError` on bad input: inputs go
+through the shared checks of :mod:`sr3d_plugin._checks` (real dtype, shape, non-empty, finite,
+pinhole intrinsics without skew and with last row ``[0, 0, 1]``, rigid poses), and a result that
+would overflow the input's dtype is computed in float64 or refused — finite input never gives NaN
+or inf.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sr3d_plugin import _checks
+from sr3d_plugin._checks import MAX_COORDINATE
 from sr3d_plugin.errors import SR3DInputError
 
 __all__ = [
@@ -57,82 +63,36 @@ CanonicalMode = Literal["sr3d", "robust"]
 
 
 def as_float_tensor(x: torch.Tensor | np.ndarray | list, name: str = "input") -> torch.Tensor:
-    """Convert ``x`` to a floating torch tensor, keeping float64 when given (float32 otherwise)."""
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError) as exc:
-            raise SR3DInputError(f"{name} must be an array of numbers, got {type(x).__name__}") from exc
-    if not torch.is_floating_point(t):
-        if t.dtype == torch.bool:
-            raise SR3DInputError(f"{name} must be numeric, got a boolean array")
-        t = t.to(torch.float32)
-    return t
+    """Convert ``x`` to a floating torch tensor, keeping float64 / float32 (integers and halves become float32).
+
+    Complex, boolean and non-numeric input is refused (:func:`sr3d_plugin._checks.as_tensor`).
+    """
+    return _checks.as_tensor(x, name, finite=False, nonempty=False)
 
 
 def check_depth(depth: torch.Tensor, name: str = "depth") -> None:
-    """Raise if ``depth`` holds NaN, ±inf or negative values (0 is allowed: it marks invalid pixels)."""
-    if depth.dim() < 2:
+    """Raise if ``depth`` is not ``[H, W]`` / ``[V, H, W]`` or holds NaN, ±inf or negative values (0 = invalid)."""
+    if depth.dim() not in (2, 3):
         raise SR3DInputError(f"{name} must be [H, W] or [V, H, W], got shape {tuple(depth.shape)}")
-    bad = ~torch.isfinite(depth)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise SR3DInputError(
-            f"{name} contains {int(bad.sum())} non-finite value(s) (first {depth[idx].item()} at index {idx}); "
-            "expected finite metric depth in metres with 0 for invalid pixels"
-        )
-    neg = depth < 0
-    if bool(neg.any()):
-        idx = tuple(int(i) for i in torch.nonzero(neg)[0])
-        raise SR3DInputError(
-            f"{name} contains {int(neg.sum())} negative value(s) (first {depth[idx].item():.6g} at index {idx}); "
-            "expected depth >= 0 in metres (0 = invalid)"
-        )
+    _checks.check_depth(depth, name)
 
 
-def check_intrinsics(intrinsics: torch.Tensor, name: str = "intrinsics") -> None:
-    """Raise unless ``intrinsics`` is ``[..., 3, 3]`` pinhole matrices with positive focal lengths."""
-    if intrinsics.dim() < 2 or tuple(intrinsics.shape[-2:]) != (3, 3):
-        raise SR3DInputError(f"{name} must be [3, 3] or [V, 3, 3], got shape {tuple(intrinsics.shape)}")
-    if not bool(torch.isfinite(intrinsics).all()):
-        raise SR3DInputError(f"{name} contains non-finite values: {intrinsics.tolist()}")
-    fx, fy = intrinsics[..., 0, 0], intrinsics[..., 1, 1]
-    if bool((fx <= 0).any()) or bool((fy <= 0).any()):
-        raise SR3DInputError(
-            f"{name} is singular: focal lengths fx={fx.flatten().tolist()} fy={fy.flatten().tolist()}; "
-            "expected fx > 0 and fy > 0"
-        )
-    det = torch.linalg.det(intrinsics.to(torch.float64))
-    if bool((det.abs() < 1e-12).any()):
-        raise SR3DInputError(
-            f"{name} is singular (determinant {det.flatten().tolist()}); expected an invertible matrix"
-        )
+def check_intrinsics(intrinsics: torch.Tensor | np.ndarray, name: str = "intrinsics") -> None:
+    """Raise unless ``intrinsics`` is ``[..., 3, 3]`` pinhole matrices ``[[fx, 0, cx], [0, fy, cy], [0, 0, 1]]``
+    (finite, ``fx, fy > 0``, no skew, last row ``[0, 0, 1]``; :func:`sr3d_plugin._checks.check_intrinsics`)."""
+    _checks.check_intrinsics(intrinsics, name)
 
 
-def check_rigid(pose: torch.Tensor, name: str = "cam_to_world", tol: float = 1e-3) -> None:
+def check_rigid(pose: torch.Tensor | np.ndarray, name: str = "cam_to_world", tol: float = 1e-3) -> None:
     """Raise unless ``pose`` is ``[..., 4, 4]`` rigid transforms (orthonormal rotation, det +1, last row 0 0 0 1)."""
-    if pose.dim() < 2 or tuple(pose.shape[-2:]) != (4, 4):
-        raise SR3DInputError(f"{name} must be [4, 4] or [V, 4, 4], got shape {tuple(pose.shape)}")
-    p = pose.to(torch.float64)
-    if not bool(torch.isfinite(p).all()):
-        bad = torch.nonzero(~torch.isfinite(p.reshape(-1, 16)).all(-1)).flatten().tolist()
-        raise SR3DInputError(f"{name} has non-finite entries in pose(s) {bad} (ScanNet marks invalid poses with -inf)")
-    last = p[..., 3, :]
-    expected_last = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
-    if not bool(torch.allclose(last, expected_last.expand_as(last), atol=tol)):
-        raise SR3DInputError(f"{name} last row must be [0, 0, 0, 1], got {last.reshape(-1, 4).tolist()}")
-    rot = p[..., :3, :3]
-    eye = torch.eye(3, dtype=torch.float64)
-    err = (rot.transpose(-1, -2) @ rot - eye).abs().amax(dim=(-1, -2))
-    det = torch.linalg.det(rot)
-    if bool((err > tol).any()) or bool(((det - 1).abs() > tol).any()):
-        worst = int(torch.argmax(err.reshape(-1)))
-        raise SR3DInputError(
-            f"{name} is not rigid: rotation part of pose {worst} has |RᵀR − I| = {err.reshape(-1)[worst]:.3g} and "
-            f"det = {det.reshape(-1)[worst]:.6g}; expected an orthonormal rotation with det +1 (no scale or shear)"
-        )
+    _checks.check_rigid(pose, name, tol)
+
+
+def _finite_result(out: torch.Tensor, what: str, hint: str) -> torch.Tensor:
+    """``out`` when every value is finite; an error otherwise (finite input overflowed the dtype)."""
+    if not bool(torch.isfinite(out).all()):
+        raise SR3DInputError(f"{what} overflows {str(out.dtype).removeprefix('torch.')}; expected {hint}")
+    return out
 
 
 def valid_depth_mask(depth: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -172,15 +132,13 @@ def backproject(
     Returns:
         ``[..., H, W, 3]`` points in metres, same leading shape and dtype as ``depth``.
     """
-    d = as_float_tensor(depth, "depth")
+    d = _checks.as_tensor(depth, "depth", ndim=(2, 3), finite=False)
     check_depth(d)
-    k = as_float_tensor(intrinsics, "intrinsics").to(device=d.device, dtype=d.dtype)
+    k = _checks.as_tensor(intrinsics, "intrinsics", ndim=(2, 3)).to(device=d.device, dtype=d.dtype)
     check_intrinsics(k)
     single = d.dim() == 2
     if single:
         d = d.unsqueeze(0)
-    if d.dim() != 3:
-        raise SR3DInputError(f"depth must be [H, W] or [V, H, W], got shape {tuple(d.shape)}")
     v_count, height, width = d.shape
     if k.dim() == 2:
         k = k.expand(v_count, 3, 3)
@@ -198,8 +156,9 @@ def backproject(
     if cam_to_world is None:
         pts = torch.stack([d * ray_x, d * ray_y, d], dim=-1)
     else:
-        t = as_float_tensor(cam_to_world, "cam_to_world").to(device=d.device, dtype=d.dtype)
+        t = _checks.as_tensor(cam_to_world, "cam_to_world", ndim=(2, 3), finite=False)
         check_rigid(t)
+        t = t.to(device=d.device, dtype=d.dtype)
         if t.dim() == 2:
             t = t.expand(v_count, 4, 4)
         if t.shape[0] != v_count:
@@ -212,6 +171,7 @@ def backproject(
             r = t[:, i, :3]
             direction = r[:, 0].view(-1, 1, 1) * ray_x + r[:, 1].view(-1, 1, 1) * ray_y + r[:, 2].view(-1, 1, 1)
             torch.addcmul(t[:, i, 3].view(-1, 1, 1).expand_as(d), d, direction, out=pts[..., i])
+    _finite_result(pts, "back-projection", "depth in metres and pixel intrinsics of a real camera")
     return pts[0] if single else pts
 
 
@@ -254,24 +214,39 @@ class CanonicalTransform:
 
     def apply(self, points: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Map ``[..., 3]`` world points to canonical coordinates (degenerate axes map to 0)."""
-        p = as_float_tensor(points, "points")
-        lo = self.lower.to(device=p.device, dtype=p.dtype)
-        span = (self.upper - self.lower).to(device=p.device, dtype=p.dtype)
+        p = _checks.as_tensor(points, "points", nonempty=False)
+        if p.dim() < 1 or p.shape[-1] != 3:
+            raise SR3DInputError(f"points must be [..., 3], got shape {tuple(p.shape)}")
+        wide = self.lower.to(torch.float64), self.upper.to(torch.float64)
+        if not bool(torch.isfinite(wide[1] - wide[0]).all()):
+            raise SR3DInputError(f"canonical transform has non-finite bounds {self.lower.tolist()}, {self.upper.tolist()}")
+        span64 = wide[1] - wide[0]
+        finfo = torch.finfo(p.dtype)
+        # the reference formula in the points' dtype, or in float64 when that dtype cannot hold the span
+        # (float32 points near ±3e38) or its differences
+        work = p.dtype if bool((span64.abs() < finfo.max / 4).all()) else torch.float64
+        q = p.to(work)
+        lo = wide[0].to(device=p.device, dtype=work)
+        span = span64.to(device=p.device, dtype=work)
         degenerate = span.abs() <= self.eps
         safe = torch.where(degenerate, torch.ones_like(span), span)
-        out = 2.0 * (_rotate_rows(p, self.rotation) - lo) / safe - 1.0  # the reference formula
+        out = 2.0 * (_rotate_rows(q, self.rotation) - lo) / safe - 1.0
         if bool(degenerate.any()):
             out[..., degenerate] = 0.0
-        return out
+        out = out.to(p.dtype)
+        return _finite_result(out, "canonical coordinates", "points within the transform's bounds")
 
     def invert(self, canonical: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Map canonical ``[..., 3]`` coordinates back to world points."""
-        c = as_float_tensor(canonical, "canonical")
-        rot = self.rotation.to(device=c.device, dtype=c.dtype)
-        lo = self.lower.to(device=c.device, dtype=c.dtype)
-        span = (self.upper - self.lower).to(device=c.device, dtype=c.dtype)
-        q = (c + 1.0) / 2.0 * span + lo
-        return q @ rot.transpose(0, 1)
+        c = _checks.as_tensor(canonical, "canonical", nonempty=False)
+        if c.dim() < 1 or c.shape[-1] != 3:
+            raise SR3DInputError(f"canonical must be [..., 3], got shape {tuple(c.shape)}")
+        rot = self.rotation.to(device=c.device, dtype=torch.float64)
+        lo = self.lower.to(device=c.device, dtype=torch.float64)
+        span = (self.upper.to(torch.float64) - self.lower.to(torch.float64)).to(c.device)
+        q = (c.to(torch.float64) + 1.0) / 2.0 * span + lo
+        out = (q @ rot.transpose(0, 1)).to(c.dtype)
+        return _finite_result(out, "world points", "canonical coordinates near [-1, 1]")
 
     def to_dict(self) -> dict:
         return {
@@ -295,13 +270,15 @@ def canonical_transform(
         mode: ``"sr3d"`` takes the min/max over **all** points, invalid ones included — exactly
             the released convention; ``"robust"`` takes them over valid points only.
     """
-    p = as_float_tensor(points, "points")
-    if p.shape[-1] != 3:
+    p = _checks.as_tensor(points, "points", finite=False, nonempty=False)
+    if p.dim() < 1 or p.shape[-1] != 3:
         raise SR3DInputError(f"points must have a last dimension of 3, got shape {tuple(p.shape)}")
     if not bool(torch.isfinite(p).all()):
         raise SR3DInputError(
             "points contain NaN or inf; expected finite coordinates (mark invalid points with `valid`)"
         )
+    if mode not in ("sr3d", "robust"):
+        raise SR3DInputError(f"unknown canonical mode {mode!r}; expected 'sr3d' or 'robust'")
     rot = SR3D_AXIS_ROTATION.to(device=p.device, dtype=p.dtype)
     flat = p.reshape(-1, 3)
     if mode == "sr3d":
@@ -310,12 +287,8 @@ def canonical_transform(
         if valid is None:
             sel = flat
         else:
-            m = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid)
-            if tuple(m.shape) != tuple(p.shape[:-1]):
-                raise SR3DInputError(
-                    f"valid mask shape {tuple(m.shape)} does not match points shape {tuple(p.shape[:-1])}"
-                )
-            sel = flat[m.reshape(-1).to(torch.bool).to(flat.device)]
+            m = _checks.as_mask(valid, "valid", tuple(p.shape[:-1]))
+            sel = flat[m.reshape(-1).to(flat.device)]
             if sel.shape[0] == 0:
                 raise SR3DInputError("all points are invalid (no pixel with depth > 0); cannot build a canonical space")
     else:
@@ -350,8 +323,8 @@ def canonicalize(
     tf = canonical_transform(points, valid, mode)
     out = tf.apply(points)
     if mode == "robust" and valid is not None:
-        m = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid).to(out.device)
-        out = torch.where(m.to(torch.bool).unsqueeze(-1), out, torch.zeros_like(out))
+        m = _checks.as_mask(valid, "valid", tuple(out.shape[:-1])).to(out.device)
+        out = torch.where(m.unsqueeze(-1), out, torch.zeros_like(out))
     return out
 
 
@@ -372,13 +345,12 @@ def depth_image_to_relative(values: np.ndarray | torch.Tensor) -> np.ndarray:
     Returns:
         ``[H, W]`` float64.
     """
-    x = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    x = x.astype(np.float64)
+    x = _checks.as_array(values, "values", ndim=2, finite=False)
     near = np.rint(x)
     x = np.where(np.abs(x - near) < 1e-3, near, x)  # values read back from integer images
     if not np.isfinite(x).all() or (x < 0).any():
         raise SR3DInputError("a relative depth image must hold finite, non-negative values")
-    top = float(x.max()) if x.size else 0.0
+    top = float(x.max())
     return x / 255.0 if top <= 255 else x / top
 
 
@@ -392,9 +364,11 @@ def disparity_to_relative_depth(prediction: torch.Tensor | np.ndarray, quantize:
     Args:
         prediction: ``[H, W]`` or ``[V, H, W]``; larger = closer. Min/max are per image.
     """
-    p = as_float_tensor(prediction, "prediction")
-    if not bool(torch.isfinite(p).all()):
-        raise SR3DInputError("depth prediction contains NaN or inf; expected finite values")
+    p = _checks.as_tensor(prediction, "prediction", ndim=(2, 3))
+    out_dtype = p.dtype
+    if not bool((p.abs() < torch.finfo(p.dtype).max / 4).all()):
+        # the reference computes in the prediction's dtype; only a span that would overflow it moves to float64
+        p = p.to(torch.float64)
     flat = p.reshape(*p.shape[:-2], -1)
     lo = flat.amin(dim=-1, keepdim=True).unsqueeze(-1)
     hi = flat.amax(dim=-1, keepdim=True).unsqueeze(-1)
@@ -402,8 +376,8 @@ def disparity_to_relative_depth(prediction: torch.Tensor | np.ndarray, quantize:
     norm = torch.where(span > 0, (p - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(p))
     d = 1.0 - norm
     if quantize:
-        d = torch.floor((d * 255.0).clamp(0.0, 255.0)).to(torch.float64) / 255.0
-    return d
+        return torch.floor((d * 255.0).clamp(0.0, 255.0)).to(torch.float64) / 255.0
+    return d.to(out_dtype)
 
 
 def relative_depth_to_points(depth01: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -417,17 +391,15 @@ def relative_depth_to_points(depth01: torch.Tensor | np.ndarray) -> torch.Tensor
     Returns:
         ``[..., H, W, 3]`` points in ``[−1, 1]³``.
     """
-    d = as_float_tensor(depth01, "depth01")
-    if d.dim() < 2:
-        raise SR3DInputError(f"depth01 must be [H, W] or [V, H, W], got shape {tuple(d.shape)}")
+    d = _checks.as_tensor(depth01, "depth01", ndim=(2, 3), nonempty=False, finite=False)
+    if d.shape[-2] < 2 or d.shape[-1] < 2 or d.numel() == 0:
+        raise SR3DInputError(f"depth01 must be at least 2×2 pixels per map, got shape {tuple(d.shape)}")
     if not bool(torch.isfinite(d).all()):
         raise SR3DInputError("depth01 contains NaN or inf; expected relative depth in [0, 1]")
     lo, hi = float(d.min()), float(d.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise SR3DInputError(f"depth01 values span [{lo:.4g}, {hi:.4g}]; expected relative depth in [0, 1] (far = 1)")
     height, width = d.shape[-2:]
-    if height < 2 or width < 2:
-        raise SR3DInputError(f"depth01 must be at least 2×2 pixels, got {height}×{width}")
     u, v = _pixel_grid(height, width, d.dtype, d.device)
     u = 2.0 * u / (width - 1) - 1.0
     v = 2.0 * v / (height - 1) - 1.0
@@ -438,6 +410,23 @@ def relative_depth_to_points(depth01: torch.Tensor | np.ndarray) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # pooling onto the token grid
 # ----------------------------------------------------------------------------------------------
+
+
+#: largest token grid side :func:`pool_to_grid` builds (SigLIP-448 uses 32)
+MAX_GRID_SIZE = 4096
+
+
+def _grid_size(grid_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(grid_size, (tuple, list)):
+        if len(grid_size) != 2:
+            raise SR3DInputError(f"grid_size must be g or (gh, gw), got {grid_size!r}")
+        gh, gw = grid_size
+    else:
+        gh = gw = grid_size
+    return (
+        _checks.integer(gh, "grid_size", minimum=1, maximum=MAX_GRID_SIZE),
+        _checks.integer(gw, "grid_size", minimum=1, maximum=MAX_GRID_SIZE),
+    )
 
 
 def pool_to_grid(
@@ -459,27 +448,30 @@ def pool_to_grid(
         ``(grid [..., gh, gw, 3], coverage [..., gh, gw])`` — coverage is the fraction of valid
         pixels in each cell (all ones without ``valid``); cells with no valid pixel are 0.
     """
-    p = as_float_tensor(points, "points")
+    p = _checks.as_tensor(points, "points", nonempty=False)
     if p.dim() < 3 or p.shape[-1] != 3:
         raise SR3DInputError(f"points must be [..., H, W, 3], got shape {tuple(p.shape)}")
-    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    if p.shape[-3] == 0 or p.shape[-2] == 0:
+        raise SR3DInputError(f"points has an empty image (shape {tuple(p.shape)}); expected H, W >= 1")
+    gh, gw = _grid_size(grid_size)
     lead = p.shape[:-3]
     height, width = p.shape[-3:-1]
+    out_dtype = p.dtype
+    if p.numel() and not bool((p.abs() < torch.finfo(p.dtype).max / 4).all()):
+        p = p.to(torch.float64)  # cell sums of values near the dtype's maximum would overflow
     x = p.reshape(-1, height, width, 3).permute(0, 3, 1, 2)
     if valid is None:
         pooled = F.adaptive_avg_pool2d(x, (gh, gw))
         cover = torch.ones((x.shape[0], gh, gw), dtype=p.dtype, device=p.device)
     else:
-        m = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid)
-        if tuple(m.shape) != tuple(p.shape[:-1]):
-            raise SR3DInputError(f"valid mask shape {tuple(m.shape)} does not match point map {tuple(p.shape[:-1])}")
+        m = _checks.as_mask(valid, "valid", tuple(p.shape[:-1]))
         w = m.to(device=p.device, dtype=p.dtype).reshape(-1, 1, height, width)
         num = F.adaptive_avg_pool2d(x * w, (gh, gw))
         den = F.adaptive_avg_pool2d(w, (gh, gw))
         pooled = torch.where(den > 0, num / den.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(num))
         cover = den[:, 0]
-    grid = pooled.permute(0, 2, 3, 1).reshape(*lead, gh, gw, 3)
-    return grid, cover.reshape(*lead, gh, gw)
+    grid = pooled.permute(0, 2, 3, 1).reshape(*lead, gh, gw, 3).to(out_dtype)
+    return grid, cover.reshape(*lead, gh, gw).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,16 +489,24 @@ class Box3D:
     rotation: torch.Tensor
 
     def __post_init__(self) -> None:
-        self.center = as_float_tensor(self.center, "box center").to(torch.float64).reshape(3)
-        self.size = as_float_tensor(self.size, "box size").to(torch.float64).reshape(3)
-        self.rotation = as_float_tensor(self.rotation, "box rotation").to(torch.float64).reshape(3, 3)
-        if not bool(torch.isfinite(self.center).all() and torch.isfinite(self.size).all()):
-            raise SR3DInputError(f"box has non-finite center {self.center.tolist()} or size {self.size.tolist()}")
+        self.center = _box_vector(self.center, "box center")
+        self.size = _box_vector(self.size, "box size")
+        r = _checks.as_tensor(self.rotation, "box rotation", finite=False).to(torch.float64)
+        if r.numel() != 9:
+            raise SR3DInputError(f"box rotation must be a [3, 3] matrix, got shape {tuple(r.shape)}")
+        self.rotation = r.reshape(3, 3)
         if bool((self.size <= 0).any()):
             raise SR3DInputError(f"box size must be positive on every axis, got {self.size.tolist()}")
+        if not bool(torch.isfinite(self.rotation).all()):
+            raise SR3DInputError(f"box rotation has non-finite entries: {self.rotation.tolist()}")
         r = self.rotation
-        if float((r.T @ r - torch.eye(3, dtype=torch.float64)).abs().max()) > 1e-4:
-            raise SR3DInputError(f"box rotation is not orthonormal: {r.tolist()}")
+        err = float((r.T @ r - torch.eye(3, dtype=torch.float64)).abs().max())
+        det = float(torch.linalg.det(r))
+        if err > 1e-4 or abs(det - 1.0) > 1e-4:
+            raise SR3DInputError(
+                f"box rotation {r.tolist()} is not a rotation (|RᵀR − I| = {err:.3g}, det = {det:.6g}); "
+                "expected an orthonormal matrix with det +1 (no scale or reflection)"
+            )
 
     @classmethod
     def from_aabb(cls, lower: torch.Tensor | np.ndarray | list, upper: torch.Tensor | np.ndarray | list) -> Box3D:
@@ -520,6 +520,7 @@ class Box3D:
         cls, center: torch.Tensor | np.ndarray | list, size: torch.Tensor | np.ndarray | list, yaw: float = 0.0
     ) -> Box3D:
         """Box rotated by ``yaw`` radians about the world z (up) axis."""
+        yaw = _checks.finite_number(yaw, "yaw")
         c, s = float(np.cos(yaw)), float(np.sin(yaw))
         rot = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
         return cls(as_float_tensor(center), as_float_tensor(size), rot)
@@ -531,22 +532,39 @@ class Box3D:
 
     def contains(self, points: torch.Tensor | np.ndarray, margin: float = 0.0) -> torch.Tensor:
         """``[...]`` bool: which of ``[..., 3]`` points lie inside the box grown by ``margin`` metres."""
-        p = as_float_tensor(points, "points").to(torch.float64)
+        p = _checks.as_tensor(points, "points", nonempty=False).to(torch.float64)
+        if p.dim() < 1 or p.shape[-1] != 3:
+            raise SR3DInputError(f"points must be [..., 3], got shape {tuple(p.shape)}")
+        margin = _checks.finite_number(margin, "margin")
         local = (p - self.center) @ self.rotation
         return (local.abs() <= self.size / 2 + margin).all(dim=-1)
 
     def transformed(self, matrix: torch.Tensor | np.ndarray) -> Box3D:
         """The box under a rigid 4×4 transform (e.g. an axis-alignment matrix)."""
-        m = as_float_tensor(matrix, "matrix").to(torch.float64)
-        check_rigid(m, "box transform")
+        m = _checks.as_tensor(matrix, "matrix", shape=(4, 4), finite=False).to(torch.float64)
+        check_rigid(m, "matrix")
         return Box3D(m[:3, :3] @ self.center + m[:3, 3], self.size, m[:3, :3] @ self.rotation)
 
     def to_dict(self) -> dict:
         return {"center": self.center.tolist(), "size": self.size.tolist(), "rotation": self.rotation.tolist()}
 
 
+def _box_vector(value: object, name: str) -> torch.Tensor:
+    """A finite ``[3]`` float64 vector with ``|v| <= MAX_COORDINATE`` metres."""
+    v = _checks.as_tensor(value, name).to(torch.float64)
+    if v.numel() != 3:
+        raise SR3DInputError(f"{name} must have 3 values (x, y, z), got shape {tuple(v.shape)}")
+    v = v.reshape(3)
+    if bool((v.abs() > MAX_COORDINATE).any()):
+        raise SR3DInputError(f"{name} {v.tolist()} is out of range; expected |values| <= {MAX_COORDINATE:g} metres")
+    return v
+
+
 def box_iou_3d_axis_aligned(a: Box3D, b: Box3D) -> float:
     """IoU of the axis-aligned hulls of two boxes (the ScanRefer / Scan2Cap convention)."""
+    for name, box in (("a", a), ("b", b)):
+        if not isinstance(box, Box3D):
+            raise SR3DInputError(f"{name} must be a Box3D, got {_checks.describe(box)}")
 
     def bounds(box: Box3D) -> tuple[torch.Tensor, torch.Tensor]:
         c = box.corners()
@@ -570,11 +588,15 @@ def project_points(
         ``(uv [N, 2] pixel coordinates, z [N] depth in metres)`` with the pixel-index convention of
         :func:`backproject` (``u = fx·x/z + cx``).
     """
-    p = as_float_tensor(points, "points").to(torch.float64)
-    k = as_float_tensor(intrinsics, "intrinsics").to(torch.float64)
+    p = _checks.as_tensor(points, "points", nonempty=False).to(torch.float64)
+    if p.dim() < 1 or p.shape[-1] != 3:
+        raise SR3DInputError(f"points must be [N, 3] (or [..., 3]), got shape {tuple(p.shape)}")
+    if bool((p.abs() > MAX_COORDINATE).any()):
+        raise SR3DInputError(f"points has coordinates beyond {MAX_COORDINATE:g}; expected world points in metres")
+    k = _checks.as_tensor(intrinsics, "intrinsics", shape=(3, 3), finite=False).to(torch.float64)
     check_intrinsics(k)
     if cam_to_world is not None:
-        t = as_float_tensor(cam_to_world, "cam_to_world").to(torch.float64)
+        t = _checks.as_tensor(cam_to_world, "cam_to_world", shape=(4, 4), finite=False).to(torch.float64)
         check_rigid(t)
         rot, trans = t[:3, :3], t[:3, 3]
         p = (p - trans) @ rot
@@ -582,7 +604,8 @@ def project_points(
     safe = torch.where(z.abs() > 1e-12, z, torch.full_like(z, 1e-12))
     u = k[0, 0] * p[..., 0] / safe + k[0, 2]
     v = k[1, 1] * p[..., 1] / safe + k[1, 2]
-    return torch.stack([u, v], dim=-1), z
+    uv = _finite_result(torch.stack([u, v], dim=-1), "projected pixel coordinates", "intrinsics of a real camera")
+    return uv, z
 
 
 def project_box_to_masks(
@@ -611,14 +634,20 @@ def project_box_to_masks(
     Returns:
         ``[V, H, W]`` bool masks (``[H, W]`` when a single pose is given).
     """
-    height, width = image_size
-    t = as_float_tensor(cam_to_world, "cam_to_world").to(torch.float64)
+    if not isinstance(box, Box3D):
+        raise SR3DInputError(f"box must be a Box3D, got {_checks.describe(box)}")
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+        raise SR3DInputError(f"image_size must be (H, W), got {_checks.describe(image_size)}")
+    height = _checks.integer(image_size[0], "image_size", minimum=1)
+    width = _checks.integer(image_size[1], "image_size", minimum=1)
+    depth_tolerance = _checks.finite_number(depth_tolerance, "depth_tolerance", minimum=0.0)
+    t = _checks.as_tensor(cam_to_world, "cam_to_world", ndim=(2, 3), finite=False).to(torch.float64)
     check_rigid(t)
     single = t.dim() == 2
     if single:
         t = t.unsqueeze(0)
     v_count = t.shape[0]
-    k = as_float_tensor(intrinsics, "intrinsics").to(torch.float64)
+    k = _checks.as_tensor(intrinsics, "intrinsics", ndim=(2, 3), finite=False).to(torch.float64)
     check_intrinsics(k)
     if k.dim() == 2:
         k = k.expand(v_count, 3, 3)
@@ -626,7 +655,7 @@ def project_box_to_masks(
         raise SR3DInputError(f"intrinsics has {k.shape[0]} matrices for {v_count} poses; expected one per pose")
     d = None
     if depth is not None:
-        d = as_float_tensor(depth, "depth").to(torch.float64)
+        d = _checks.as_tensor(depth, "depth", ndim=(2, 3), finite=False).to(torch.float64)
         check_depth(d)
         if d.dim() == 2:
             d = d.unsqueeze(0)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.geometry import pool_to_grid
 from sr3d_plugin.io_utils import atomic_path, stable_hash
@@ -54,10 +55,12 @@ def colour_pointmap(canonical: Any, valid: Any = None) -> np.ndarray:
 
     ``valid`` (``[H, W]`` bool, optional) paints invalid pixels black. Accepts tensors or arrays.
     """
-    c = canonical.detach().cpu().numpy() if torch.is_tensor(canonical) else np.asarray(canonical)
+    c = _checks.as_array(canonical, "canonical", ndim=3)
+    if c.shape[-1] != 3:
+        raise SR3DInputError(f"canonical must be [H, W, 3], got shape {c.shape}")
     rgb = np.clip((c + 1.0) / 2.0, 0.0, 1.0) * 255.0
     if valid is not None:
-        v = valid.detach().cpu().numpy() if torch.is_tensor(valid) else np.asarray(valid)
+        v = _checks.as_mask(valid, "valid", c.shape[:2]).numpy()
         rgb = np.where(v[..., None], rgb, 0.0)
     return rgb.round().astype(np.uint8)
 
@@ -70,10 +73,20 @@ def colour_pointmap(canonical: Any, valid: Any = None) -> np.ndarray:
 def choose_source(frames: FrameSet) -> str:
     """The point-map source that suits what the frames carry.
 
-    ``gt_depth`` with depth + intrinsics (+ poses, or a single frame); ``relative_depth`` with
-    depth only; ``depth_anything`` (monocular estimate) without depth. Multi-frame depth with
-    intrinsics but no poses falls back to ``relative_depth``.
+    ``gt_depth`` with depth + intrinsics (+ poses, or a single frame: its camera frame, i.e. the
+    identity pose); ``relative_depth`` with depth only; ``depth_anything`` (monocular estimate)
+    without depth. Several frames with metric depth and intrinsics but no poses are refused: their
+    back-projections cannot share one world frame, and reading them as single-view relative depth
+    would silently drop the metric geometry that was given.
     """
+    if not isinstance(frames, FrameSet):
+        raise SR3DInputError(f"frames must be a FrameSet, got {_checks.describe(frames)}")
+    if frames.depth is not None and frames.intrinsics is not None and frames.cam_to_world is None and len(frames) > 1:
+        raise SR3DInputError(
+            f"{len(frames)} frames have metric depth and intrinsics but no camera poses; back-projecting them "
+            "into one world frame needs poses= (one camera-to-world 4×4 per frame), or a point-map source "
+            "(points=, a reconstruction); for single-view relative depth pass source='relative_depth'"
+        )
     if (
         frames.depth is not None
         and frames.intrinsics is not None
@@ -128,10 +141,7 @@ def canonical_pointmaps(pm: PointMaps, mode: str | None = None) -> torch.Tensor:
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    if not torch.is_floating_point(t):
-        t = t.to(torch.float32)
-    return t
+    return _checks.as_tensor(x, name)
 
 
 def _area_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -184,6 +194,8 @@ def frame_token_positions(
     c = _as_tensor(canonical, "canonical")
     if c.dim() != 4 or c.shape[-1] != 3:
         raise SR3DInputError(f"canonical point maps must be [V, H, W, 3], got shape {tuple(c.shape)}")
+    grid = _checks.integer(grid, "grid", minimum=1)
+    tile_size = _checks.integer(tile_size, "tile_size", minimum=1, maximum=4096)
     if grid <= 0 or tile_size < grid:
         raise SR3DInputError(f"need 0 < grid <= tile_size, got grid={grid} tile_size={tile_size}")
     # the resize to the tile followed by area pooling to the grid is separable and linear:
@@ -196,9 +208,7 @@ def frame_token_positions(
         out = m_h @ (x @ m_w.T)
         cover = torch.ones((c.shape[0], grid, grid), dtype=c.dtype, device=c.device)
     else:
-        m = _as_tensor(valid, "valid").to(device=c.device, dtype=c.dtype)
-        if tuple(m.shape) != tuple(c.shape[:3]):
-            raise SR3DInputError(f"valid mask shape {tuple(m.shape)} does not match point maps {tuple(c.shape[:3])}")
+        m = _checks.as_mask(valid, "valid", tuple(c.shape[:3])).to(device=c.device, dtype=c.dtype)
         w = m.unsqueeze(1)
         num = m_h @ ((x * w) @ m_w.T)
         den = m_h @ (w @ m_w.T)
@@ -234,6 +244,7 @@ def image_token_positions(
     p = _as_tensor(points, "points")
     if p.dim() != 3 or p.shape[-1] != 3:
         raise SR3DInputError(f"point map must be [H, W, 3], got shape {tuple(p.shape)}")
+    grid = _checks.integer(grid, "grid", minimum=1, maximum=4096)
     tiles, frac = tile_pointmap(p, layout, valid)
     if frac is None:
         pos, cover = pool_to_grid(tiles, grid)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 
 __all__ = [
@@ -44,11 +45,25 @@ __all__ = [
 ]
 
 
+#: most tiles per image :func:`candidate_grids` enumerates (VILA uses 12; the candidate set grows
+#: with the cube of the limit)
+MAX_TILES = 128
+#: largest tile side in pixels (SigLIP uses 448)
+MAX_TILE_SIZE = 4096
+#: the interpolation modes :func:`tile_array` knows
+TILE_MODES = ("cv2_area", "cv2_nearest", "area", "nearest", "nearest-exact", "bilinear", "bicubic")
+
+
 def _check_size(width: int, height: int) -> None:
-    if not (isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer))):
+    bad = [v for v in (width, height) if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad:
         raise SR3DInputError(f"image size must be integers, got width={width!r} height={height!r}")
     if width <= 0 or height <= 0:
         raise SR3DInputError(f"image size must be positive, got width={width} height={height}")
+
+
+def _tile_size(tile_size: int) -> int:
+    return _checks.integer(tile_size, "tile_size", minimum=1, maximum=MAX_TILE_SIZE)
 
 
 def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> list[tuple[int, int]]:
@@ -57,6 +72,8 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> list[tuple[int, 
     The reference builds a Python ``set`` and sorts it by ``cols·rows``; ties in tile count keep
     the set's iteration order, which we reproduce by building the same set.
     """
+    _checks.integer(min_tiles, "min_tiles", minimum=1)
+    _checks.integer(max_tiles, "max_tiles", minimum=1, maximum=MAX_TILES)
     if min_tiles < 1 or max_tiles < min_tiles:
         raise SR3DInputError(f"tile limits must satisfy 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
     grids = {
@@ -79,6 +96,7 @@ def tile_grid(
     ``width·height > 0.5·tile_size²·cols·rows``.
     """
     _check_size(width, height)
+    tile_size = _tile_size(tile_size)
     aspect = width / height
     area = width * height
     best_diff = float("inf")
@@ -107,6 +125,13 @@ class TileLayout:
     rows: int
     tile_size: int = 448
     thumbnail: bool = False
+
+    def __post_init__(self) -> None:
+        _checks.integer(self.cols, "cols", minimum=1, maximum=MAX_TILES)
+        _checks.integer(self.rows, "rows", minimum=1, maximum=MAX_TILES)
+        _tile_size(self.tile_size)
+        if not isinstance(self.thumbnail, (bool, np.bool_)):
+            raise SR3DInputError(f"thumbnail must be True or False, got {self.thumbnail!r}")
 
     @property
     def num_grid_tiles(self) -> int:
@@ -144,12 +169,14 @@ def plan_tiles(
 ) -> TileLayout:
     """The :class:`TileLayout` of a single image under the dynamic rule."""
     cols, rows = tile_grid(width, height, min_tiles, max_tiles, tile_size)
+    if not isinstance(use_thumbnail, (bool, np.bool_)):
+        raise SR3DInputError(f"use_thumbnail must be True or False, got {use_thumbnail!r}")
     return TileLayout(cols, rows, tile_size, thumbnail=use_thumbnail and cols * rows > 1)
 
 
 def frame_layout(tile_size: int = 448) -> TileLayout:
     """The layout of one frame of multi-view / video input: a single tile, no thumbnail."""
-    return TileLayout(1, 1, tile_size, thumbnail=False)
+    return TileLayout(1, 1, _tile_size(tile_size), thumbnail=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +241,14 @@ def _cv2_area_cached(in_h: int, in_w: int, out_h: int, out_w: int) -> tuple[_Tap
     return _area_linear_axis(in_h, out_h), _area_linear_axis(in_w, out_w)
 
 
+def _hw(value: object, name: str) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2:
+        raise SR3DInputError(f"{name} must be (height, width), got {_checks.describe(value)}")
+    return _checks.integer(value[0], name, minimum=1), _checks.integer(value[1], name, minimum=1)
+
+
 def _cv2_area_taps(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[_Taps, _Taps]:
-    (ih, iw), (oh, ow) = (int(v) for v in in_hw), (int(v) for v in out_hw)
+    (ih, iw), (oh, ow) = _hw(in_hw, "in_hw"), _hw(out_hw, "size")
     if min(ih, iw, oh, ow) <= 0:
         raise SR3DInputError(f"cannot resize {tuple(in_hw)} to {tuple(out_hw)}; expected positive sizes")
     return _cv2_area_cached(ih, iw, oh, ow)
@@ -250,10 +283,9 @@ def resize_area_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     Separable and sparse (a few source pixels per output pixel), so large images stay cheap.
     """
-    if x.dim() != 3:
-        raise SR3DInputError(f"resize_area_cv2 expects [C, H, W], got shape {tuple(x.shape)}")
+    x = _checks.as_tensor(x, "x", ndim=3, finite=False)
     c, h, w = x.shape
-    (oh, ow) = (int(v) for v in size)
+    (oh, ow) = _hw(size, "size")
     th, tw = _cv2_area_taps((h, w), (oh, ow))
     s_h, s_w = _sparse(th, h).to(x.device), _sparse(tw, w).to(x.device)
     xd = x.to(torch.float64)
@@ -265,6 +297,8 @@ def resize_area_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def cv2_nearest_indices(in_size: int, out_size: int) -> torch.Tensor:
     """Source index of every output pixel under ``cv2.INTER_NEAREST``: ``min(floor(d · (1 / (out/in))), in − 1)``."""
+    in_size = _checks.integer(in_size, "in_size", minimum=1)
+    out_size = _checks.integer(out_size, "out_size", minimum=1)
     ifx = 1.0 / (out_size / in_size)
     idx = [min(math.floor(d * ifx), in_size - 1) for d in range(out_size)]
     return torch.tensor(idx, dtype=torch.long)
@@ -288,12 +322,18 @@ def tile_image(image: Image.Image, layout: TileLayout) -> list[Image.Image]:
     """Cut a PIL image into the layout's tiles (PIL bicubic resize, as the reference)."""
     if not isinstance(image, Image.Image):
         raise SR3DInputError(f"tile_image expects a PIL image, got {type(image).__name__}")
+    _check_layout(layout)
     _check_size(*image.size)
     resized = image.resize(layout.resized_size, Image.Resampling.BICUBIC)
     tiles = [resized.crop(box) for box in layout.tile_boxes()]
     if layout.thumbnail:
         tiles.append(image.resize((layout.tile_size, layout.tile_size), Image.Resampling.BICUBIC))
     return tiles
+
+
+def _check_layout(layout: object) -> None:
+    if not isinstance(layout, TileLayout):
+        raise SR3DInputError(f"layout must be a TileLayout (see plan_tiles), got {_checks.describe(layout)}")
 
 
 def _as_channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -305,7 +345,12 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     if mode in ("cv2_area", "cv2_nearest"):
         return _resize_cv2(x, size, mode)
     kwargs = {} if mode in ("area", "nearest", "nearest-exact") else {"align_corners": False}
-    return F.interpolate(x.unsqueeze(0), size=size, mode=mode, **kwargs)[0]
+    out = F.interpolate(x.unsqueeze(0), size=size, mode=mode, **kwargs)[0]
+    if x.dtype != torch.float64 and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):
+        # weighted sums of values near the dtype's maximum overflow it: interpolate in float64
+        out = F.interpolate(x.to(torch.float64).unsqueeze(0), size=size, mode=mode, **kwargs)[0]
+        out = out.clamp(float(x.min()), float(x.max())).to(x.dtype)
+    return out
 
 
 def _resize_and_cut(x: torch.Tensor, layout: TileLayout, mode: str) -> torch.Tensor:
@@ -328,10 +373,10 @@ def tile_array(x: torch.Tensor, layout: TileLayout, mode: str = "cv2_area") -> t
     (OpenCV INTER_NEAREST, its mask resize), or a torch ``interpolate`` mode (``area``, ``nearest``,
     ``nearest-exact``, ``bilinear``).
     """
-    if x.dim() != 3:
-        raise SR3DInputError(f"tile_array expects [C, H, W], got shape {tuple(x.shape)}")
-    if not torch.is_floating_point(x):
-        x = x.to(torch.float32)
+    x = _checks.as_tensor(x, "x", ndim=3, finite=False)
+    _check_layout(layout)
+    if mode not in TILE_MODES:
+        raise SR3DInputError(f"unknown mode {mode!r}; expected one of {', '.join(TILE_MODES)}")
     return _resize_and_cut(x, layout, mode)
 
 
@@ -344,10 +389,11 @@ def tile_mask(mask: torch.Tensor | np.ndarray, layout: TileLayout) -> torch.Tens
     Returns:
         ``[T, S, S]`` or ``[T, M, S, S]`` bool tiles (``T = layout.num_tiles``).
     """
-    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    m = _checks.as_mask(mask, "mask")
     single = m.dim() == 2
-    if m.dim() not in (2, 3):
-        raise SR3DInputError(f"mask must be [H, W] or [M, H, W], got shape {tuple(m.shape)}")
+    if m.dim() not in (2, 3) or m.shape[-1] == 0 or m.shape[-2] == 0:
+        raise SR3DInputError(f"mask must be [H, W] or [M, H, W] with H, W >= 1, got shape {tuple(m.shape)}")
+    _check_layout(layout)
     x = _as_channels_first(m).to(torch.float32)
     tiles = _resize_and_cut(x, layout, "cv2_nearest") > 0.5
     return tiles[:, 0] if single else tiles
@@ -367,17 +413,12 @@ def tile_pointmap(
     Returns:
         ``(tiles [T, S, S, 3], valid_fraction [T, S, S] or None)``.
     """
-    p = torch.as_tensor(np.asarray(points) if not isinstance(points, torch.Tensor) else points)
-    if p.dim() != 3 or p.shape[-1] != 3:
-        raise SR3DInputError(f"point map must be [H, W, 3], got shape {tuple(p.shape)}")
-    if not torch.is_floating_point(p):
-        p = p.to(torch.float32)
+    p = _checks.as_tensor(points, "points", shape=(None, None, 3))
+    _check_layout(layout)
     tiles = _resize_and_cut(p.permute(2, 0, 1), layout, "cv2_area").permute(0, 2, 3, 1)
     frac = None
     if valid is not None:
-        v = torch.as_tensor(np.asarray(valid) if not isinstance(valid, torch.Tensor) else valid)
-        if tuple(v.shape) != tuple(p.shape[:2]):
-            raise SR3DInputError(f"valid mask shape {tuple(v.shape)} does not match point map {tuple(p.shape[:2])}")
+        v = _checks.as_mask(valid, "valid", tuple(p.shape[:2]))
         w = v.to(p.dtype).unsqueeze(0)
         num = _resize_and_cut(p.permute(2, 0, 1) * w, layout, "cv2_area").permute(0, 2, 3, 1)
         frac = _resize_and_cut(w, layout, "cv2_area")[:, 0]

@@ -158,7 +158,7 @@ def test_bad_sizes_raise() -> None:
         tile_grid(0, 10)
     with pytest.raises(SR3DInputError, match="min_tiles"):
         tile_grid(10, 10, min_tiles=5, max_tiles=2)
-    with pytest.raises(SR3DInputError, match="point map"):
+    with pytest.raises(SR3DInputError, match="points must have shape"):
         tile_pointmap(torch.zeros(10, 10), frame_layout())
-    with pytest.raises(SR3DInputError, match="valid mask"):
+    with pytest.raises(SR3DInputError, match="valid has shape"):
         tile_pointmap(torch.zeros(10, 10, 3), frame_layout(), torch.ones(5, 5, dtype=torch.bool))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 
 __all__ = ["FrameSet", "PointMaps", "normalise_frame_id", "uniform_frame_indices"]
@@ -40,6 +41,8 @@ def normalise_frame_id(value: object) -> str:
 
 def uniform_frame_indices(total: int, count: int = 32) -> list[int]:
     """``floor(linspace(0, total − 1, count))`` — the SR-3D frame sampling (all frames if fewer)."""
+    total = _checks.integer(total, "total")
+    count = _checks.integer(count, "count")
     if total <= 0:
         raise SR3DInputError(f"cannot sample frames from an empty sequence (total={total})")
     if count <= 0:
@@ -77,8 +80,16 @@ class FrameSet:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.images:
-            raise SR3DInputError(f"frame set from {self.source or 'input'} has no images")
+        if not isinstance(self.images, (list, tuple)) or not self.images:
+            raise SR3DInputError(f"frame set from {self.source or 'input'} has no images (a list of PIL images)")
+        self.images = list(self.images)
+        for i, im in enumerate(self.images):
+            if not isinstance(im, Image.Image):
+                raise SR3DInputError(f"images[{i}] is {_checks.describe(im)}; expected a PIL image")
+            if im.size[0] <= 0 or im.size[1] <= 0:
+                raise SR3DInputError(f"images[{i}] is empty ({im.size[0]}×{im.size[1]} pixels)")
+        if not isinstance(self.frame_ids, (list, tuple)):
+            raise SR3DInputError(f"frame_ids must be a list, got {_checks.describe(self.frame_ids)}")
         if not self.frame_ids:
             self.frame_ids = [str(i) for i in range(len(self.images))]
         v = len(self.images)
@@ -101,22 +112,22 @@ class FrameSet:
         self._check_geometry(v)
 
     def _check_geometry(self, v: int) -> None:
-        """Depth, intrinsics and poses are checked here, once; the point-map sources trust them."""
-        from sr3d_plugin.sources.files import check_depth_array
-
+        """Depth, intrinsics and poses are checked here, once (:mod:`sr3d_plugin._checks`: real numbers,
+        shapes, finite, depth >= 0, pinhole intrinsics without skew, rigid poses), naming the frame; the
+        point-map sources trust them."""
         if self.depth is not None:
-            try:
-                depth = np.asarray(self.depth)
-            except ValueError as exc:
+            if isinstance(self.depth, (list, tuple)) and len({np.shape(d) for d in self.depth}) > 1:
                 raise SR3DInputError(
-                    f"depth maps of {self.source or 'the input'} differ in size; expected one [H, W] size"
-                ) from exc
+                    f"depth maps of {self.source or 'the input'} differ in size "
+                    f"{sorted({np.shape(d) for d in self.depth})}; expected one [H, W] size"
+                )
+            depth = _checks.as_array(self.depth, "depth", finite=False, dtype=None)
             if depth.ndim != 3 or depth.shape[0] != v:
                 raise SR3DInputError(f"depth must be [V, H, W] with V = {v} frames, got shape {depth.shape}")
-            if not np.issubdtype(depth.dtype, np.number) or np.issubdtype(depth.dtype, np.complexfloating):
-                raise SR3DInputError(f"depth must be real numbers, got dtype {depth.dtype}")
+            if depth.dtype.kind != "f":
+                depth = depth.astype(np.float32)
             for fid, d in zip(self.frame_ids, depth):
-                check_depth_array(d, f"depth of frame {fid}")
+                _checks.check_depth(d, f"depth of frame {fid}")
             self.depth = depth
         labels = {
             "intrinsics": "intrinsics",
@@ -127,7 +138,7 @@ class FrameSet:
             arr = getattr(self, name)
             if arr is None:
                 continue
-            arr = np.asarray(arr, dtype=np.float64)
+            arr = _checks.as_array(arr, name, finite=False)
             if arr.shape != (v, *shape):
                 raise SR3DInputError(
                     f"{labels[name]} must be [{v}, {shape[0]}, {shape[1]}] (one per frame), got shape {arr.shape}"
@@ -135,6 +146,11 @@ class FrameSet:
             bad = [fid for fid, m in zip(self.frame_ids, arr) if not np.isfinite(m).all()]
             if bad:
                 raise SR3DInputError(f"frames {bad} have non-finite {labels[name]}; drop them or fix their files")
+            for fid, m in zip(self.frame_ids, arr):
+                if name == "cam_to_world":
+                    _checks.check_rigid(m, f"pose (camera-to-world) of frame {fid}")
+                else:
+                    _checks.check_intrinsics(m, f"{name} of frame {fid}")
             setattr(self, name, arr)
 
     def __len__(self) -> int:
@@ -208,16 +224,23 @@ class PointMaps:
     canonical_mode: str = "sr3d"
 
     def __post_init__(self) -> None:
-        if self.xyz.dim() != 4 or self.xyz.shape[-1] != 3:
-            raise SR3DInputError(f"point maps must be [V, H, W, 3], got shape {tuple(self.xyz.shape)}")
-        if tuple(self.valid.shape) != tuple(self.xyz.shape[:3]):
+        self.xyz = _checks.as_tensor(self.xyz, "xyz", finite=False, nonempty=False)
+        if self.xyz.dim() != 4 or self.xyz.shape[-1] != 3 or 0 in tuple(self.xyz.shape):
+            raise SR3DInputError(f"point maps must be [V, H, W, 3] (non-empty), got shape {tuple(self.xyz.shape)}")
+        if not bool(torch.isfinite(self.xyz).all()):
+            raise SR3DInputError("point maps xyz contain NaN or inf; expected finite points (invalid ones marked in valid)")
+        if tuple(np.shape(self.valid)) != tuple(self.xyz.shape[:3]):
             raise SR3DInputError(
-                f"validity mask shape {tuple(self.valid.shape)} does not match point maps {tuple(self.xyz.shape[:3])}"
+                f"validity mask shape {tuple(np.shape(self.valid))} does not match point maps {tuple(self.xyz.shape[:3])}"
             )
-        if self.confidence is not None and tuple(self.confidence.shape) != tuple(self.xyz.shape[:3]):
-            raise SR3DInputError(
-                f"confidence shape {tuple(self.confidence.shape)} does not match point maps {tuple(self.xyz.shape[:3])}"
-            )
+        self.valid = _checks.as_mask(self.valid, "valid")
+        if self.confidence is not None:
+            if tuple(np.shape(self.confidence)) != tuple(self.xyz.shape[:3]):
+                raise SR3DInputError(
+                    f"confidence shape {tuple(np.shape(self.confidence))} does not match point maps "
+                    f"{tuple(self.xyz.shape[:3])}"
+                )
+            self.confidence = _checks.as_tensor(self.confidence, "confidence", finite=False)
         if self.space not in ("world", "single_view"):
             raise SR3DInputError(f"unknown point space {self.space!r}; expected 'world' or 'single_view'")
 

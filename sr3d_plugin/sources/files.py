@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 
 __all__ = [
@@ -62,9 +63,9 @@ def read_matrix(path: PathLike, what: str = "matrix") -> np.ndarray:
             arr = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise SR3DInputError(f"{what} file {str(p)!r} is not a readable numeric .npy array: {exc}") from exc
-        if not np.issubdtype(arr.dtype, np.number):
-            raise SR3DInputError(f"{what} file {str(p)!r} holds {arr.dtype} values; expected numbers")
-        return arr.astype(np.float64)
+        if arr.dtype.kind not in "iuf":
+            raise SR3DInputError(f"{what} file {str(p)!r} holds {arr.dtype} values; expected real numbers")
+        return _checks.as_array(arr, f"{what} file {str(p)!r}", finite=False, nonempty=False)
     try:
         text = p.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as exc:
@@ -106,11 +107,7 @@ def load_intrinsics_file(path: PathLike) -> np.ndarray:
     if m.shape not in ((3, 3), (4, 4)):
         raise SR3DInputError(f"intrinsics file {str(path)!r} holds a {m.shape} matrix; expected 3×3 or 4×4")
     k = m[:3, :3].copy()
-    if not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise SR3DInputError(
-            f"intrinsics file {str(path)!r} is not a pinhole matrix (fx={k[0, 0]}, fy={k[1, 1]}); "
-            "expected finite values with fx > 0 and fy > 0"
-        )
+    _checks.check_intrinsics(k, f"intrinsics file {str(path)!r}")
     return k
 
 
@@ -136,8 +133,7 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
     Returns:
         ``[H, W]`` float32.
     """
-    if depth_scale <= 0 or not np.isfinite(depth_scale):
-        raise SR3DInputError(f"depth_scale must be a positive number, got {depth_scale!r}")
+    depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
     p = require_file(path, "depth file")
     if p.suffix.lower() == ".npy":
         try:
@@ -146,11 +142,11 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
             raise SR3DInputError(f"depth file {str(p)!r} is not a readable numeric .npy array: {exc}") from exc
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
+        if arr.ndim != 2 or arr.dtype.kind not in "iuf" or arr.size == 0:
             raise SR3DInputError(
-                f"depth file {str(p)!r} holds a {arr.dtype} array of shape {arr.shape}; expected [H, W] metres"
+                f"depth file {str(p)!r} holds a {arr.dtype} array of shape {arr.shape}; expected [H, W] real metres"
             )
-        depth = arr.astype(np.float32)
+        depth = _checks.as_array(arr, f"depth file {str(p)!r}", finite=False, dtype=np.float32)
     else:
         try:
             with Image.open(p) as im:
@@ -174,18 +170,5 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
 
 
 def check_depth_array(depth: np.ndarray, what: str) -> None:
-    """Raise if a depth array holds NaN, ±inf or negative values (0 = invalid is fine)."""
-    bad = ~np.isfinite(depth)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise SR3DInputError(
-            f"{what} contains {int(bad.sum())} non-finite value(s) (first {depth[idx]} at pixel {idx}); "
-            "expected finite depth in metres with 0 for invalid pixels"
-        )
-    neg = depth < 0
-    if neg.any():
-        idx = tuple(int(i) for i in np.argwhere(neg)[0])
-        raise SR3DInputError(
-            f"{what} contains {int(neg.sum())} negative value(s) (first {float(depth[idx]):.6g} at pixel {idx}); "
-            "expected depth >= 0 in metres (0 = invalid)"
-        )
+    """Raise if a depth array is not real numbers or holds NaN, ±inf or negative values (0 = invalid is fine)."""
+    _checks.check_depth(np.asarray(depth) if not isinstance(depth, np.ndarray) else depth, what)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.sources.base import FrameSet, normalise_frame_id, uniform_frame_indices
 from sr3d_plugin.sources.files import (
@@ -54,7 +55,7 @@ class ImageReader:
         self.depth = depth
         self.intrinsics = intrinsics
         self.pose = pose
-        self.depth_scale = float(depth_scale)
+        self.depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
 
     def read(
         self,
@@ -89,7 +90,7 @@ def _to_image(value: object, what: str) -> Image.Image:
         arr = value
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
             raise SR3DInputError(f"{what} array must be [H, W, 3] uint8, got shape {arr.shape}")
         if arr.dtype != np.uint8:
             raise SR3DInputError(f"{what} array must be uint8 (0..255), got {arr.dtype}")
@@ -97,7 +98,7 @@ def _to_image(value: object, what: str) -> Image.Image:
     raise SR3DInputError(f"{what} is a {type(value).__name__}; expected a file path, PIL image or uint8 array")
 
 
-def _per_frame(value: object, item_ndim: int) -> list | None:
+def _per_frame(value: object, item_ndim: int, what: str = "value") -> list | None:
     """A per-frame list from a path, a list/tuple, one ``item_ndim``-d array or a stacked array."""
     if value is None:
         return None
@@ -106,8 +107,14 @@ def _per_frame(value: object, item_ndim: int) -> list | None:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
+        if value.ndim < item_ndim:
+            raise SR3DInputError(
+                f"{what} must be one entry per frame ({item_ndim}-D each, or stacked), got shape {value.shape}"
+            )
         return [value] if value.ndim == item_ndim else list(value)
-    return list(value)  # type: ignore[call-overload]
+    if not isinstance(value, (list, tuple)):
+        raise SR3DInputError(f"{what} must be a list with one entry per frame, got {_checks.describe(value)}")
+    return list(value)
 
 
 class FramesReader:
@@ -126,12 +133,10 @@ class FramesReader:
     name = "frames"
 
     def __init__(self, num_frames: int | None = None, depth_scale: float = 1000.0) -> None:
-        if num_frames is not None and (isinstance(num_frames, bool) or num_frames <= 0):
-            raise SR3DInputError(f"num_frames must be positive or None, got {num_frames!r}")
-        if not np.isfinite(depth_scale) or depth_scale <= 0:
-            raise SR3DInputError(f"depth_scale must be a positive number, got {depth_scale!r}")
+        if num_frames is not None:
+            num_frames = _checks.integer(num_frames, "num_frames", minimum=1)
         self.num_frames = num_frames
-        self.depth_scale = float(depth_scale)
+        self.depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
 
     def read(
         self,
@@ -142,13 +147,13 @@ class FramesReader:
     ) -> FrameSet:
         """Returns a :class:`FrameSet`: depth ``[V, Hd, Wd]`` float32 metres, intrinsics ``[V, 3, 3]``,
         poses ``[V, 4, 4]`` — each None when not given; ``meta["sampled_indices"]`` / ``["total_frames"]``."""
-        images = _per_frame(paths, 3)
+        images = _per_frame(paths, 3, "paths")
         assert images is not None
         if not images:
             raise SR3DInputError("the image list is empty; expected at least one image")
         unit = "image" if len(images) == 1 else "frame"
-        depth_l = _per_frame(depth, 2)
-        poses_l = _per_frame(poses, 2)
+        depth_l = _per_frame(depth, 2, "depth")
+        poses_l = _per_frame(poses, 2, "poses")
         n = len(images)
         for what, lst in (("depth map", depth_l), ("pose", poses_l)):
             if lst is not None and len(lst) != n:
@@ -171,8 +176,8 @@ class FramesReader:
                 if _is_path(d):
                     maps.append(load_depth_file(d, self.depth_scale))
                     continue
-                arr = np.asarray(d, dtype=np.float32)
-                if arr.ndim != 2:
+                arr = _checks.as_array(d, f"depth of {unit} {i}", finite=False, dtype=np.float32)
+                if arr.ndim != 2 or arr.size == 0:
                     raise SR3DInputError(f"depth of {unit} {i} must be [H, W] metres, got shape {arr.shape}")
                 check_depth_array(arr, f"depth of {unit} {i}")
                 maps.append(arr)
@@ -187,7 +192,7 @@ class FramesReader:
             if _is_path(intrinsics):
                 k = np.repeat(load_intrinsics_file(intrinsics)[None], len(picked), axis=0)  # type: ignore[arg-type]
             else:
-                k = np.asarray(intrinsics, dtype=np.float64)
+                k = _checks.as_array(intrinsics, "intrinsics", finite=False, nonempty=False)
                 if k.shape == (3, 3):
                     k = np.repeat(k[None], len(picked), axis=0)
                 elif k.ndim == 3 and k.shape[1:] == (3, 3) and k.shape[0] == n:
@@ -196,8 +201,7 @@ class FramesReader:
                     raise SR3DInputError(
                         f"intrinsics must be [3, 3] or [{n}, 3, 3] (one per {unit}), got shape {k.shape}"
                     )
-                if not np.isfinite(k).all() or (k[:, 0, 0] <= 0).any() or (k[:, 1, 1] <= 0).any():
-                    raise SR3DInputError("intrinsics must be finite pinhole matrices with fx > 0 and fy > 0")
+                _checks.check_intrinsics(k, "intrinsics")
             k_arr = k
 
         pose_arr = None
@@ -206,7 +210,7 @@ class FramesReader:
             for i in picked:
                 p = poses_l[i]
                 files.append(p)
-                m = load_pose_file(p) if _is_path(p) else np.asarray(p, dtype=np.float64)
+                m = load_pose_file(p) if _is_path(p) else _checks.as_array(p, f"pose of {unit} {i}", finite=False)
                 if m.shape != (4, 4):
                     raise SR3DInputError(
                         f"pose of {unit} {i} must be a 4×4 camera-to-world matrix, got shape {m.shape}"

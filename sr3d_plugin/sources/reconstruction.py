@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.sources.base import FrameSet, PointMaps, normalise_frame_id
 from sr3d_plugin.sources.files import file_identity, require_file
@@ -79,8 +80,8 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
         raise SR3DInputError(
             f"reconstruction file {str(p)!r} cannot be read as numeric arrays without pickle: {exc}"
         ) from exc
-    if not np.issubdtype(xyz.dtype, np.number):
-        raise SR3DInputError(f"'xyz' in {str(p)!r} has dtype {xyz.dtype}; expected floats")
+    if xyz.dtype.kind not in "iuf":
+        raise SR3DInputError(f"'xyz' in {str(p)!r} has dtype {xyz.dtype}; expected real floats")
     if xyz.ndim == 3 and xyz.shape[-1] == 3:
         xyz = xyz[None]
     if xyz.ndim != 4 or xyz.shape[-1] != 3:
@@ -100,8 +101,8 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
             raise SR3DInputError(
                 f"'confidence' in {str(p)!r} has shape {confidence.shape}; expected {shape} to match 'xyz'"
             )
-        if not np.issubdtype(confidence.dtype, np.number):
-            raise SR3DInputError(f"'confidence' in {str(p)!r} has dtype {confidence.dtype}; expected floats")
+        if confidence.dtype.kind not in "iuf":
+            raise SR3DInputError(f"'confidence' in {str(p)!r} has dtype {confidence.dtype}; expected real floats")
         confidence = np.nan_to_num(confidence.astype(np.float32), nan=-np.inf)
     ids = None
     if frame_ids is not None:
@@ -111,22 +112,32 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
                 f"'frame_ids' in {str(p)!r} has {flat.shape[0]} entries for {shape[0]} point maps; expected one per frame"
             )
         ids = [str(x) for x in flat.tolist()]
-    xyz = np.where(valid[..., None], np.nan_to_num(xyz, nan=0.0, posinf=0.0, neginf=0.0), 0.0).astype(np.float32)
+    if 0 in shape:
+        raise SR3DInputError(f"'xyz' in {str(p)!r} has shape {xyz.shape}; expected non-empty [V, H, W, 3] maps")
+    xyz = _float32_points(np.where(valid[..., None], np.nan_to_num(xyz, nan=0.0, posinf=0.0, neginf=0.0), 0.0), p)
     return Reconstruction(xyz, valid, confidence, ids, str(p))
+
+
+def _float32_points(xyz: np.ndarray, where: object) -> np.ndarray:
+    """float32 points, refusing values that float32 cannot hold (they would silently become inf)."""
+    big = np.abs(xyz).max(initial=0.0)
+    if big > _checks.MAX_COORDINATE:
+        raise SR3DInputError(
+            f"points of {str(where)!r} reach {big:.3g}; expected coordinates within ±{_checks.MAX_COORDINATE:g}"
+        )
+    return xyz.astype(np.float32)
 
 
 def reconstruction_from_array(points: object, where: str = "the points array") -> Reconstruction:
     """A :class:`Reconstruction` from an in-memory ``[V, H, W, 3]`` (or ``[H, W, 3]``) array or tensor;
     non-finite points are invalid (and zeroed)."""
-    if isinstance(points, torch.Tensor):
-        points = points.detach().cpu().numpy()
-    xyz = np.asarray(points, dtype=np.float32)
+    xyz = _checks.as_array(points, "points", ndim=(3, 4), finite=False, nonempty=False, dtype=None)
     if xyz.ndim == 3:
         xyz = xyz[None]
-    if xyz.ndim != 4 or xyz.shape[-1] != 3:
-        raise SR3DInputError(f"points must be [V, H, W, 3], got shape {xyz.shape}")
+    if xyz.shape[-1] != 3 or 0 in xyz.shape:
+        raise SR3DInputError(f"points must be [V, H, W, 3] (non-empty), got shape {xyz.shape}")
     valid = np.isfinite(xyz).all(axis=-1)
-    xyz = np.where(valid[..., None], xyz, 0.0).astype(np.float32)
+    xyz = _float32_points(np.where(valid[..., None], xyz, 0.0), where)
     return Reconstruction(xyz, valid, None, None, where)
 
 
@@ -161,8 +172,8 @@ class ReconstructionSource:
             )
         if canonical_mode not in ("sr3d", "robust"):
             raise SR3DInputError(f"unknown canonical mode {canonical_mode!r}; expected 'sr3d' or 'robust'")
-        if min_confidence is not None and not np.isfinite(min_confidence):
-            raise SR3DInputError(f"min_confidence must be a finite number, got {min_confidence!r}")
+        if min_confidence is not None:
+            min_confidence = _checks.finite_number(min_confidence, "min_confidence")
         self.array = None if isinstance(path, (str, os.PathLike)) else reconstruction_from_array(path)
         self.path = Path(path).expanduser() if self.array is None else None
         self.min_confidence = min_confidence
