@@ -121,7 +121,7 @@ def _check_kind(x: np.ndarray | torch.Tensor, name: str, allow_bool: bool) -> No
     kind = _dtype_kind(x)
     if kind == "c":
         raise SR3DInputError(
-            f"{name} has complex dtype {x.dtype}; expected real numbers (the imaginary part would be dropped)"
+            f"{name} must be real numbers, got complex dtype {x.dtype} (the imaginary part would be dropped)"
         )
     if kind == "b" and not allow_bool:
         raise SR3DInputError(f"{name} must be numeric, got a boolean array")

@@ -219,7 +219,9 @@ class CanonicalTransform:
             raise SR3DInputError(f"points must be [..., 3], got shape {tuple(p.shape)}")
         wide = self.lower.to(torch.float64), self.upper.to(torch.float64)
         if not bool(torch.isfinite(wide[1] - wide[0]).all()):
-            raise SR3DInputError(f"canonical transform has non-finite bounds {self.lower.tolist()}, {self.upper.tolist()}")
+            raise SR3DInputError(
+                f"canonical transform has non-finite bounds {self.lower.tolist()}, {self.upper.tolist()}"
+            )
         span64 = wide[1] - wide[0]
         finfo = torch.finfo(p.dtype)
         # the reference formula in the points' dtype, or in float64 when that dtype cannot hold the span

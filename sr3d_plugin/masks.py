@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 
 __all__ = [
@@ -136,7 +137,7 @@ def _runs_to_mask(runs: Sequence[int], h: int, w: int, what: str) -> np.ndarray:
 
 def encode_coco_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
     """Encode an ``[h, w]`` mask as COCO RLE (``counts`` a string when ``compressed``, else a list)."""
-    m = np.asarray(mask).astype(bool)
+    m = _checks.as_mask(mask, "mask").numpy()
     if m.ndim != 2:
         raise SR3DInputError(f"mask must be [H, W], got shape {m.shape}")
     flat = m.reshape(-1, order="F")
@@ -193,8 +194,13 @@ def polygon_mask(coords: Sequence[float], size: tuple[int, int]) -> np.ndarray:
 
     Pixels on the outline are included (PIL's polygon fill).
     """
-    width, height = size
-    pts = [(float(coords[i]), float(coords[i + 1])) for i in range(0, len(coords) - 1, 2)]
+    width, height = _image_size(size, "size")
+    c = _checks.as_array(coords, "coords", ndim=1).tolist()
+    if len(c) < 6 or len(c) % 2:
+        raise SR3DInputError(f"coords has {len(c)} numbers; expected x, y pairs of at least 3 vertices")
+    if max(abs(v) for v in c) > 1e9:
+        raise SR3DInputError(f"coords reach {max(abs(v) for v in c):.3g}; expected pixel coordinates")
+    pts = [(c[i], c[i + 1]) for i in range(0, len(c) - 1, 2)]
     canvas = Image.new("1", (width, height), 0)
     ImageDraw.Draw(canvas).polygon(pts, fill=1, outline=1)
     return np.array(canvas, dtype=bool)
@@ -205,9 +211,19 @@ def polygon_mask(coords: Sequence[float], size: tuple[int, int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+def _image_size(size: Any, name: str) -> tuple[int, int]:
+    """``(width, height)`` positive integers."""
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise SR3DInputError(f"{name} must be (width, height), got {_checks.describe(size)}")
+    return _checks.integer(size[0], name, minimum=1), _checks.integer(size[1], name, minimum=1)
+
+
 def fit_mask(mask: np.ndarray, image_size: tuple[int, int], what: str) -> np.ndarray:
     """``mask`` at the image size (nearest); an error when the aspect ratio differs by more than 2 %."""
-    width, height = image_size
+    width, height = _image_size(image_size, "image_size")
+    mask = _checks.as_mask(mask, what).numpy()
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise SR3DInputError(f"{what} must be a non-empty [H, W] mask, got shape {mask.shape}")
     mh, mw = mask.shape
     if (mw, mh) == (width, height):
         return mask.astype(bool)

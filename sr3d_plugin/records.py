@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.regions import region_from_record as region_from_record
@@ -249,7 +250,7 @@ def _matrix(value: Any, base: Path, shape: tuple[int, ...], what: str) -> np.nda
     if isinstance(value, str):
         m = read_matrix(_path(value, base), what)
     else:
-        m = np.asarray(value, dtype=np.float64)
+        m = _checks.as_array(value, what, finite=False, nonempty=False)
     if m.shape != shape:
         raise SR3DInputError(f"{what} must be {'×'.join(map(str, shape))}, got shape {m.shape}")
     return m
@@ -292,8 +293,14 @@ class RecordReader:
 
     def frames(self, rec: dict[str, Any], base: Path) -> Any:
         """The record's frames after uniform sampling (``meta["sampled_indices"]`` / ``["total_frames"]``)."""
-        depth_scale = float(rec.get("depth_scale", 1000.0))
-        n = int(rec.get("num_frames", self.num_frames or self.config.num_video_frames))
+        if not isinstance(rec, dict):
+            raise SR3DInputError(f"rec must be a record (a JSON object), got {_checks.describe(rec)}")
+        where = f"record {rec.get('id', '?')!r}"
+        raw_scale = rec.get("depth_scale", 1000.0)
+        depth_scale = _checks.finite_number(raw_scale, f"{where}: depth_scale", positive=True)
+        n = _checks.integer(
+            rec.get("num_frames", self.num_frames or self.config.num_video_frames), f"{where}: num_frames", minimum=1
+        )
         kwargs: dict[str, Any] = {"num_frames": n, "depth_scale": depth_scale}
         if rec.get("image") is not None:
             kwargs["image"] = _path(rec["image"], base)
@@ -309,13 +316,27 @@ class RecordReader:
             kwargs["depth"] = _paths(rec["depth"], base)
         if rec.get("intrinsics") is not None:
             k = rec["intrinsics"]
-            kwargs["intrinsics"] = _path(k, base) if isinstance(k, str) else np.asarray(k, dtype=np.float64)
+            if isinstance(k, str):
+                kwargs["intrinsics"] = _path(k, base)
+            else:
+                k = _checks.as_array(k, f"{where}: intrinsics", finite=False, nonempty=False)
+                if k.shape != (3, 3) and not (k.ndim == 3 and k.shape[1:] == (3, 3)):
+                    raise SR3DInputError(
+                        f"{where}: intrinsics must be a file, a 3×3 matrix or one 3×3 per frame, got shape {k.shape}"
+                    )
+                kwargs["intrinsics"] = k
         if rec.get("poses") is not None:
             poses = rec["poses"]
-            if isinstance(poses, str) or (isinstance(poses, list) and poses and isinstance(poses[0], str)):
+            if isinstance(poses, str) or (isinstance(poses, list) and poses and all(isinstance(p, str) for p in poses)):
                 kwargs["poses"] = _paths(poses, base)  # pose files
             else:
-                kwargs["poses"] = np.asarray(poses, dtype=np.float64)  # 4×4 matrices
+                poses = _checks.as_array(poses, f"{where}: poses", finite=False, nonempty=False)
+                if poses.ndim != 3 or poses.shape[1:] != (4, 4):
+                    raise SR3DInputError(
+                        f"{where}: poses must be pose files or one 4×4 camera-to-world per frame, got shape "
+                        f"{poses.shape}"
+                    )
+                kwargs["poses"] = poses
         fs = read_frames(**kwargs)
         if rec.get("axis_align") is not None:
             a = _axis_align(rec["axis_align"], base)

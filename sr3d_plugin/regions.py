@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.masks import decode_coco_rle, encode_coco_rle, fit_mask, load_mask_image, load_rle_file, polygon_mask
 from sr3d_plugin.modeling.inputs import Region
@@ -75,6 +76,32 @@ class RegionSpec:
     values: tuple[float, ...] = ()
     path: str | None = None
     label: str | None = None
+
+    def __post_init__(self) -> None:
+        """A spec built directly (not parsed) obeys the same rules as :func:`parse_region_spec`'s."""
+        where = f"region {self.text!r}"
+        if self.kind not in REGION_KINDS:
+            raise SR3DInputError(f"{where}: unknown kind {self.kind!r}; expected one of {', '.join(REGION_KINDS)}")
+        if self.frame is not None:
+            _checks.integer(self.frame, f"{where}: frame", minimum=0)
+        values = tuple(self.values)
+        if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
+            raise SR3DInputError(f"{where}: values {values!r} must be numbers")
+        if not all(np.isfinite(values)):
+            raise SR3DInputError(f"{where}: values {values!r} must be finite numbers")
+        expected = {"box": "4", "polygon": "an even number >= 6", "box3d": "6 or 7"}
+        n = len(values)
+        ok = {
+            "box": n == 4,
+            "polygon": n >= 6 and n % 2 == 0,
+            "box3d": n in (6, 7),
+        }.get(self.kind, True)
+        if not ok:
+            raise SR3DInputError(f"{where}: {self.kind} has {n} numbers; expected {expected[self.kind]}")
+        if self.kind == "box3d" and min(values[3:6]) <= 0:
+            raise SR3DInputError(f"{where}: box3d sizes {values[3:6]} must be positive (metres)")
+        if self.kind in ("mask", "rle") and not (isinstance(self.path, str) and self.path):
+            raise SR3DInputError(f"{where}: {self.kind} needs a file path, got {self.path!r}")
 
 
 def _numbers(value: str, key: str, text: str) -> tuple[float, ...]:
@@ -184,7 +211,13 @@ def box3d_masks(
     import torch
 
     from sr3d_plugin.geometry import Box3D, project_box_to_masks
+    from sr3d_plugin.sources.base import FrameSet
 
+    if not isinstance(frames, FrameSet):
+        raise SR3DInputError(f"frames must be a FrameSet, got {_checks.describe(frames)}")
+    values = tuple(_checks.as_array(values, "values", ndim=1).tolist())
+    if len(values) not in (6, 7):
+        raise SR3DInputError(f"values has {len(values)} numbers; expected cx, cy, cz, sx, sy, sz[, yaw]")
     if frames.cam_to_world is None or frames.intrinsics is None:
         raise SR3DInputError(
             "box3d regions need camera poses and intrinsics (a scene folder, or frames with poses and "
@@ -218,7 +251,16 @@ def box3d_masks(
 # ----------------------------------------------------------------------------------------------
 
 
-def _frame_index(spec: RegionSpec, index: int, frames: Any) -> int:
+@dataclass(frozen=True)
+class _FrameRef:
+    """Which frame a record region names (the frame part of a :class:`RegionSpec`)."""
+
+    text: str
+    frame: int | None = None
+    frame_id: str | None = None
+
+
+def _frame_index(spec: RegionSpec | _FrameRef, index: int, frames: Any) -> int:
     v = len(frames)
     if spec.frame_id is not None:
         k = frames.find(spec.frame_id)
@@ -290,6 +332,8 @@ _REGION_ALIAS = re.compile(r"<region(\d+)>")
 
 def count_region_references(question: str, mask_token: str = "<mask>") -> tuple[int, list[int]]:
     """``(number of <mask> tokens, [K of every <regionK> alias])`` in a question."""
+    if not isinstance(question, str) or not isinstance(mask_token, str) or not mask_token:
+        raise SR3DInputError(f"question and mask_token must be text, got {_checks.describe(question)}")
     return question.count(mask_token), [int(m.group(1)) for m in _REGION_ALIAS.finditer(question)]
 
 
@@ -325,6 +369,12 @@ def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> 
     Masks are brought to their frame's image size. ``frames`` is a
     :class:`~sr3d_plugin.sources.base.FrameSet` (the frames after sampling).
     """
+    from sr3d_plugin.sources.base import FrameSet
+
+    if not isinstance(frames, FrameSet):
+        raise SR3DInputError(f"frames must be a FrameSet, got {_checks.describe(frames)}")
+    if isinstance(specs, (str, RegionSpec, Region)) or not isinstance(specs, Sequence):
+        raise SR3DInputError(f"specs must be a list of region specs, got {_checks.describe(specs)}")
     out: list[Region] = []
     v = len(frames)
     for i, item in enumerate(specs):
@@ -354,12 +404,12 @@ def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> 
 def _frame_of(value: Any, frames: Any, where: str) -> int:
     """Frame index (after sampling) of a record region's ``frame`` (int, or ``"@ID"`` for an original frame id)."""
     if value is None:
-        return _frame_index(RegionSpec("box", where), 0, frames)
+        return _frame_index(_FrameRef(where), 0, frames)
     if isinstance(value, str) and value.startswith("@"):
-        return _frame_index(RegionSpec("box", where, frame_id=value[1:]), 0, frames)
+        return _frame_index(_FrameRef(where, frame_id=value[1:]), 0, frames)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise SR3DInputError(f"{where}: frame={value!r}; expected a frame index >= 0 or '@<frame id>'")
-    return _frame_index(RegionSpec("box", where, frame=int(value)), 0, frames)
+    return _frame_index(_FrameRef(where, frame=int(value)), 0, frames)
 
 
 def region_from_record(item: Any, frames: Any, base: str | Path | None = None, where: str = "region") -> Region:
@@ -403,16 +453,14 @@ def region_from_record(item: Any, frames: Any, base: str | Path | None = None, w
     if kind == "box3d":
         if "frame" in item:
             raise SR3DInputError(f"{where}: box3d regions cover every frame where the box is visible; drop 'frame'")
-        spec = RegionSpec("box3d", text, values=tuple(float(v) for v in value), label=label)
+        spec = RegionSpec("box3d", text, values=_record_numbers(value, kind, where), label=label)
         return resolve_regions([spec], frames)[0]
     k = _frame_of(item.get("frame"), frames, where)
     if kind == "rle" and isinstance(value, dict):
         mask = decode_coco_rle(dict(value), what=f"{where} RLE")
         return resolve_regions([Region({k: mask}, label=label)], frames)[0]
     if kind in ("box", "polygon"):
-        if not isinstance(value, (list, tuple)):
-            raise SR3DInputError(f"{where}: {kind} must be a list of numbers, got {value!r}")
-        spec = RegionSpec(kind, text, frame=k, values=tuple(float(v) for v in value), label=label)
+        spec = RegionSpec(kind, text, frame=k, values=_record_numbers(value, kind, where), label=label)
     else:
         if not isinstance(value, str):
             raise SR3DInputError(f"{where}: {kind} must be a file path, got {value!r}")
@@ -421,6 +469,15 @@ def region_from_record(item: Any, frames: Any, base: str | Path | None = None, w
             path = Path(base) / path
         spec = RegionSpec(kind, text, frame=k, path=str(path), label=label)
     return resolve_regions([spec], frames)[0]
+
+
+def _record_numbers(value: Any, kind: str, where: str) -> tuple[float, ...]:
+    """The numbers of a record region's ``box`` / ``polygon`` / ``box3d`` list."""
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise SR3DInputError(f"{where}: {kind} must be a list of numbers, got {_checks.describe(value)}")
+    return tuple(_checks.as_array(list(value), f"{where}: {kind}", ndim=1, nonempty=False).tolist())
 
 
 def _on_sampled_frame(value: Any, frames: Any) -> bool:

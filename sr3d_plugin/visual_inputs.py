@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 
@@ -128,9 +129,8 @@ def read_frames(
             f"give exactly one visual input (image, frames, video or scene); got {len(given)}"
             + (f" ({', '.join(given)})" if given else "")
         )
-    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
-        raise SR3DInputError(f"num_frames must be a positive integer, got {num_frames!r}")
-    n = int(num_frames)
+    n = _checks.integer(num_frames, "num_frames", minimum=1)
+    depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
     if (scene is not None or video is not None) and any(x is not None for x in (depth, intrinsics, poses)):
         raise SR3DInputError(
             "depth / intrinsics / poses go with an image or frames; a scene folder carries its own and a video "
@@ -200,7 +200,12 @@ def positions(
         ``{"source", "space", "canonical_mode", "points"?, "depth_model"?}``.
     """
     from sr3d_plugin.pointmap import choose_source, pointmaps_with_cache
+    from sr3d_plugin.sources.base import FrameSet
 
+    if not isinstance(frames, FrameSet):
+        raise SR3DInputError(f"frames must be a FrameSet (see read_frames), got {_checks.describe(frames)}")
+    if canonical_mode not in ("sr3d", "robust"):
+        raise SR3DInputError(f"canonical_mode={canonical_mode!r}; expected 'sr3d' or 'robust'")
     name = depth_source_name(source, "source")
     if name == "auto":
         if points is not None:

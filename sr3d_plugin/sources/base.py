@@ -228,7 +228,9 @@ class PointMaps:
         if self.xyz.dim() != 4 or self.xyz.shape[-1] != 3 or 0 in tuple(self.xyz.shape):
             raise SR3DInputError(f"point maps must be [V, H, W, 3] (non-empty), got shape {tuple(self.xyz.shape)}")
         if not bool(torch.isfinite(self.xyz).all()):
-            raise SR3DInputError("point maps xyz contain NaN or inf; expected finite points (invalid ones marked in valid)")
+            raise SR3DInputError(
+                "point maps xyz contain NaN or inf; expected finite points (invalid ones marked in valid)"
+            )
         if tuple(np.shape(self.valid)) != tuple(self.xyz.shape[:3]):
             raise SR3DInputError(
                 f"validity mask shape {tuple(np.shape(self.valid))} does not match point maps {tuple(self.xyz.shape[:3])}"
