@@ -138,8 +138,8 @@ def _runs_to_mask(runs: Sequence[int], h: int, w: int, what: str) -> np.ndarray:
 def encode_coco_rle(mask: np.ndarray, compressed: bool = True) -> dict[str, Any]:
     """Encode an ``[h, w]`` mask as COCO RLE (``counts`` a string when ``compressed``, else a list)."""
     m = _checks.as_mask(mask, "mask").numpy()
-    if m.ndim != 2:
-        raise SR3DInputError(f"mask must be [H, W], got shape {m.shape}")
+    if m.ndim != 2 or 0 in m.shape:
+        raise SR3DInputError(f"mask must be a non-empty [H, W] mask, got shape {m.shape}")
     flat = m.reshape(-1, order="F")
     change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
     edges = np.concatenate([[0], change, [flat.size]])

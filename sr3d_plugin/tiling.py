@@ -283,7 +283,7 @@ def resize_area_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     Separable and sparse (a few source pixels per output pixel), so large images stay cheap.
     """
-    x = _checks.as_tensor(x, "x", ndim=3, finite=False)
+    x = _checks.as_tensor(x, "x", ndim=3)
     c, h, w = x.shape
     (oh, ow) = _hw(size, "size")
     th, tw = _cv2_area_taps((h, w), (oh, ow))
@@ -373,7 +373,7 @@ def tile_array(x: torch.Tensor, layout: TileLayout, mode: str = "cv2_area") -> t
     (OpenCV INTER_NEAREST, its mask resize), or a torch ``interpolate`` mode (``area``, ``nearest``,
     ``nearest-exact``, ``bilinear``).
     """
-    x = _checks.as_tensor(x, "x", ndim=3, finite=False)
+    x = _checks.as_tensor(x, "x", ndim=3)
     _check_layout(layout)
     if mode not in TILE_MODES:
         raise SR3DInputError(f"unknown mode {mode!r}; expected one of {', '.join(TILE_MODES)}")
@@ -391,7 +391,7 @@ def tile_mask(mask: torch.Tensor | np.ndarray, layout: TileLayout) -> torch.Tens
     """
     m = _checks.as_mask(mask, "mask")
     single = m.dim() == 2
-    if m.dim() not in (2, 3) or m.shape[-1] == 0 or m.shape[-2] == 0:
+    if m.dim() not in (2, 3) or 0 in tuple(m.shape):
         raise SR3DInputError(f"mask must be [H, W] or [M, H, W] with H, W >= 1, got shape {tuple(m.shape)}")
     _check_layout(layout)
     x = _as_channels_first(m).to(torch.float32)

@@ -107,6 +107,9 @@ class FrameSet:
             self._ids[key] = i
         for name in ("depth", "intrinsics", "cam_to_world", "color_intrinsics"):
             arr = getattr(self, name)
+            sized = isinstance(arr, (list, tuple)) or (isinstance(arr, (np.ndarray, torch.Tensor)) and arr.ndim > 0)
+            if arr is not None and not sized:
+                raise SR3DInputError(f"{name} must be an array with one entry per frame, got {_checks.describe(arr)}")
             if arr is not None and len(arr) != v:
                 raise SR3DInputError(f"{name} has {len(arr)} entries but there are {v} images; expected one per frame")
         self._check_geometry(v)

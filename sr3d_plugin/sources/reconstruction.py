@@ -120,7 +120,7 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
 
 def _float32_points(xyz: np.ndarray, where: object) -> np.ndarray:
     """float32 points, refusing values that float32 cannot hold (they would silently become inf)."""
-    big = np.abs(xyz).max(initial=0.0)
+    big = float(np.abs(xyz).max(initial=0.0))
     if big > _checks.MAX_COORDINATE:
         raise SR3DInputError(
             f"points of {str(where)!r} reach {big:.3g}; expected coordinates within ±{_checks.MAX_COORDINATE:g}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.sources.base import FrameSet, uniform_frame_indices
 from sr3d_plugin.sources.files import (
@@ -96,12 +97,10 @@ class ScanNetReader:
     name = "scannet"
 
     def __init__(self, num_frames: int | None = 32, depth_scale: float = 1000.0, axis_align: bool = True) -> None:
-        if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 0):
-            raise SR3DInputError(f"num_frames must be a non-negative integer or None, got {num_frames!r}")
-        if not np.isfinite(depth_scale) or depth_scale <= 0:
-            raise SR3DInputError(f"depth_scale must be a positive number, got {depth_scale!r}")
+        if num_frames is not None:
+            num_frames = _checks.integer(num_frames, "num_frames", minimum=0)
         self.num_frames = int(num_frames) if num_frames else None
-        self.depth_scale = float(depth_scale)
+        self.depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
         self.axis_align = bool(axis_align)
 
     def options(self) -> dict:

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.sources.base import FrameSet, uniform_frame_indices
 from sr3d_plugin.sources.files import require_file
@@ -92,9 +92,7 @@ class VideoReader:
     name = "video"
 
     def __init__(self, num_frames: int = 32) -> None:
-        if not isinstance(num_frames, (int, np.integer)) or num_frames <= 0:
-            raise SR3DInputError(f"num_frames must be a positive integer, got {num_frames!r}")
-        self.num_frames = int(num_frames)
+        self.num_frames = _checks.integer(num_frames, "num_frames", minimum=1)
 
     def read(self, path: str | os.PathLike) -> FrameSet:
         p = require_file(path, "video file")
