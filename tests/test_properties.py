@@ -32,7 +32,6 @@ from PIL import Image
 
 from sr3d_plugin import geometry, masks, pointmap, regions, tiling
 from sr3d_plugin.errors import SR3DError
-from sr3d_plugin.modeling.inputs import Region
 from sr3d_plugin.records import RecordReader, validate_record
 from sr3d_plugin.sources import base, files, pointmap_sources, reconstruction
 from sr3d_plugin.sources.depth_anything import resolve_dtype
@@ -251,7 +250,7 @@ def test_backproject(data: st.DataObject) -> None:
     pose = data.draw(st.one_of(st.none(), pose_st(), garbage()))
     out = probe("geometry", geometry.backproject, depth, k, pose)
     if out is not None:
-        assert tuple(out.shape) == tuple(np.shape(depth)) + (3,)
+        assert tuple(out.shape) == (*tuple(np.shape(depth)), 3)
 
 
 @PROPS
@@ -284,7 +283,7 @@ def test_relative_depth_conversions(values: Any, quantize: bool) -> None:
         probe("geometry", geometry.relative_depth_to_points, r)
     p = probe("geometry", geometry.relative_depth_to_points, values)
     if p is not None:
-        assert tuple(p.shape) == tuple(np.shape(values)) + (3,)
+        assert tuple(p.shape) == (*tuple(np.shape(values)), 3)
 
 
 @PROPS
@@ -298,7 +297,7 @@ def test_pool_to_grid(points: Any, grid: Any, valid: Any) -> None:
     if out is not None:
         g, cover = out
         gh, gw = (grid, grid) if isinstance(grid, int) else grid
-        assert tuple(g.shape) == tuple(np.shape(points)[:-3]) + (gh, gw, 3)
+        assert tuple(g.shape) == (*tuple(np.shape(points)[:-3]), gh, gw, 3)
         assert tuple(cover.shape) == tuple(g.shape[:-1])
 
 
@@ -340,8 +339,8 @@ def test_box3d(args: tuple[Any, Any, Any], points: Any, yaw: float) -> None:
 def test_project_points(points: Any, k: Any, pose: Any) -> None:
     out = probe("geometry", geometry.project_points, points, k, pose)
     if out is not None:
-        uv, z = out
-        assert tuple(uv.shape) == tuple(np.shape(points))[:-1] + (2,)
+        uv, _z = out
+        assert tuple(uv.shape) == (*tuple(np.shape(points))[:-1], 2)
 
 
 @PROPS
@@ -501,7 +500,7 @@ def test_region_from_record(kind: str, value: Any, frame: Any) -> None:
 
 @PROPS
 @given(
-    kind=st.sampled_from(list(regions.REGION_KINDS) + ["other"]),
+    kind=st.sampled_from([*list(regions.REGION_KINDS), "other"]),
     values=st.lists(st.one_of(st.floats(-5, 5), st.sampled_from(SPECIAL), st.just(True)), max_size=8),
     frame=st.one_of(st.none(), st.integers(-2, 3), st.just(1.5)),
     question=st.one_of(
@@ -611,7 +610,7 @@ def test_pointmap_helpers_and_frame_sampling(canonical: Any, valid: Any, total: 
         assert tuple(pos.shape) == (layout.num_tiles, 2, 2, 3)
     idx = probe("sources", base.uniform_frame_indices, total, count)
     if idx is not None:
-        assert idx == sorted(set(idx)) and len(idx) == min(total, count) and 0 <= idx[0] and idx[-1] < total
+        assert idx == sorted(set(idx)) and len(idx) == min(total, count) and idx[0] >= 0 and idx[-1] < total
     probe("sources", base.normalise_frame_id, fid)
     probe("sources", resolve_dtype, fid, torch.device("cpu"))
 
