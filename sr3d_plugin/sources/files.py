@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.limits import check_npy_file, open_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -58,6 +59,7 @@ def read_matrix(path: PathLike, what: str = "matrix") -> np.ndarray:
     """
     p = require_file(path, what)
     if p.suffix.lower() == ".npy":
+        check_npy_file(p, f"{what} file")
         try:
             arr = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -115,10 +117,13 @@ def load_intrinsics_file(path: PathLike) -> np.ndarray:
 
 
 def load_rgb(path: PathLike, what: str = "image") -> Image.Image:
-    """Open an image file as a fully loaded RGB PIL image (the file is closed on return)."""
+    """Open an image file as a fully loaded RGB PIL image (the file is closed on return).
+
+    The size is checked against :mod:`sr3d_plugin.limits` from the header, before decoding.
+    """
     p = require_file(path, what)
     try:
-        with Image.open(p) as im:
+        with open_image(p, what) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise SR3DInputError(f"{what} {str(p)!r} is not a readable image: {exc}") from exc
@@ -140,6 +145,7 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
         raise SR3DInputError(f"depth_scale must be a positive number, got {depth_scale!r}")
     p = require_file(path, "depth file")
     if p.suffix.lower() == ".npy":
+        check_npy_file(p, "depth file")
         try:
             arr = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -153,7 +159,7 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
         depth = arr.astype(np.float32)
     else:
         try:
-            with Image.open(p) as im:
+            with open_image(p, "depth file") as im:
                 mode = im.mode
                 arr = np.array(im)
         except (UnidentifiedImageError, OSError) as exc:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.limits import check_npy_file, check_npz_file
 from sr3d_plugin.sources.base import FrameSet, PointMaps, normalise_frame_id
 from sr3d_plugin.sources.files import file_identity, require_file
 from sr3d_plugin.sources.pointmap_sources import check_aspect
@@ -58,6 +59,10 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
     confidence = None
     frame_ids = None
     valid = None
+    if suffix == ".npy":
+        check_npy_file(p, "reconstruction file")
+    else:
+        check_npz_file(p, "reconstruction file")
     try:
         if suffix == ".npy":
             xyz = np.load(p, allow_pickle=False)
