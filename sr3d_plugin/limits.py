@@ -90,8 +90,12 @@ def set_max_pixels(limit: int | None) -> int | None:
     Overrides ``SR3D_MAX_PIXELS``. ``set_max_pixels(DEFAULT_MAX_PIXELS)`` restores the default.
     """
     global _override
-    previous = get_max_pixels()
-    _override = _parse_limit(limit, "limit=")
+    new = _parse_limit(limit, "limit=")
+    try:
+        previous = get_max_pixels()
+    except SR3DConfigError:  # an unreadable environment value: it is being replaced anyway
+        previous = None
+    _override = new
     return previous
 
 
