@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -194,7 +195,7 @@ def _chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: Path, member: A
                         archive, f"member {info.filename!r} holds more data than the {member.size:,} bytes announced"
                     )
                 yield block
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as exc:
         if isinstance(exc, SR3DDiskError):
             raise
         raise _bad(archive, f"member {info.filename!r} is corrupt ({exc})") from exc

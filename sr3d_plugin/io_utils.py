@@ -93,7 +93,9 @@ def disk_error(exc: OSError, path: str | os.PathLike, action: str) -> SR3DDiskEr
     code = exc.errno
     name = errno_mod.errorcode.get(code, "") if code is not None else ""
     cause = DISK_ERRNOS.get(code, exc.strerror or str(exc)) if code is not None else (exc.strerror or str(exc))
-    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    # name the file the OS refused when it is ours (a temporary file beside ``path``), not a source file
+    inside = exc.filename and str(exc.filename).startswith(str(Path(path).parent))
+    where = f" ({exc.filename})" if inside and str(exc.filename) != str(path) else ""
     err = SR3DDiskError(f"{action} {str(path)!r} failed: {cause}{f' [{name}]' if name else ''}{where}")
     err.errno = code
     err.strerror = exc.strerror

@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -236,6 +237,6 @@ def check_npz_file(path: str | os.PathLike, what: str = "array file") -> dict[st
                 name = info.filename[: -len(".npy")]
                 check_pixels(_array_pixels(shape), f"{label} array {name!r}", shape)
                 shapes[name] = shape
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
         raise SR3DInputError(f"{label} is not a readable .npz archive: {exc}") from exc
     return shapes

@@ -182,6 +182,15 @@ def test_corrupt_archives_are_refused_and_partial_output_removed(tmp_path: Path)
     with pytest.raises(SR3DInputError, match=r"member 'instance-filt/1.png' is corrupt"):
         extract_members(good, target, lambda n: n)
     assert not any(p.is_file() for p in target.rglob("*"))  # the first member was removed again
+    # damaged deflate data (zlib's own error)
+    deflated = tmp_path / "c.zip"
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("instance-filt/0.png", np.random.default_rng(0).bytes(4000))
+    data = bytearray(deflated.read_bytes())
+    data[30 + len("instance-filt/0.png") + 5] ^= 0xFF
+    deflated.write_bytes(bytes(data))
+    with pytest.raises(SR3DInputError, match=r"member 'instance-filt/0.png' is corrupt"):
+        extract_members(deflated, tmp_path / "t3", lambda n: n)
 
 
 def test_a_member_longer_than_announced_is_cut_off(tmp_path: Path) -> None:

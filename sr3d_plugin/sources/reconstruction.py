@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
                 frame_ids = data["frame_ids"] if "frame_ids" in keys else None
     except SR3DInputError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise SR3DInputError(
             f"reconstruction file {str(p)!r} cannot be read as numeric arrays without pickle: {exc}"
         ) from exc
