@@ -14,7 +14,8 @@ Temporary names are ``.<name>.sr3dtmp-<host>-<pid>-<random><suffix>`` (``<host>`
 the host name). A writer killed mid-write leaves such an entry behind; the next atomic write into
 the same folder removes the stale ones (:func:`clean_stale_temps`): those whose writer process, on
 this host, is no longer running, and — where the writer cannot be checked (another host, or the
-older ``.<name>.<random><suffix>`` names) — those older than :data:`STALE_TEMP_AGE_S`.
+older ``.<name>.<random><suffix>`` names of earlier versions) — those older than
+:data:`STALE_TEMP_AGE_S` (one hour).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sr3d_plugin.errors import SR3DDiskError
 
 __all__ = [
     "DISK_ERRNOS",
+    "LIVE_WRITER_AGE_S",
     "STALE_TEMP_AGE_S",
     "atomic_dir",
     "atomic_path",
@@ -79,7 +81,10 @@ _TEMP_TAG = "sr3dtmp"
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 # new names: .<name>.sr3dtmp-<host>-<pid>-<random><suffix>; older ones (tempfile): .<name>.<8 chars><suffix>
 _NEW_TEMP_RE = re.compile(rf"^\..+\.{_TEMP_TAG}-(?P<host>[0-9a-f]{{6}})-(?P<pid>\d+)-[0-9a-f]{{8}}(\.[^/]*)?$")
-_OLD_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}(\.npz|\.tmp|\.png|\.safetensors|\.json)$")
+# older names repeat the destination's suffix (".k.npz.ab12cd34.npz") or end in ".tmp"
+_OLD_TEMP_RE = re.compile(r"^\..+?(?P<ext>\.(?:npz|png|safetensors))\.[a-z0-9_]{8}(?P=ext)$|^\..+\.[a-z0-9_]{8}\.tmp$")
+#: a temporary entry of a running process on this host is removed only past this age (pid reuse)
+LIVE_WRITER_AGE_S = 24 * 3600.0
 
 
 def disk_error(exc: OSError, path: str | os.PathLike, action: str) -> SR3DDiskError:
@@ -167,9 +172,10 @@ def clean_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_TEMP_A
     """Remove the stale temporary entries that atomic writes left in ``folder``; returns them.
 
     Only names of the two temporary patterns (module docstring) are considered. An entry carrying
-    this host and the pid of a running process is never removed (its writer may still be at work);
-    one whose pid no longer runs is; the rest (other hosts, older names) once older than
-    ``max_age_s`` seconds (by modification time). Failures to remove are ignored: cleaning is a
+    this host and the pid of a running process is left alone (its writer may still be at work)
+    unless it is older than :data:`LIVE_WRITER_AGE_S` (the pid was reused); one whose pid no longer
+    runs is removed; the rest (other hosts, older names) once older than ``max_age_s`` seconds (by
+    modification time). Failures to remove are ignored: cleaning is a
     courtesy and must never fail a write.
     """
     removed: list[Path] = []
@@ -183,21 +189,16 @@ def clean_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_TEMP_A
         if not name.startswith("."):
             continue
         m = _NEW_TEMP_RE.match(name)
+        age_limit = max_age_s
         if m is not None:
             if m["host"] == _HOST:
                 pid = int(m["pid"])
-                if pid == os.getpid() or _pid_alive(pid):
-                    continue
-                stale = True
-            else:
-                stale = False
-        elif _OLD_TEMP_RE.match(name) is not None:
-            stale = False
-        else:
+                alive = pid == os.getpid() or _pid_alive(pid)
+                age_limit = max(LIVE_WRITER_AGE_S, max_age_s) if alive else -1.0
+        elif _OLD_TEMP_RE.match(name) is None:
             continue
         try:
-            if not stale:
-                stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age_s
+            stale = age_limit < 0 or now - entry.stat(follow_symlinks=False).st_mtime > age_limit
             if not stale:
                 continue
             if entry.is_dir(follow_symlinks=False):
@@ -232,11 +233,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     clean_stale_temps(dest.parent)
     tmp_path = dest.parent / _temp_name(dest, suffix or ".tmp")
     try:
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, _mode_for(dest, 0o666))
-        finally:
-            os.close(fd)
+        os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.chmod(tmp_path, _mode_for(dest, 0o666))
     except OSError as exc:
         raise disk_error(exc, dest, "creating a temporary file for") from exc
     try:

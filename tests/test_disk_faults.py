@@ -162,7 +162,11 @@ def test_stale_temps_are_cleaned_on_the_next_write(tmp_path: Path) -> None:
         "other_host_new": ".k.npz.sr3dtmp-fffff0-1-0123abcd.npz",
         "legacy_old": ".k.npz.a1b2c3d4.npz",  # mkstemp names of earlier versions: by age
         "legacy_new": ".k.npz.a1b2c3d5.npz",
-        "unrelated_old": ".hidden.npz",  # not ours
+        "legacy_tmp_old": ".f.json.abcdefgh.tmp",
+        "unrelated_old": ".hidden.npz",  # not ours, whatever their age
+        "user_json_old": ".config.settings.json",
+        "user_npz_old": ".scan.abcdefgh.npz",
+        "alive_ancient_old": f".k.npz.sr3dtmp-{host}-{os.getppid()}-0123abce.npz",  # pid reused after a day
         "dead_dir": f".scene.sr3dtmp-{host}-{dead.pid}-0123abcd.tmp",
     }
     for key, name in names.items():
@@ -173,10 +177,11 @@ def test_stale_temps_are_cleaned_on_the_next_write(tmp_path: Path) -> None:
         else:
             p.write_text("x")
         if key.endswith("_old"):
-            os.utime(p, (time.time() - 7200, time.time() - 7200))
+            age = 2 * 86400 if "ancient" in key else 7200
+            os.utime(p, (time.time() - age, time.time() - age))
     atomic_write_text(tmp_path / "k.npz", "x")
     left = {p.name for p in tmp_path.iterdir()}
-    kept = {"alive", "other_host_new", "legacy_new", "unrelated_old"}
+    kept = {"alive", "other_host_new", "legacy_new", "unrelated_old", "user_json_old", "user_npz_old"}
     assert left == {names[k] for k in kept} | {"k.npz"}
     assert clean_stale_temps(tmp_path, max_age_s=0) and ".hidden.npz" in {p.name for p in tmp_path.iterdir()}
 

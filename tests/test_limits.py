@@ -145,3 +145,26 @@ def test_cli_bombs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["pointmap", "--image", str(img), "--no-cache", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "400,000,000 pixels" in err and str(img) in err and "\n" not in err
+
+
+def test_video_frames_are_checked_from_the_stream_header(tmp_path: Path) -> None:
+    import av
+
+    from sr3d_plugin.sources.video import VideoReader
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert len(VideoReader(num_frames=2).read(clip)) == 2
+    with (
+        limits.max_pixels_limit(3000),
+        pytest.raises(SR3DLimitError, match=r"clip\.mp4' frame would decode to 64 × 48"),
+    ):
+        VideoReader(num_frames=2).read(clip)
