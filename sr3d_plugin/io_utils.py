@@ -98,9 +98,11 @@ def disk_error(exc: OSError, path: str | os.PathLike, action: str) -> SR3DDiskEr
     code = exc.errno
     name = errno_mod.errorcode.get(code, "") if code is not None else ""
     cause = DISK_ERRNOS.get(code, exc.strerror or str(exc)) if code is not None else (exc.strerror or str(exc))
-    # name the file the OS refused when it is ours (a temporary file beside ``path``), not a source file
-    inside = exc.filename and str(exc.filename).startswith(str(Path(path).parent))
-    where = f" ({exc.filename})" if inside and str(exc.filename) != str(path) else ""
+    where = ""
+    if exc.filename and str(exc.filename) != str(path):
+        # our temporary file beside ``path``, or another file the OS named (shutil names a copy's source)
+        inside = str(exc.filename).startswith(str(Path(path).parent))
+        where = f" ({exc.filename})" if inside else f" (reported on {exc.filename})"
     err = SR3DDiskError(f"{action} {str(path)!r} failed: {cause}{f' [{name}]' if name else ''}{where}")
     err.errno = code
     err.strerror = exc.strerror
@@ -109,17 +111,25 @@ def disk_error(exc: OSError, path: str | os.PathLike, action: str) -> SR3DDiskEr
 
 
 _WRAPPED_OS_ERROR_RE = re.compile(r"Os \{ code: (\d+)")
+# codes that can only concern the written side (full, read-only, quota, size); the others (no
+# permission, not a folder, …) may concern a file the ``with`` block read, and are converted only
+# when they name no file or a file beside the destination
+_WRITE_SIDE = {getattr(errno_mod, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno_mod, n)}
 
 
-def _disk_fault_of(exc: BaseException) -> OSError | None:
-    """The disk-fault ``OSError`` behind ``exc`` (itself, its cause chain, or the ``Os { code: N }``
-    that safetensors' ``SafetensorError`` writes into its message), else None."""
+def _disk_fault_of(exc: BaseException, dest: Path) -> OSError | None:
+    """The disk-fault ``OSError`` behind ``exc`` raised while writing ``dest`` (itself, its cause
+    chain, or the ``Os { code: N }`` that safetensors' ``SafetensorError`` writes into its message),
+    else None."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, OSError) and cur.errno in DISK_ERRNOS:
-            return cur
+            ours = not cur.filename or str(cur.filename).startswith(str(dest.parent))
+            if cur.errno in _WRITE_SIDE or ours:
+                return cur
+            return None
         m = _WRAPPED_OS_ERROR_RE.search(str(cur)) if type(cur).__name__ == "SafetensorError" else None
         if m is not None and int(m[1]) in DISK_ERRNOS:
             code = int(m[1])
@@ -241,7 +251,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         try:
             yield tmp_path
         except Exception as exc:
-            fault = _disk_fault_of(exc)
+            fault = _disk_fault_of(exc, dest)
             if fault is not None:
                 raise disk_error(fault, dest, "writing") from exc
             raise
@@ -297,7 +307,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         try:
             yield tmp
         except Exception as exc:
-            fault = _disk_fault_of(exc)
+            fault = _disk_fault_of(exc, dest)
             if fault is not None:
                 raise disk_error(fault, dest, "writing") from exc
             raise

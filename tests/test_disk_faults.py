@@ -96,6 +96,12 @@ def test_faults_inside_the_with_block_and_from_safetensors(tmp_path: Path) -> No
         raise KeyError("not a disk fault")
     with pytest.raises(FileNotFoundError), atomic_path(dest):
         raise FileNotFoundError(errno.ENOENT, "input missing", "/nowhere/in.txt")
+    with pytest.raises(PermissionError) as err, atomic_path(dest):  # an unreadable input is not a write fault
+        raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere/in.txt")
+    assert not isinstance(err.value, SR3DDiskError)
+    full = r"disk full\) \[ENOSPC\] \(reported on /elsewhere/src.png\)"
+    with pytest.raises(SR3DDiskError, match=full), atomic_dir(tmp_path / "d"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/elsewhere/src.png")  # shutil names the source
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
