@@ -6,7 +6,15 @@ without reading the source.
 
 from __future__ import annotations
 
-__all__ = ["SR3DConfigError", "SR3DDependencyError", "SR3DError", "SR3DInputError", "SR3DPluginError"]
+__all__ = [
+    "SR3DConfigError",
+    "SR3DDependencyError",
+    "SR3DDiskError",
+    "SR3DError",
+    "SR3DInputError",
+    "SR3DLimitError",
+    "SR3DPluginError",
+]
 
 
 class SR3DError(Exception):
@@ -42,3 +50,22 @@ class SR3DPluginError(SR3DError, LookupError):
 
 class SR3DDependencyError(SR3DError, ImportError):
     """An installed dependency is too old (or missing) for the part of sr3d-plugin that was asked for."""
+
+
+class SR3DDiskError(SR3DError, OSError):
+    """Writing (or moving into place) a file or folder failed: disk full, read-only, no permission, ….
+
+    Also an :class:`OSError`, so code that handles ``OSError`` keeps working. ``errno`` is the
+    operating system's code (``errno.ENOSPC``, ``errno.EROFS``, ``errno.EACCES``, …) and
+    ``filename`` the path that could not be written. The message names both and what failed.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SR3DLimitError(SR3DInputError):
+    """An input file would decode to more pixels (or array elements) than the configured limit.
+
+    Raised from the file's header, before anything is decoded; see :mod:`sr3d_plugin.limits`.
+    """

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.limits import check_pixels, open_image
 
 __all__ = [
     "decode_coco_rle",
@@ -91,6 +92,7 @@ def decode_coco_rle(rle: dict[str, Any], what: str = "RLE", backend: str = "auto
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise SR3DInputError(f"{what} 'size' must be [height, width] positive integers, got {size!r}")
     h, w = int(size[0]), int(size[1])
+    check_pixels(h * w, what, (h, w))  # from the header, before the counts are read
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii", errors="replace")
@@ -177,7 +179,7 @@ def load_mask_image(path: str | Path) -> np.ndarray:
     if not p.is_file():
         raise SR3DInputError(f"mask image not found: {str(p)!r}")
     try:
-        with Image.open(p) as im:
+        with open_image(p, "mask image") as im:
             mode = im.mode
             arr = np.array(im)
     except (UnidentifiedImageError, OSError) as exc:
@@ -195,6 +197,7 @@ def polygon_mask(coords: Sequence[float], size: tuple[int, int]) -> np.ndarray:
     Pixels on the outline are included (PIL's polygon fill).
     """
     width, height = _image_size(size, "size")
+    check_pixels(int(width) * int(height), "polygon mask", (width, height))
     c = _checks.as_array(coords, "coords", ndim=1).tolist()
     if len(c) < 6 or len(c) % 2:
         raise SR3DInputError(f"coords has {len(c)} numbers; expected x, y pairs of at least 3 vertices")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.geometry import pool_to_grid
-from sr3d_plugin.io_utils import atomic_path, stable_hash
+from sr3d_plugin.io_utils import atomic_path, stable_hash, warn_cache_write_failed
 from sr3d_plugin.sources.base import FrameSet, PointMaps
 from sr3d_plugin.tiling import TileLayout, tile_pointmap
 
@@ -475,6 +475,9 @@ def pointmaps_with_cache(
     path = None
     if store is not None:
         t3 = time.perf_counter()
-        path = store.save(key, pm, canonical, mode, {"source": name, "frame_ids": list(frames.frame_ids)})
+        try:
+            path = store.save(key, pm, canonical, mode, {"source": name, "frame_ids": list(frames.frame_ids)})
+        except OSError as exc:  # SR3DDiskError included: the result is computed, a cache must not lose it
+            warn_cache_write_failed(store.root, exc)
         timings["cache_write"] = time.perf_counter() - t3
     return PointMapResult(pm, canonical, mode, name, False, path, key, timings)

@@ -403,8 +403,7 @@ class RecordReader:
     def _relative(self, rec: dict[str, Any], frames: Any, base: Path, cache: Any) -> tuple[torch.Tensor, None]:
         """Released single-view relative depth images → points: ``d = value / 255`` (``/ max`` above 255),
         0 = nearest and valid, as SR-REAL's ``mm_utils.process_depth`` (SR3D-FACTS §3)."""
-        from PIL import Image
-
+        from sr3d_plugin.limits import open_image
         from sr3d_plugin.sources.base import FrameSet
 
         files = rec["relative_depth"]
@@ -417,7 +416,7 @@ class RecordReader:
             )
         maps = []
         for f in files:
-            with Image.open(_path(f, base)) as im:
+            with open_image(_path(f, base), f"record {rec.get('id', '?')!r} relative_depth file") as im:
                 arr = np.asarray(im)
             if arr.ndim == 3:
                 arr = arr[..., 0]

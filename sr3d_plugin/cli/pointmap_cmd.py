@@ -91,13 +91,21 @@ def _synthetic_scene(seed: int, root: Path | None) -> Iterator[Path]:
         raise SR3DInputError(f"the synthetic scene generator is not available: {exc}") from exc
     if seed < 0:
         raise SR3DInputError(f"--synthetic seed must be a non-negative integer, got {seed}")
+    from sr3d_plugin.io_utils import warn_cache_write_failed
+
     with contextlib.ExitStack() as stack:
+        scene = None
+        if root is not None and not (root / f"synth{seed:04d}_00" / "objects.json").is_file():
+            scene = generate_scene(seed)
+            try:
+                write_scannet_layout(scene, root)
+            except OSError as exc:  # the cache folder is not writable: generate into a temporary folder
+                warn_cache_write_failed(root, exc)
+                root = None
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sr3d-synthetic-")))
-        folder = root / f"synth{seed:04d}_00"
-        if not (folder / "objects.json").is_file():
-            write_scannet_layout(generate_scene(seed), root)
-        yield folder
+            write_scannet_layout(scene if scene is not None else generate_scene(seed), root)
+        yield root / f"synth{seed:04d}_00"
 
 
 def _read_frames(args: argparse.Namespace, scene_dir: Path | None) -> Any:

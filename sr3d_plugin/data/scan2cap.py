@@ -55,7 +55,7 @@ from sr3d_plugin.data.common import (
     write_jsonl,
 )
 from sr3d_plugin.errors import SR3DInputError
-from sr3d_plugin.io_utils import atomic_write_json, stable_hash
+from sr3d_plugin.io_utils import atomic_write_json, stable_hash, warn_cache_write_failed
 
 __all__ = ["Scan2CapConverter", "load_gt_boxes", "load_proposals"]
 
@@ -345,5 +345,8 @@ class Scan2CapConverter(Converter):
                     {"frame": f"@{frames.frame_ids[k]}", "rle": encode_coco_rle(m)} for k, m in sorted(masks.items())
                 ],
             }
-        atomic_write_json(cache_file, result, indent=None)
+        try:
+            atomic_write_json(cache_file, result, indent=None)
+        except OSError as exc:  # SR3DDiskError included: the masks are computed, keep going uncached
+            warn_cache_write_failed(work, exc)
         return result

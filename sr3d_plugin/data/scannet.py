@@ -11,6 +11,16 @@ writes colour, depth, pose and intrinsics). Two exported layouts are accepted, p
     ``<i>.jpg`` colour, ``<i>.png`` depth (uint16 mm), ``<i>.txt`` pose, and ``intrinsic.txt`` (colour K;
     the depth K is scaled to the depth size) or ``intrinsic_color.txt`` + ``intrinsic_depth.txt``.
 
+Instance and label masks may also come as the official release ships them, zipped:
+``<scene_id>_2d-instance-filt.zip`` (members ``instance-filt/<i>.png``) and
+``<scene_id>_2d-label-filt.zip`` (``label-filt/<i>.png``), in the scene folder or in ``--meta DIR``
+(``DIR/<scene_id>/``, as in ScanNet's ``scans/``). When the scene has no ``instance-filt/`` (or
+``label-filt/``) folder, the members of the kept frames are read from the zip into the prepared
+scene (:mod:`sr3d_plugin.archives`: the archive is checked first and refused as a whole — with an
+error naming the member — for paths leaving the target, absolute paths, links, encrypted or
+oversized members, too many members or a compression ratio of a zip bomb; files are written under
+names built from the frame number, never from the member path).
+
 ``--raw`` is one scene folder or a folder of scene folders. The ScanNet meta file
 ``<scene_id>.txt`` (axis alignment) is taken from the scene folder or from ``--meta DIR``
 (``DIR/<scene_id>/<scene_id>.txt`` or ``DIR/<scene_id>.txt``, e.g. the ``scans/`` of the ScanNet
@@ -41,7 +51,11 @@ from sr3d_plugin.data.common import (
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.io_utils import atomic_dir
 
-__all__ = ["ScanNetConverter", "detect_layout"]
+#: the zipped mask folders of the official ScanNet release: folder name → archive name suffix
+MASK_ARCHIVES = {"instance-filt": "_2d-instance-filt.zip", "label-filt": "_2d-label-filt.zip"}
+_MEMBER_RE = re.compile(r"^(?:.*/)?(?P<folder>instance-filt|label-filt)/(?P<frame>\d+)\.png$")
+
+__all__ = ["MASK_ARCHIVES", "ScanNetConverter", "detect_layout", "extract_mask_archives"]
 
 _SCENE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _COLOR_SUFFIXES = (".jpg", ".jpeg")
@@ -71,6 +85,50 @@ def _meta_file(scene_dir: Path, scene_id: str, meta_root: Path | None) -> Path |
     if meta_root is not None:
         cands += [meta_root / scene_id / f"{scene_id}.txt", meta_root / f"{scene_id}.txt"]
     return next((c for c in cands if c.is_file()), None)
+
+
+def _mask_archive(src: Path, scene_id: str, meta_root: Path | None, folder: str) -> Path | None:
+    name = f"{scene_id}{MASK_ARCHIVES[folder]}"
+    cands = [src / name]
+    if meta_root is not None:
+        cands += [meta_root / scene_id / name, meta_root / name]
+    return next((c for c in cands if c.is_file()), None)
+
+
+def extract_mask_archives(
+    src: Path, dest: Path, scene_id: str, meta_root: Path | None = None, frames: set[int] | None = None
+) -> dict[str, int]:
+    """Read ``<scene_id>_2d-instance-filt.zip`` / ``_2d-label-filt.zip`` into ``dest/<folder>/<i>.png``.
+
+    Only folders ``src`` does not already have are read, and only the frames in ``frames`` (all
+    when None). Returns the number of files written per folder. Hostile or corrupt archives raise
+    :class:`~sr3d_plugin.errors.SR3DInputError` naming the archive and the member.
+    """
+    from sr3d_plugin.archives import extract_members
+
+    counts: dict[str, int] = {}
+    for folder in MASK_ARCHIVES:
+        if (src / folder).is_dir():
+            continue
+        archive = _mask_archive(src, scene_id, meta_root, folder)
+        if archive is None:
+            continue
+
+        def name_for(member: str, folder: str = folder) -> str | None:
+            m = _MEMBER_RE.match(member)
+            if m is None or m["folder"] != folder:
+                return None
+            i = int(m["frame"])
+            return f"{folder}/{i}.png" if frames is None or i in frames else None
+
+        written = extract_members(archive, dest, name_for)
+        if not written:
+            raise SR3DInputError(
+                f"{archive}: no member {folder}/<frame>.png for the kept frames; expected the official layout "
+                f"(members {folder}/<i>.png)"
+            )
+        counts[folder] = len(written)
+    return counts
 
 
 def _k4(k3: np.ndarray) -> str:
@@ -174,11 +232,13 @@ class ScanNetConverter(Converter):
         layout = detect_layout(src)
         scene_id = src.name
         with atomic_dir(dest) as tmp:
-            tmp.chmod(0o755)  # mkdtemp makes it private; prepared data is meant to be shared
             if layout == "exported":
                 self._exported(src, tmp, step, copy)
+                frames = _numbered(src / "color", (*_COLOR_SUFFIXES, ".png"))
             else:
                 self._posed_images(src, tmp, step, copy)
+                frames = _numbered(src, _COLOR_SUFFIXES)
+            extract_mask_archives(src, tmp, scene_id, meta_root, set(sorted(frames)[::step]))
             meta = _meta_file(src, scene_id, meta_root)
             if meta is not None:
                 shutil.copy2(meta, tmp / f"{scene_id}.txt")
@@ -195,7 +255,7 @@ class ScanNetConverter(Converter):
         for sub in ("color", "depth", "pose", "intrinsic"):
             if not (src / sub).is_dir():
                 raise SR3DInputError(f"{src}: missing the {sub}/ folder of the exported layout")
-        subs = ["color", "depth", "pose"] + (["instance-filt"] if (src / "instance-filt").is_dir() else [])
+        subs = ["color", "depth", "pose"] + [f for f in MASK_ARCHIVES if (src / f).is_dir()]
         if step == 1 and not copy:
             for sub in subs:
                 symlink(src / sub, tmp / sub)

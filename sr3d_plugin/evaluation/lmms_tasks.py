@@ -280,17 +280,15 @@ def doc_to_visual(doc: Mapping[str, Any], kwargs: Mapping[str, Any] | None = Non
     root = doc.get(DATA_DIR_FIELD)
     if doc.get("video") is not None:
         return [str(resolve_record_path(doc["video"], root, "video", label))]
-    from PIL import Image
-
     from sr3d_plugin.sources.base import uniform_frame_indices
-    from sr3d_plugin.sources.files import IMAGE_SUFFIXES
+    from sr3d_plugin.sources.files import IMAGE_SUFFIXES, load_rgb
     from sr3d_plugin.sources.scannet import numbered_files
 
     scene = resolve_record_path(doc["scene"], root, "scene", label)
     colors = numbered_files(scene / "color", IMAGE_SUFFIXES, "colour")
     order = sorted(colors)
     n = int((kwargs or {}).get("num_frames", 32))
-    return [Image.open(colors[order[i]]).convert("RGB") for i in uniform_frame_indices(len(order), n)]
+    return [load_rgb(colors[order[i]], "colour frame") for i in uniform_frame_indices(len(order), n)]
 
 
 # ----------------------------------------------------------------------------------------------

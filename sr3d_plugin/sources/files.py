@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.limits import check_npy_file, open_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -59,6 +60,7 @@ def read_matrix(path: PathLike, what: str = "matrix") -> np.ndarray:
     """
     p = require_file(path, what)
     if p.suffix.lower() == ".npy":
+        check_npy_file(p, f"{what} file")
         try:
             arr = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -112,10 +114,13 @@ def load_intrinsics_file(path: PathLike) -> np.ndarray:
 
 
 def load_rgb(path: PathLike, what: str = "image") -> Image.Image:
-    """Open an image file as a fully loaded RGB PIL image (the file is closed on return)."""
+    """Open an image file as a fully loaded RGB PIL image (the file is closed on return).
+
+    The size is checked against :mod:`sr3d_plugin.limits` from the header, before decoding.
+    """
     p = require_file(path, what)
     try:
-        with Image.open(p) as im:
+        with open_image(p, what) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise SR3DInputError(f"{what} {str(p)!r} is not a readable image: {exc}") from exc
@@ -136,6 +141,7 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
     depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
     p = require_file(path, "depth file")
     if p.suffix.lower() == ".npy":
+        check_npy_file(p, "depth file")
         try:
             arr = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -149,7 +155,7 @@ def load_depth_file(path: PathLike, depth_scale: float = 1000.0) -> np.ndarray:
         depth = _checks.as_array(arr, f"depth file {str(p)!r}", finite=False, dtype=np.float32)
     else:
         try:
-            with Image.open(p) as im:
+            with open_image(p, "depth file") as im:
                 mode = im.mode
                 arr = np.array(im)
         except (UnidentifiedImageError, OSError) as exc:

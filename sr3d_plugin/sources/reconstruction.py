@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.limits import check_npy_file, check_npz_file
 from sr3d_plugin.sources.base import FrameSet, PointMaps, normalise_frame_id
 from sr3d_plugin.sources.files import file_identity, require_file
 from sr3d_plugin.sources.pointmap_sources import check_aspect
@@ -59,6 +61,10 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
     confidence = None
     frame_ids = None
     valid = None
+    if suffix == ".npy":
+        check_npy_file(p, "reconstruction file")
+    else:
+        check_npz_file(p, "reconstruction file")
     try:
         if suffix == ".npy":
             xyz = np.load(p, allow_pickle=False)
@@ -76,7 +82,7 @@ def load_reconstruction(path: str | os.PathLike) -> Reconstruction:
                 frame_ids = data["frame_ids"] if "frame_ids" in keys else None
     except SR3DInputError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise SR3DInputError(
             f"reconstruction file {str(p)!r} cannot be read as numeric arrays without pickle: {exc}"
         ) from exc

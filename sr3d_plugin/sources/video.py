@@ -16,6 +16,7 @@ from PIL import Image
 
 from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.limits import check_pixels
 from sr3d_plugin.sources.base import FrameSet, uniform_frame_indices
 from sr3d_plugin.sources.files import require_file
 
@@ -64,6 +65,8 @@ def _decode(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image], dict[
             "width": stream.codec_context.width,
             "height": stream.codec_context.height,
         }
+        w, h = int(info["width"] or 0), int(info["height"] or 0)
+        check_pixels(w * h, f"video {str(path)!r} frame", (w, h))  # per frame, from the stream header
         try:
             for frame in container.decode(stream):
                 if count in wanted:
