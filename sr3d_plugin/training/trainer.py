@@ -138,7 +138,9 @@ def train(
 
     from sr3d_plugin.training.data import EpochSampler, SR3DCollator, SR3DTrainDataset, load_training_source
     from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
+    from sr3d_plugin.training.recipe import check_ranges
 
+    check_ranges(recipe)  # a recipe built in Python: the same typed ranges as a loaded one, before any work
     t_start = time.perf_counter()
     tr, lg = recipe.training, recipe.logging
     out = Path(tr.output_dir)
