@@ -42,3 +42,12 @@ class SR3DPluginError(SR3DError, LookupError):
 
 class SR3DDependencyError(SR3DError, ImportError):
     """An installed dependency is too old (or missing) for the part of sr3d-plugin that was asked for."""
+
+
+class SR3DDataError(SR3DInputError):
+    """Data records failed their check before work started; ``report`` (a
+    :class:`~sr3d_plugin.data_check.DataReport`, or None) lists every bad record with file, line and id."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

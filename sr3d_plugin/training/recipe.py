@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from sr3d_plugin.errors import SR3DConfigError
+from sr3d_plugin.jsonl import MAX_RECORD_BYTES
 
 __all__ = [
     "AugmentSection",
@@ -196,6 +197,19 @@ class DataSection:
         default=None, metadata=_help("skip samples whose token count exceeds this (null: no limit)", range=(1, None))
     )
     num_workers: int = field(default=2, metadata=_help("DataLoader worker processes", range=(0, 256)))
+    skip_invalid: bool = field(
+        default=False,
+        metadata=_help(
+            "records failing the data check (files, regions in their images, <mask> counts, frame references; "
+            "`sr3d validate-data`) are skipped and counted instead of stopping the run before the model loads"
+        ),
+    )
+    max_record_bytes: int = field(
+        default=MAX_RECORD_BYTES,
+        metadata=_help(
+            "largest record (bytes of one JSONL line / JSON-list element) in data.train_file", range=(1, None)
+        ),
+    )
     shuffle: bool = field(
         default=True, metadata=_help("shuffle the samples every epoch (seeded by training.seed and epoch)")
     )
