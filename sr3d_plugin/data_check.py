@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from sr3d_plugin.errors import SR3DDataError, SR3DInputError
-from sr3d_plugin.jsonl import MAX_RECORD_BYTES, iter_json_records
+from sr3d_plugin.limits import MAX_RECORD_BYTES, iter_json_records
 
 __all__ = [
     "MAX_RECORD_BYTES",

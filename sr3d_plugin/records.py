@@ -114,10 +114,10 @@ def load_records(path: str | os.PathLike, max_record_bytes: int | None = None) -
 
     Prepared evaluation files (``<data>/scanqa|sqa3d|scan2cap/<split>.jsonl`` from ``sr3d prepare``,
     records without ``conversations``) are converted with :func:`eval_record_to_training`. A record
-    larger than ``max_record_bytes`` (default :data:`sr3d_plugin.jsonl.MAX_RECORD_BYTES`) is an
+    larger than ``max_record_bytes`` (default :data:`sr3d_plugin.limits.MAX_RECORD_BYTES`) is an
     error naming ``file:line``; a JSONL line is never read beyond that limit.
     """
-    from sr3d_plugin.jsonl import MAX_RECORD_BYTES, iter_json_records
+    from sr3d_plugin.limits import MAX_RECORD_BYTES, iter_json_records
 
     p = Path(path)
     records: list[Any] = []

@@ -15,7 +15,7 @@ from PIL import Image
 from sr3d_plugin.cli import main
 from sr3d_plugin.data_check import check_records
 from sr3d_plugin.errors import SR3DDataError, SR3DInputError
-from sr3d_plugin.jsonl import iter_json_records
+from sr3d_plugin.limits import iter_json_records
 from sr3d_plugin.records import load_records, record_messages
 
 TOY_ARGS = {"num_scenes": 1, "num_frames": 6, "sampled_frames": 4, "questions_per_scene": 8, "seed": 0}

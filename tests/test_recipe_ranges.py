@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sr3d_plugin.cli import main
-from sr3d_plugin.errors import SR3DConfigError
+from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
+from sr3d_plugin.limits import safe_yaml
 from sr3d_plugin.training.recipe import (
     MAX_NUM_FRAMES,
     SECTIONS,
@@ -19,7 +20,6 @@ from sr3d_plugin.training.recipe import (
     field_help,
     load_recipe,
     parse_overrides,
-    safe_yaml,
 )
 
 
@@ -145,6 +145,15 @@ def _flow_bomb(levels: int) -> str:
     items = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     items += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
     return "{" + ", ".join(items) + "}"
+
+
+def test_scratch_builder_config_files_have_the_same_limit(tmp_path: Path) -> None:
+    from sr3d_plugin.builders.scratch import read_config_file
+
+    p = tmp_path / "config.yaml"
+    p.write_text(_bomb(9))
+    with pytest.raises(SR3DInputError, match="expands to more than"):
+        read_config_file(p)
 
 
 def test_small_anchors_still_work() -> None:

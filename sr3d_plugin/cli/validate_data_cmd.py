@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from sr3d_plugin.jsonl import MAX_RECORD_BYTES
+    from sr3d_plugin.limits import MAX_RECORD_BYTES
 
     p = sub.add_parser(
         "validate-data",

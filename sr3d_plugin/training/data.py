@@ -68,7 +68,7 @@ def checked_records(data: Any, path: Path) -> TrainingSource:
     (``source.skipped``, ``source.report``). No record left is an error either way.
     """
     from sr3d_plugin.data_check import check_records
-    from sr3d_plugin.jsonl import MAX_RECORD_BYTES
+    from sr3d_plugin.limits import MAX_RECORD_BYTES
 
     report = check_records(
         path, num_frames=data.num_frames, max_record_bytes=getattr(data, "max_record_bytes", MAX_RECORD_BYTES)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from sr3d_plugin.errors import SR3DConfigError
-from sr3d_plugin.jsonl import MAX_RECORD_BYTES
+from sr3d_plugin.limits import MAX_RECORD_BYTES, safe_yaml
 
 __all__ = [
     "AugmentSection",
@@ -700,67 +700,6 @@ def find_recipe(name: str | Path) -> Path:
 
 #: largest recipe file read (bytes); bundled recipes are about 1 kB
 MAX_RECIPE_BYTES = 1 << 20
-#: most YAML nodes a recipe may expand to once aliases are followed (a recipe has about a hundred)
-MAX_YAML_NODES = 10_000
-
-
-def _expanded_nodes(node: Any, limit: int, where: str) -> int:
-    """Nodes of a composed YAML document with every alias expanded (memoised, so a "billion laughs"
-    bomb is measured in linear time). Raises on a recursive alias or more than ``limit`` nodes."""
-    import yaml
-
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(n: Any) -> int:
-        key = id(n)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise SR3DConfigError(f"{where}: a YAML alias refers to itself (recursive anchor); expected plain data")
-        active.add(key)
-        total = 1
-        if isinstance(n, yaml.SequenceNode):
-            total += sum(size(c) for c in n.value)
-        elif isinstance(n, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in n.value)
-        active.discard(key)
-        sizes[key] = total
-        if total > limit:
-            raise SR3DConfigError(
-                f"{where}: the YAML expands to more than {limit} nodes once its aliases (*name) are followed; "
-                "expected a recipe of plain values (an alias bomb?)"
-            )
-        return total
-
-    return size(node)
-
-
-def safe_yaml(text: str, where: str, max_nodes: int = MAX_YAML_NODES) -> Any:
-    """``yaml.safe_load(text)`` with a bound on alias expansion.
-
-    Anchors and aliases are allowed, but the document with every alias expanded may hold at most
-    ``max_nodes`` nodes, and recursive aliases are refused: an alias bomb is rejected in
-    milliseconds (before any Python object is built) instead of taking minutes (or all memory) in
-    :meth:`Recipe.to_dict`. ``where`` names the text in errors. Raises :class:`SR3DConfigError`.
-    """
-    import yaml
-
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except yaml.YAMLError as exc:
-            raise SR3DConfigError(f"{where} is not valid YAML: {exc}") from exc
-        if node is None:
-            return None
-        _expanded_nodes(node, max_nodes, where)
-        try:
-            return loader.construct_document(node)
-        except yaml.YAMLError as exc:
-            raise SR3DConfigError(f"{where} is not valid YAML: {exc}") from exc
-    finally:
-        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""Reading JSON / JSONL record files with line numbers and a record-size limit.
+"""Limits on untrusted text inputs: JSON / JSONL records (size per record) and YAML (alias expansion).
 
-Shared by :func:`sr3d_plugin.records.load_records` (training data) and
-:func:`sr3d_plugin.data_check.check_records`.
+* :func:`iter_json_records` reads record files with line numbers and a record-size limit
+  (:func:`sr3d_plugin.records.load_records`, :func:`sr3d_plugin.data_check.check_records`);
+* :func:`safe_yaml` is ``yaml.safe_load`` that refuses alias bombs and recursive aliases (recipes,
+  config files of the ``scratch`` builder).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.errors import SR3DConfigError, SR3DError, SR3DInputError
 
-__all__ = ["MAX_RECORD_BYTES", "iter_json_records"]
+__all__ = ["MAX_RECORD_BYTES", "MAX_YAML_NODES", "iter_json_records", "safe_yaml"]
 
 #: largest record accepted by default (bytes of one JSONL line / one JSON-list element); a record with
 #: inline poses for 1,000 frames is about 200 kB
@@ -112,3 +114,67 @@ def _json_list(p: Path, data: bytes, max_record_bytes: int) -> Iterator[tuple[in
                 raise SR3DInputError(f"{p} is not valid JSON: extra data after the closing ']'")
             return
         raise SR3DInputError(f"{p} is not valid JSON: expected ',' or ']' at line {text.count(chr(10), 0, pos) + 1}")
+
+
+#: most YAML nodes a document may expand to once aliases are followed (a recipe has about a hundred)
+MAX_YAML_NODES = 10_000
+
+
+def _expanded_nodes(node: Any, limit: int, where: str, error: type[SR3DError] = SR3DConfigError) -> int:
+    """Nodes of a composed YAML document with every alias expanded (memoised, so a "billion laughs"
+    bomb is measured in linear time). Raises on a recursive alias or more than ``limit`` nodes."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: Any) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise error(f"{where}: a YAML alias refers to itself (recursive anchor); expected plain data")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(c) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        active.discard(key)
+        sizes[key] = total
+        if total > limit:
+            raise error(
+                f"{where}: the YAML expands to more than {limit} nodes once its aliases (*name) are followed; "
+                "expected a recipe of plain values (an alias bomb?)"
+            )
+        return total
+
+    return size(node)
+
+
+def safe_yaml(text: str, where: str, max_nodes: int = MAX_YAML_NODES, error: type[SR3DError] = SR3DConfigError) -> Any:
+    """``yaml.safe_load(text)`` with a bound on alias expansion.
+
+    Anchors and aliases are allowed, but the document with every alias expanded may hold at most
+    ``max_nodes`` nodes, and recursive aliases are refused: an alias bomb is rejected in
+    milliseconds (before any Python object is built) instead of taking minutes (or all memory) in
+    :meth:`~sr3d_plugin.training.recipe.Recipe.to_dict`. ``where`` names the text in errors, which are
+    ``error`` (default :class:`SR3DConfigError`), with "is not valid YAML" for a syntax error.
+    """
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            raise error(f"{where} is not valid YAML: {exc}") from exc
+        if node is None:
+            return None
+        _expanded_nodes(node, max_nodes, where, error)
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            raise error(f"{where} is not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
