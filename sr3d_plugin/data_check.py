@@ -535,9 +535,34 @@ def _check_one(rec: Any, base: Path, checker: _Checker, mask_token: str) -> None
     from sr3d_plugin.training.recipe import MAX_NUM_FRAMES
 
     validate_record(rec, "record")
+    _check_types(rec)
     n = rec.get("num_frames")
     if n is not None and n > MAX_NUM_FRAMES:
         raise SR3DInputError(f"num_frames={n}; expected at most {MAX_NUM_FRAMES}")
     frames = checker.frames(rec, base)
     n_regions = checker.regions(rec, frames, base)
     check_mask_count(rec, n_regions, mask_token)
+
+
+def _is_path_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _check_types(rec: dict[str, Any]) -> None:
+    """Field types the readers assume (a wrong one would end in a raw exception inside training)."""
+    for key in ("image", "scene", "video", "points"):
+        if rec.get(key) is not None and not _is_path_text(rec[key]):
+            raise SR3DInputError(f"{key}={rec[key]!r}; expected a file path (a string)")
+    if rec.get("frames") is not None and not all(_is_path_text(f) for f in rec["frames"]):
+        raise SR3DInputError("frames must be a list of image paths (strings)")
+    for key in ("depth", "relative_depth"):
+        value = rec.get(key)
+        if value is not None and not (
+            _is_path_text(value) or (isinstance(value, list) and value and all(_is_path_text(v) for v in value))
+        ):
+            raise SR3DInputError(f"{key}={value!r}; expected a file path or a list of file paths (one per frame)")
+    if "depth_scale" in rec:
+        value = rec["depth_scale"]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+        if not ok:
+            raise SR3DInputError(f"depth_scale={value!r}; expected a positive number (raw depth units per metre)")

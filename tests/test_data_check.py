@@ -76,6 +76,8 @@ def _bad_records(toy: Path) -> list[tuple[dict | str, str]]:
         ),
         ({**scene, "id": "many-frames", "num_frames": 10**9}, "at most 1024"),
         ({"id": "no-answer", "image": frames[0], "conversations": [{"from": "human", "value": "Q"}]}, "no gpt turn"),
+        ({"id": "depth-scale", "image": frames[0], "depth_scale": None, "conversations": _conv("Q")}, "depth_scale=None"),
+        ({"id": "image-list", "image": frames[:1], "conversations": _conv("Q")}, "expected a file path"),
         ("{not json", "not valid JSON"),
         ({"id": "huge", "image": frames[0], "conversations": _conv("Q" * 5000)}, "max_record_bytes=4096"),
     ]  # fmt: skip
@@ -143,7 +145,7 @@ def test_check_agrees_with_the_training_reader(toy: Path) -> None:
             text = "".join(m["content"] for m in record_messages(rec, 0))
             check_question(text, len(regions))
             readable = True
-        except SR3DInputError:
+        except Exception:  # SR3DInputError, or the raw TypeError of depth_scale=None the check prevents
             readable = False
         if rec.get("id") == "many-frames":  # the one deliberate extra: num_frames above MAX_NUM_FRAMES
             assert readable and line in flagged
