@@ -266,3 +266,30 @@ def test_scene_problems_are_found_once_per_scene(toy: Path, tmp_path: Path) -> N
     assert report.num_invalid == len(recs) and all(
         "no pose file for colour frame(s) [0]" in p.message for p in report.problems
     )
+
+
+def test_skip_invalid_reports_the_count_in_the_run_log(toy: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """`data.skip_invalid: true` in a real `sr3d train`: the count and the records are reported (stdout and
+    log.jsonl) before the model is built (stopped there to keep the test short; the records that are
+    left are checked in test_training_source_refuses_or_skips_bad_records)."""
+    import sr3d_plugin.training.model_setup as model_setup
+    from sr3d_plugin.errors import SR3DConfigError
+
+    def stop(*args, **kwargs):
+        raise SR3DConfigError("stopped before the model (test)")
+
+    monkeypatch.setattr(model_setup, "build_model", stop)
+    path, bad, _ = _write_mixed(toy, "train-skip.jsonl")
+    out = tmp_path / "run"
+    code = main(
+        ["train", "tiny-cpu", "data.generator=null", f"data.train_file={path}", "data.num_frames=4",
+         "data.max_record_bytes=4096", "data.skip_invalid=true", f"training.output_dir={out}",
+         "logging.report_to=[]", "--json"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2 and "stopped before the model (test)" in captured.err
+    events = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    (warning,) = [e for e in events if e["event"] == "warning" and "skip_invalid" in e["message"]]
+    assert warning["skipped_records"] == len(bad) and f"{path}:{min(bad)}" in warning["message"]
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("skipped_records") == len(bad) for e in logged)

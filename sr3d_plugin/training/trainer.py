@@ -229,16 +229,16 @@ def train(
     with acc.main_process_first():
         if source is None:
             source = load_training_source(recipe.data, out_dir=out / "data")
+        if source.skipped:
+            send(
+                {
+                    "event": "warning",
+                    "message": f"data.skip_invalid: skipped {source.skipped} invalid record(s); "
+                    + source.report.message(shown=10),
+                    "skipped_records": source.skipped,
+                }
+            )
         model, processor, base_path = build_model(recipe, device=acc.device, base_dir=base_dir)
-    if source.skipped:
-        send(
-            {
-                "event": "warning",
-                "message": f"data.skip_invalid: skipped {source.skipped} invalid record(s); "
-                + source.report.message(shown=10),
-                "skipped_records": source.skipped,
-            }
-        )
     model, report = prepare_for_training(model, recipe)
     peft_config = getattr(model, "peft_config", None)
     if peft_config and base_path:
