@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        from sr3d_plugin.cli import flag_wording
-
-        print(flag_wording(report.message(shown=len(report.problems)), "validate-data"))
+        # record fields keep their own names (a record's num_frames= is not --num-frames): no flag wording
+        print(report.message(shown=len(report.problems)))
+        if any("max_record_bytes=" in p.message for p in report.problems):
+            print("(records above the size limit: raise it with --max-record-bytes if they are genuine)")
     return 0 if report.ok else 1
