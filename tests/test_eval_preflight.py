@@ -19,6 +19,7 @@ from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.evaluation.preflight import (
     check_documents,
     depth_model_available,
+    model_depth_model,
     model_needs_positions,
     preflight,
     task_split,
@@ -157,6 +158,9 @@ def test_model_without_positional_encoding_needs_no_geometry(tmp_path: Path, env
     assert model_needs_positions(env["model_dir"]) is True
     (tmp_path / "config.json").write_text(json.dumps({"use_position_encoding": False}))
     assert model_needs_positions(tmp_path) is False
+    (tmp_path / "config.json").write_text(json.dumps({"depth_model": "/models/da-small"}))
+    assert model_needs_positions(tmp_path) is True and model_depth_model(tmp_path) == "/models/da-small"
+    assert model_depth_model(tmp_path / "absent") is None
 
 
 def test_lmms_model_start_up_check(env: dict[str, Any]) -> None:

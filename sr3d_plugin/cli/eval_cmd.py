@@ -181,7 +181,7 @@ def preflight_tasks(args: argparse.Namespace, data_dir: str) -> str:
     Tasks that cannot run are listed on stderr and left out; with ``--strict`` (or when none can
     run) that is an error, before any model loads.
     """
-    from sr3d_plugin.evaluation.preflight import expand_tasks, model_needs_positions, preflight
+    from sr3d_plugin.evaluation.preflight import expand_tasks, model_depth_model, model_needs_positions, preflight
 
     margs = _model_arguments(args.model_args)
     model_dir = args.model or margs.get("pretrained")
@@ -195,7 +195,7 @@ def preflight_tasks(args: argparse.Namespace, data_dir: str) -> str:
         args.tasks,
         depth_source=opt("depth_source") or "auto",
         pointmap_dir=opt("pointmap_dir"),
-        depth_model=opt("depth_model"),
+        depth_model=opt("depth_model") or model_depth_model(model_dir),
         needs_positions=model_needs_positions(model_dir),
         offline=not args.online,
     )

@@ -9,7 +9,7 @@ group ``sr3d_3d`` accepted) :func:`preflight` checks, without loading a model or
 * every record has a **geometry source** for the 3D positions, following the rule of
   :class:`~sr3d_plugin.evaluation.record_inputs.RecordInputBuilder`: a point-map file (``points``
   field, or ``<pointmap_dir>/[<dataset>/]<scene_id>.npz|.npy``), or the scene's depth maps
-  (``depth/`` of a ScanNet-layout scene; videos have none), or a depth model that can be loaded
+  (``depth/`` + ``pose/`` of a ScanNet-layout scene; videos have none), or a depth model that can be loaded
   here (a local folder, or a hub id already in the Hugging Face cache — or any hub id when the
   hub may be contacted).
 
@@ -36,6 +36,7 @@ __all__ = [
     "TaskCheck",
     "check_documents",
     "depth_model_available",
+    "model_depth_model",
     "model_needs_positions",
     "preflight",
     "task_split",
@@ -172,16 +173,25 @@ def depth_model_available(name: str | None, offline: bool | None = None) -> tupl
     return False, f"depth model {name!r} is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1)"
 
 
+def _model_config(model_dir: str | os.PathLike | None) -> dict[str, Any]:
+    if model_dir is None:
+        return {}
+    try:
+        data = json.loads((Path(model_dir).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def model_needs_positions(model_dir: str | os.PathLike | None) -> bool:
     """False when the model folder's ``config.json`` turns the 3D positional encoding off; True otherwise."""
-    if model_dir is None:
-        return True
-    cfg = Path(model_dir).expanduser() / "config.json"
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True
-    return not (isinstance(data, dict) and data.get("use_position_encoding") is False)
+    return _model_config(model_dir).get("use_position_encoding") is not False
+
+
+def model_depth_model(model_dir: str | os.PathLike | None) -> str | None:
+    """The ``depth_model`` named by the model folder's ``config.json`` (None: the package default)."""
+    value = _model_config(model_dir).get("depth_model")
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _point_map(rec: dict[str, Any], root: Path, pointmap_dir: Path | None) -> Path | None:
@@ -259,7 +269,7 @@ def _check_task(
         if points is not None and not points.is_file():
             check.problems.append(f"{label}: point-map file {str(points)!r} not found")
             continue
-        has_depth = kind == "scene" and (p / "depth").is_dir()
+        has_depth = kind == "scene" and (p / "depth").is_dir() and (p / "pose").is_dir()
         if depth_source == "reconstruction":
             ok = points is not None
         elif depth_source in ("gt_depth", "relative_depth"):
@@ -376,7 +386,7 @@ def check_documents(docs: list[tuple[str, Any]], inputs: Any) -> None:
             continue  # a missing scene or video fails its own request (named there)
         points = _point_map(doc, root, inputs.pointmap_dir)
         has_points = points is not None and points.is_file()
-        has_depth = kind == "scene" and (p / "depth").is_dir()
+        has_depth = kind == "scene" and (p / "depth").is_dir() and (p / "pose").is_dir()
         if mode == "reconstruction":
             ok = has_points
         elif mode in ("gt_depth", "relative_depth"):
