@@ -294,3 +294,18 @@ def test_skip_invalid_reports_the_count_in_the_run_log(toy: Path, tmp_path: Path
     assert warning["skipped_records"] == len(bad) and f"{path}:{min(bad)}" in warning["message"]
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any(e.get("skipped_records") == len(bad) for e in logged)
+
+
+def test_prepared_evaluation_records_have_the_same_size_limit(tmp_path: Path, monkeypatch) -> None:
+    import sr3d_plugin.limits as limits
+    from sr3d_plugin.evaluation.schema import load_records as load_eval_records
+
+    monkeypatch.setattr(limits, "MAX_RECORD_BYTES", 1000)
+    path = tmp_path / "scanqa" / "val.jsonl"
+    path.parent.mkdir()
+    small = {"question_id": "q0", "scene_id": "scene0000_00", "question": "What?", "answers": ["a"], "scene": "s"}
+    path.write_text(json.dumps(small) + "\n" + json.dumps({**small, "question_id": "q1", "meta": "x" * 5000}) + "\n")
+    with pytest.raises(
+        SR3DInputError, match=r"val.jsonl:2: record of 5\d+ bytes; expected at most max_record_bytes=1000"
+    ):
+        load_eval_records(path, "scanqa")
