@@ -69,3 +69,12 @@ class SR3DLimitError(SR3DInputError):
 
     Raised from the file's header, before anything is decoded; see :mod:`sr3d_plugin.limits`.
     """
+
+
+class SR3DDataError(SR3DInputError):
+    """Data records failed their check before work started; ``report`` (a
+    :class:`~sr3d_plugin.data_check.DataReport`, or None) lists every bad record with file, line and id."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -13,7 +13,6 @@ Frame reading and 3D positions go through :mod:`sr3d_plugin.visual_inputs` (``re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -111,32 +110,22 @@ def eval_record_to_training(rec: dict[str, Any], task: str, root: str | os.PathL
     return out
 
 
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+def load_records(path: str | os.PathLike, max_record_bytes: int | None = None) -> list[dict[str, Any]]:
     """Read a JSON list or a JSONL file of records (each checked with :func:`validate_record`).
 
     Prepared evaluation files (``<data>/scanqa|sqa3d|scan2cap/<split>.jsonl`` from ``sr3d prepare``,
-    records without ``conversations``) are converted with :func:`eval_record_to_training`.
+    records without ``conversations``) are converted with :func:`eval_record_to_training`. A record
+    larger than ``max_record_bytes`` (default :data:`sr3d_plugin.limits.MAX_RECORD_BYTES`) is an
+    error naming ``file:line``; a JSONL line is never read beyond that limit.
     """
+    from sr3d_plugin.limits import MAX_RECORD_BYTES, iter_json_records
+
     p = Path(path)
-    if not p.is_file():
-        raise SR3DInputError(f"data file {str(p)!r} does not exist; expected a JSON or JSONL file of records")
-    text = p.read_text(encoding="utf-8")
-    records: list[Any]
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SR3DInputError(f"{p} is not valid JSON: {exc}") from exc
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise SR3DInputError(f"{p}, line {n}: not valid JSON ({exc})") from exc
+    records: list[Any] = []
+    for n, rec, problem in iter_json_records(p, MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes):
+        if problem is not None:
+            raise SR3DInputError(f"{p}:{n}: {problem}")
+        records.append(rec)
     if not records:
         raise SR3DInputError(f"{p} holds no records")
     task = p.resolve().parent.name

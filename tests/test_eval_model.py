@@ -224,10 +224,12 @@ def test_bad_inputs_give_empty_answers_and_keep_the_others(env: dict[str, Any]) 
     strict.task_dict["scanqa"]["val"][0]["scene"] = "scenes/not_there"
     with pytest.raises(SR3DInputError, match="scene folder .*not_there.* not found"):
         strict.generate_until(_requests(strict, kinds=("scanqa",), per_task=1))
-    # ground-truth depth asked for a video
+    # ground-truth depth asked for a video: no question could be answered, so the start-up check refuses
+    # before any question (issue 13: never empty answers for a task that cannot run)
     gt = _model(env, depth_source="gt")
-    assert gt.generate_until(_requests(gt, kinds=("vsibench",), per_task=1)) == [""]
-    assert "depth_source=gt_depth but the video has no depth maps" in gt.failures[0][3]
+    with pytest.raises(SR3DInputError, match=r"no geometry source .*depth_source=gt_depth.* of: vsibench: video"):
+        gt.generate_until(_requests(gt, kinds=("vsibench",), per_task=1))
+    assert gt.failures == []
 
 
 def test_depth_sources_for_videos(env: dict[str, Any], tmp_path: Path) -> None:

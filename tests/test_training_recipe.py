@@ -100,7 +100,7 @@ def test_overrides_are_typed_and_dotted(tmp_path: Path) -> None:
         ("lora.r=abc", "'lora.r' has value 'abc' (str); expected int"),
         ("training.mixed_precision=fp8", "expected 'no' | 'bf16' | 'fp16'"),
         ("lora.enabled=maybe", "expected bool"),
-        ("data.augment.mask_to_box_prob=1.5", "probability"),
+        ("data.augment.mask_to_box_prob=1.5", "mask_to_box_prob=1.5; expected a finite number in [0, 1]"),
         ("training=3", "must be a mapping"),
         ("training.learning_rate", "KEY=VALUE"),
     ],

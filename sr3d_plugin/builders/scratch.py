@@ -15,7 +15,7 @@ The config holds SR3DConfig fields (``vision_config`` and ``text_config`` as dic
 * ``seed``: random seed of the initial weights (default 0).
 
 ``<image>`` and ``<mask>`` are added to the tokenizer when missing; ``text_config.vocab_size`` is
-raised to the tokenizer's size when smaller. YAML is read with ``yaml.safe_load`` (SR3D-FACTS §9).
+raised to the tokenizer's size when smaller. YAML is read with ``yaml.safe_load`` (SR3D-FACTS §9), aliases bounded (:func:`sr3d_plugin.limits.safe_yaml`).
 A folder with an ``sr3d`` ``config.json`` and no weight files is also built fresh (config-only folder).
 """
 
@@ -47,9 +47,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
+            from sr3d_plugin.limits import safe_yaml
 
-            data = yaml.safe_load(text)
+            data = safe_yaml(text, f"config file {path}", error=SR3DInputError)
         else:
             raise SR3DInputError(f"config file {path} has suffix {suffix!r}; expected .json, .yaml or .yml")
     except (json.JSONDecodeError, ValueError) as exc:

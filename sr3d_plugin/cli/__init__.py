@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "sr3d_plugin.cli.train_cmd",
     "sr3d_plugin.cli.merge_cmd",
     "sr3d_plugin.cli.recipes_cmd",
+    "sr3d_plugin.cli.validate_data_cmd",
     "sr3d_plugin.cli.conformance_cmd",
 ]
 

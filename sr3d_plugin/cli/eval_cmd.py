@@ -17,6 +17,12 @@ accepted directly; anything else goes after ``--``. With ``--num-processes N`` t
 ``accelerate launch --multi_gpu --num_processes N -m lmms_eval …`` (one process per GPU); with
 ``--cpu`` also ``ACCELERATE_USE_CPU=1`` (``accelerate launch --cpu`` itself would start one process). lmms-eval reports a failed run in its log but
 exits with status 0, so success here means a new ``*_results.json`` appeared under the output path.
+
+Pre-flight (before lmms-eval or any model starts; :mod:`sr3d_plugin.evaluation.preflight`): every
+selected sr3d task's prepared records, visual inputs and geometry source (point maps, depth maps or a
+depth model that can be loaded here) are checked. By default (``--skip-missing``) tasks that cannot
+run are listed and left out of ``--tasks``, the others run; ``--strict`` refuses to start instead;
+``--no-preflight`` turns the check off.
 """
 
 from __future__ import annotations
@@ -65,6 +71,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--main-process-port", type=int, help="with --num-processes: rendezvous port (default: a free one)")
     p.add_argument("--online", action="store_true", help="do not set the Hugging Face offline variables")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--skip-missing",
+        dest="strict",
+        action="store_false",
+        default=False,
+        help="(default) pre-flight: skip and list the tasks whose data or geometry is missing; run the others",
+    )
+    mode.add_argument(
+        "--strict", dest="strict", action="store_true", help="pre-flight: refuse to start when any task cannot run"
+    )
+    p.add_argument("--no-preflight", action="store_true", help="do not check the tasks' inputs before the model loads")
     for flag, takes_value in _PASSTHROUGH:
         if takes_value:
             p.add_argument(flag, dest="pt_" + flag[2:], metavar="V", help=f"lmms-eval {flag}")
@@ -148,8 +166,63 @@ def _new_results(folder: Path, since: float) -> list[Path]:
     return sorted(p for p in folder.rglob("*_results.json") if p.stat().st_mtime >= since)
 
 
+def _model_arguments(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def preflight_tasks(args: argparse.Namespace, data_dir: str) -> str:
+    """The ``--tasks`` value that can run, after the pre-flight (:mod:`sr3d_plugin.evaluation.preflight`).
+
+    Tasks that cannot run are listed on stderr and left out; with ``--strict`` (or when none can
+    run) that is an error, before any model loads.
+    """
+    from sr3d_plugin.evaluation.preflight import expand_tasks, model_depth_model, model_needs_positions, preflight
+
+    margs = _model_arguments(args.model_args)
+    model_dir = args.model or margs.get("pretrained")
+
+    def opt(name: str) -> str | None:
+        value = margs.get(name)
+        return None if value is None or value == "" or value.lower() == "none" else value
+
+    report = preflight(
+        data_dir,
+        args.tasks,
+        depth_source=opt("depth_source") or "auto",
+        pointmap_dir=opt("pointmap_dir"),
+        depth_model=opt("depth_model") or model_depth_model(model_dir),
+        needs_positions=model_needs_positions(model_dir),
+        offline=not args.online,
+    )
+    if report.ok:
+        return args.tasks
+    _, other = expand_tasks(args.tasks)
+    if args.strict or not (report.runnable or other):
+        if args.dry_run:
+            print(f"sr3d eval: warning: pre-flight failed:\n{report.message()}", file=sys.stderr)
+            return args.tasks
+        report.raise_if_failed()
+    skipped = ", ".join(c.lmms_name for c in report.failed)
+    print(
+        f"sr3d eval: skipping {len(report.failed)} task(s) that cannot run ({skipped}); --strict refuses instead:\n"
+        f"{report.message()}",
+        file=sys.stderr,
+    )
+    return ",".join([*report.runnable, *other])
+
+
 def run(args: argparse.Namespace) -> int:
     cmd, env_add = build_command(args)
+    if not getattr(args, "no_preflight", False):
+        tasks = preflight_tasks(args, env_add["SR3D_DATA"])
+        if tasks != args.tasks:
+            args.tasks = tasks
+            cmd, env_add = build_command(args)
     if args.dry_run:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env_add.items()) + " " + shlex.join(cmd))
         return 0

@@ -9,14 +9,18 @@ import json
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="list the bundled finetuning recipes with a one-line description")
     p.add_argument("--show", metavar="NAME", help="print one recipe with every default filled in (YAML)")
+    p.add_argument("--keys", action="store_true", help="print every recipe key with its type, default, range and help")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from sr3d_plugin.resources import recipes_dir
-    from sr3d_plugin.training.recipe import bundled_recipes, load_recipe
+    from sr3d_plugin.training.recipe import bundled_recipes, field_help, load_recipe
 
+    if args.keys:
+        print("recipe keys (type, default, range):\n" + field_help())
+        return 0
     if args.show:
         import yaml
 

@@ -42,7 +42,7 @@ def _add_parser(sub: argparse._SubParsersAction, keys_help: str) -> None:
             "the same command under `torchrun --nproc_per_node N -m sr3d_plugin.training RECIPE` or "
             "`accelerate launch --config_file recipes/accelerate/ddp.yaml -m sr3d_plugin.training RECIPE`."
         ),
-        epilog="recipe keys (type, default):\n" + keys_help,
+        epilog="recipe keys (type, default, range; floats must be finite):\n" + keys_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="recipe YAML file or bundled recipe name")

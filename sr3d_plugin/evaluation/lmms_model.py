@@ -257,6 +257,19 @@ class SR3DLmms(lmms):
         if self.on_error == "raise":
             raise exc
 
+    def _preflight(self, requests: Sequence[Instance]) -> None:
+        """Before any question: every document has a geometry source (:func:`~sr3d_plugin.evaluation.preflight.check_documents`)."""
+        from sr3d_plugin.evaluation.preflight import check_documents
+
+        docs = []
+        for req in requests:
+            task, split, doc_id = req.args[-2], req.args[-1], req.args[-3]
+            try:
+                docs.append((task, self._doc(task, split, doc_id)))
+            except SR3DError:
+                continue  # reported by the request itself
+        check_documents(docs, self.inputs)
+
     def _build(self, task: str, split: str, doc_id: int) -> tuple[Any, Any]:
         """(doc, VisualInput) for one request."""
         doc = self._doc(task, split, doc_id)
@@ -317,6 +330,7 @@ class SR3DLmms(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy (or sampled) answers, one per request; ``args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)``."""
         results: list[str | None] = [None] * len(requests)
+        self._preflight(requests)
 
         def group(args: tuple) -> Any:
             return (args[4], args[5], json.dumps(args[1], sort_keys=True, default=str))
@@ -387,6 +401,7 @@ class SR3DLmms(lmms):
         :meth:`SR3DPipeline.score`). A request whose input fails gets ``(-inf, False)``.
         """
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        self._preflight(requests)
         batches = self._ordered_batches(requests, lambda args: (args[4], args[5]))
         pbar = tqdm(total=len(requests), disable=self.rank != 0, desc="sr3d scoring")
         for batch in batches:

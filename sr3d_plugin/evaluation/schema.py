@@ -51,7 +51,6 @@ fields). To extend the schema, add a :class:`FieldSpec` to :data:`TASK_FIELDS`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -412,18 +411,15 @@ def load_records(path: str | os.PathLike, task: str, validate: bool = True) -> l
     path = Path(path)
     if not path.is_file():
         raise SR3DInputError(f"annotation file {str(path)!r} not found (expected <data_dir>/{task}/<split>.jsonl)")
+    from sr3d_plugin.limits import MAX_RECORD_BYTES, iter_json_records
+
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SR3DInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise SR3DInputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    for lineno, rec, problem in iter_json_records(path, MAX_RECORD_BYTES):  # a line is never read past the limit
+        if problem is not None:
+            raise SR3DInputError(f"{path}:{lineno}: {problem}")
+        if not isinstance(rec, dict):
+            raise SR3DInputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     if validate:
         try:
             validate_records(task, records)

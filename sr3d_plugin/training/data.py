@@ -33,26 +33,69 @@ __all__ = ["EpochSampler", "SR3DCollator", "SR3DTrainDataset", "TrainingSource",
 
 
 class TrainingSource:
-    """Where samples come from: records with a base folder for their paths, or in-memory samples."""
+    """Where samples come from: records with a base folder for their paths, or in-memory samples.
 
-    def __init__(self, records: list[dict[str, Any]] | None = None, base: Path | None = None, samples: Any = None):
+    ``report`` is the data check of the records file (:class:`~sr3d_plugin.data_check.DataReport`,
+    None for in-memory data) and ``skipped`` the number of invalid records left out
+    (``data.skip_invalid``).
+    """
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]] | None = None,
+        base: Path | None = None,
+        samples: Any = None,
+        report: Any = None,
+        skipped: int = 0,
+    ):
         if (records is None) == (samples is None):
             raise SR3DConfigError("a training source holds either records or samples")
         self.records = records
         self.base = base or Path.cwd()
         self.samples = samples
+        self.report = report
+        self.skipped = int(skipped)
 
     def __len__(self) -> int:
         return len(self.records) if self.records is not None else len(self.samples)
 
 
+def checked_records(data: Any, path: Path) -> TrainingSource:
+    """The records of ``path`` after the data check (:func:`sr3d_plugin.data_check.check_records`).
+
+    Every bad record is reported at once, with file, line and id: as an
+    :class:`~sr3d_plugin.errors.SR3DDataError`, or — with ``data.skip_invalid`` — by leaving it out
+    (``source.skipped``, ``source.report``). No record left is an error either way.
+    """
+    from sr3d_plugin.data_check import check_records
+    from sr3d_plugin.limits import MAX_RECORD_BYTES
+
+    report = check_records(
+        path, num_frames=data.num_frames, max_record_bytes=getattr(data, "max_record_bytes", MAX_RECORD_BYTES)
+    )
+    fatal = [p for p in report.problems if p.line == 0]  # the file itself is missing or unreadable
+    if report.problems and (fatal or not getattr(data, "skip_invalid", False)):
+        report.raise_if_invalid(
+            hint="fix these records, or set data.skip_invalid=true to train on the others"
+            if not fatal
+            else "check data.train_file"
+        )
+    records = report.valid_records()
+    if not records:
+        raise SR3DConfigError(f"no valid record left in {path} ({report.summary()})")
+    return TrainingSource(records=records, base=path.resolve().parent, report=report, skipped=report.num_invalid)
+
+
 def load_training_source(data: Any, out_dir: Path | None = None) -> TrainingSource:
-    """The recipe's data section as a :class:`TrainingSource` (validated before training starts)."""
-    from sr3d_plugin.records import load_records, validate_record
+    """The recipe's data section as a :class:`TrainingSource`, checked before training starts.
+
+    Record files (``data.train_file``, or a JSONL path from a generator) go through the data check
+    (:func:`checked_records`); generated in-memory records through the structural check.
+    """
+    from sr3d_plugin.records import validate_record
 
     if data.train_file is not None:
-        path = Path(data.train_file)
-        return TrainingSource(records=load_records(path), base=path.resolve().parent)
+        return checked_records(data, Path(data.train_file))
     module_name, _, attr = str(data.generator).partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
@@ -70,8 +113,7 @@ def load_training_source(data: Any, out_dir: Path | None = None) -> TrainingSour
     except TypeError as exc:
         raise SR3DConfigError(f"data.generator {data.generator} rejected data.generator_args {kwargs}: {exc}") from exc
     if isinstance(result, (str, Path)):
-        path = Path(result)
-        return TrainingSource(records=load_records(path), base=path.resolve().parent)
+        return checked_records(data, Path(result))
     if isinstance(result, list) and result and isinstance(result[0], dict):
         for i, rec in enumerate(result):
             validate_record(rec, f"generated record {i}")
@@ -155,10 +197,10 @@ class SR3DTrainDataset(torch.utils.data.Dataset):
             rec = self.source.records[index]
             try:
                 messages, visual = self._from_record(rec, rng)
+                return self.encode(messages, visual)  # the <mask>-count check of the processor names the record too
             except SR3DInputError as exc:
                 raise SR3DInputError(f"training record {index} (id {rec.get('id', '?')!r}): {exc}") from exc
-        else:
-            messages, visual = self._from_sample(self.source.samples[index], rng)
+        messages, visual = self._from_sample(self.source.samples[index], rng)
         return self.encode(messages, visual)
 
     # ------------------------------------------------------------------------------------------

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from sr3d_plugin.errors import SR3DConfigError
+from sr3d_plugin.limits import MAX_RECORD_BYTES, safe_yaml
 
 __all__ = [
     "AugmentSection",
@@ -50,8 +54,27 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 DEFAULT_TRAINED_MODULES = ["perception_encoder", "mm_projector", "region_extractor"]
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
+#: largest ``data.num_frames`` (and record ``num_frames``) accepted: far beyond the paper's 32 frames, far below
+#: what would exhaust memory before the first step (each frame is at least one 448-px tile)
+MAX_NUM_FRAMES = 1024
+#: largest seed accepted (numpy and ``random`` seeds are unsigned 32-bit)
+MAX_SEED = 2**32 - 1
+
+
+def _help(
+    text: str,
+    range: tuple[float | None, float | None] | None = None,
+    open: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Field metadata: ``help`` text, and for numbers ``range=(low, high)`` (None: unbounded) with
+    ``open`` = ``"low"``, ``"high"`` or ``"both"`` for the excluded ends (closed by default). Every
+    float field must also be finite (no nan / inf), with or without a range."""
+    meta: dict[str, Any] = {"help": text, **extra}
+    if range is not None:
+        meta["range"] = range
+        meta["open"] = open
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,22 +135,26 @@ class AugmentSection:
     """Mask augmentation (SR3D-FACTS §7). Randomness is derived from (seed, epoch, sample index)."""
 
     mask_to_box_prob: float = field(
-        default=0.0, metadata=_help("probability that a region's mask is replaced by its bounding box (per region)")
+        default=0.0,
+        metadata=_help("probability that a region's mask is replaced by its bounding box (per region)", range=(0, 1)),
     )
     frame_drop_prob: float = field(
         default=0.0,
         metadata=_help(
-            "probability that a multi-view sample drops frames (never a frame a region lives on; >= 1 frame kept)"
+            "probability that a multi-view sample drops frames (never a frame a region lives on; >= 1 frame kept)",
+            range=(0, 1),
         ),
     )
     frame_drop_max_fraction: float = field(
-        default=0.5, metadata=_help("largest fraction of the droppable frames removed when a sample drops frames")
+        default=0.5,
+        metadata=_help("largest fraction of the droppable frames removed when a sample drops frames", range=(0, 1)),
     )
     region_shuffle_prob: float = field(
         default=0.0,
         metadata=_help(
             "probability that a sample's regions are relabelled in random order (<regionK>, <mask> and 'Region [k]' "
-            "references are rewritten consistently)"
+            "references are rewritten consistently)",
+            range=(0, 1),
         ),
     )
 
@@ -148,7 +175,10 @@ class DataSection:
         ),
     )
     generator_args: dict[str, Any] = field(default_factory=dict, metadata=_help("keyword arguments of the generator"))
-    num_frames: int = field(default=32, metadata=_help("frames sampled uniformly from scenes, videos and frame lists"))
+    num_frames: int = field(
+        default=32,
+        metadata=_help("frames sampled uniformly from scenes, videos and frame lists", range=(1, MAX_NUM_FRAMES)),
+    )
     system_prompt: str | None = field(
         default="You are a helpful assistant.", metadata=_help("system message of every conversation (null: none)")
     )
@@ -164,9 +194,22 @@ class DataSection:
         metadata=_help("point-map cache folder; 'default' (~/.cache/sr3d or $SR3D_CACHE), or null to disable"),
     )
     max_length: int | None = field(
-        default=None, metadata=_help("skip samples whose token count exceeds this (null: no limit)")
+        default=None, metadata=_help("skip samples whose token count exceeds this (null: no limit)", range=(1, None))
     )
-    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes"))
+    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes", range=(0, 256)))
+    skip_invalid: bool = field(
+        default=False,
+        metadata=_help(
+            "records failing the data check (files, regions in their images, <mask> counts, frame references; "
+            "`sr3d validate-data`) are skipped and counted instead of stopping the run before the model loads"
+        ),
+    )
+    max_record_bytes: int = field(
+        default=MAX_RECORD_BYTES,
+        metadata=_help(
+            "largest record (bytes of one JSONL line / JSON-list element) in data.train_file", range=(1, None)
+        ),
+    )
     shuffle: bool = field(
         default=True, metadata=_help("shuffle the samples every epoch (seeded by training.seed and epoch)")
     )
@@ -178,9 +221,9 @@ class LoraSection:
     """LoRA on the language model only (never the vision tower, SR3D-FACTS §9)."""
 
     enabled: bool = field(default=True, metadata=_help("train LoRA adapters on the LLM"))
-    r: int = field(default=64, metadata=_help("LoRA rank (VILA default 64)"))
-    alpha: int = field(default=128, metadata=_help("LoRA alpha (scale = alpha / r)"))
-    dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
+    r: int = field(default=64, metadata=_help("LoRA rank (VILA default 64)", range=(1, None)))
+    alpha: int = field(default=128, metadata=_help("LoRA alpha (scale = alpha / r)", range=(0, None), open="low"))
+    dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input", range=(0, 1), open="high"))
     target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata=_help("names of LLM linear layers to adapt; matched only under llm. (regex anchored at llm.)"),
@@ -205,28 +248,53 @@ class TrainingSection:
     """Optimisation, checkpointing and scale-out."""
 
     output_dir: str = field(default="runs/sr3d", metadata=_help("run folder (checkpoints, adapter, logs)", path=True))
-    seed: int = field(default=42, metadata=_help("seed of initialisation, shuffling, augmentation and dropout"))
-    num_epochs: float = field(default=1.0, metadata=_help("epochs to train (ignored when max_steps > 0)"))
-    max_steps: int = field(default=-1, metadata=_help("optimizer steps to train; -1: num_epochs"))
-    per_device_batch_size: int = field(default=1, metadata=_help("samples per micro-batch per process"))
-    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    learning_rate: float = field(default=5e-5, metadata=_help("peak learning rate (LoRA and LLM weights)"))
+    seed: int = field(
+        default=42,
+        metadata=_help("seed of initialisation, shuffling, augmentation and dropout", range=(0, MAX_SEED)),
+    )
+    num_epochs: float = field(
+        default=1.0, metadata=_help("epochs to train (ignored when max_steps > 0)", range=(0, None))
+    )
+    max_steps: int = field(
+        default=-1, metadata=_help("optimizer steps to train; -1 (or 0): num_epochs", range=(-1, None))
+    )
+    per_device_batch_size: int = field(
+        default=1, metadata=_help("samples per micro-batch per process", range=(1, None))
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("micro-batches per optimizer step", range=(1, None))
+    )
+    learning_rate: float = field(
+        default=5e-5,
+        metadata=_help("peak learning rate (LoRA and LLM weights)", range=(0, None), open="low"),
+    )
     modules_learning_rate: float | None = field(
         default=None,
-        metadata=_help("peak learning rate of the PE / projector / region extractor (null: learning_rate)"),
+        metadata=_help(
+            "peak learning rate of the PE / projector / region extractor (null: learning_rate)",
+            range=(0, None),
+            open="low",
+        ),
     )
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (not on biases and norms)"))
+    weight_decay: float = field(
+        default=0.0, metadata=_help("AdamW weight decay (not on biases and norms)", range=(0, None))
+    )
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
         default="cosine", metadata=_help("learning-rate schedule")
     )
-    warmup_ratio: float = field(default=0.03, metadata=_help("fraction of the steps used for linear warm-up"))
-    max_grad_norm: float | None = field(default=1.0, metadata=_help("gradient clipping norm (null: off)"))
+    warmup_ratio: float = field(
+        default=0.03,
+        metadata=_help("fraction of the steps used for linear warm-up", range=(0, 1), open="high"),
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata=_help("gradient clipping norm (null: off)", range=(0, None), open="low")
+    )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = field(
         default="adamw", metadata=_help("adamw (torch) or a bitsandbytes 8-bit AdamW")
     )
-    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
-    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
-    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1", range=(0, 1), open="high"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2", range=(0, 1), open="high"))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon", range=(0, None), open="low"))
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata=_help("autocast precision of the forward pass (accelerate)")
     )
@@ -238,10 +306,13 @@ class TrainingSection:
         metadata=_help("compute logits and the loss only where labels are not -100 (same loss, far less memory)"),
     )
     save_steps: int = field(
-        default=500, metadata=_help("write a checkpoint every N optimizer steps (0: only at the end)")
+        default=500,
+        metadata=_help("write a checkpoint every N optimizer steps (0: only at the end)", range=(0, None)),
     )
-    save_total_limit: int | None = field(default=3, metadata=_help("keep only the newest N checkpoints (null: all)"))
-    logging_steps: int = field(default=10, metadata=_help("log every N optimizer steps"))
+    save_total_limit: int | None = field(
+        default=3, metadata=_help("keep only the newest N checkpoints (null: all)", range=(1, None))
+    )
+    logging_steps: int = field(default=10, metadata=_help("log every N optimizer steps", range=(1, None)))
     deepspeed: str | None = field(
         default=None,
         metadata=_help(
@@ -304,6 +375,7 @@ class Recipe:
             check_files: also require that every input file or folder exists (off for dry runs, where
                 missing files are reported as warnings).
         """
+        check_ranges(self)
         warnings: list[str] = []
         m, d, lo, q, t = self.model, self.data, self.lora, self.quantization, self.training
 
@@ -336,30 +408,8 @@ class Recipe:
             problem(f"data.train_file={d.train_file!r} does not exist; expected a JSON or JSONL file", True)
         if d.generator is not None and ":" not in d.generator:
             raise SR3DConfigError(f"data.generator={d.generator!r}; expected 'module:function'")
-        for name in ("mask_to_box_prob", "frame_drop_prob", "frame_drop_max_fraction", "region_shuffle_prob"):
-            v = getattr(d.augment, name)
-            if not 0.0 <= v <= 1.0:
-                raise SR3DConfigError(f"data.augment.{name}={v}; expected a probability in [0, 1]")
-        positive = {
-            "data.num_frames": d.num_frames,
-            "lora.r": lo.r,
-            "training.per_device_batch_size": t.per_device_batch_size,
-            "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "training.logging_steps": t.logging_steps,
-        }
-        for key, v in positive.items():
-            if v <= 0:
-                raise SR3DConfigError(f"{key}={v}; expected a positive integer")
-        if d.num_workers < 0:
-            raise SR3DConfigError(f"data.num_workers={d.num_workers}; expected >= 0")
         if t.max_steps <= 0 and t.num_epochs <= 0:
             raise SR3DConfigError("training.max_steps and training.num_epochs are both <= 0; nothing to train")
-        if t.learning_rate <= 0:
-            raise SR3DConfigError(f"training.learning_rate={t.learning_rate}; expected > 0")
-        if not 0 <= t.warmup_ratio < 1:
-            raise SR3DConfigError(f"training.warmup_ratio={t.warmup_ratio}; expected in [0, 1)")
-        if t.save_steps < 0:
-            raise SR3DConfigError(f"training.save_steps={t.save_steps}; expected >= 0")
         if t.deepspeed is not None and not Path(t.deepspeed).is_file():
             problem(f"training.deepspeed={t.deepspeed!r} does not exist; expected a DeepSpeed JSON file", True)
         if t.deepspeed is not None and t.fsdp is not None:
@@ -370,6 +420,92 @@ class Recipe:
         if bad:
             raise SR3DConfigError(f"logging.report_to has unknown trackers {bad}; expected tensorboard or wandb")
         return warnings
+
+
+# ----------------------------------------------------------------------------------------------
+# typed ranges
+# ----------------------------------------------------------------------------------------------
+
+
+def range_text(meta: Mapping[str, Any], is_float: bool) -> str:
+    """The interval of a field's ``range`` metadata in interval notation, e.g. ``(0, inf)`` or ``[1, 1024]``."""
+    low, high = meta["range"]
+    opened = meta.get("open") or ""
+    left = "(" if low is None or opened in ("low", "both") else "["
+    right = ")" if high is None or opened in ("high", "both") else "]"
+
+    def num(v: float | None, sign: str) -> str:
+        if v is None:
+            return f"{sign}inf"
+        return f"{v:g}" if is_float else str(int(v))
+
+    return f"{left}{num(low, '-')}, {num(high, '')}{right}"
+
+
+def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
+    low, high = meta["range"]
+    opened = meta.get("open") or ""
+    if low is not None and (value < low or (value == low and opened in ("low", "both"))):
+        return False
+    return not (high is not None and (value > high or (value == high and opened in ("high", "both"))))
+
+
+def _numeric_kind(tp: Any) -> type | None:
+    """``float`` / ``int`` for a field typed ``float`` / ``int`` (optionally ``| None``), else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    kinds = [a for a in args if a is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float) else None
+
+
+#: ``model.config_overrides`` keys that are sizes or counts (must be positive integers)
+_SIZE_KEY = re.compile(r"(^|_)(size|hidden|layers|heads|dim|tiles|frames|tokens|embeddings|experts|groups)$")
+
+
+def _check_overrides(value: Any, key: str) -> None:
+    """Sizes and counts in ``model.config_overrides`` (nested too) are positive integers, every number finite."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            sub = f"{key}.{k}"
+            is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            whole = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
+            if is_number and _SIZE_KEY.search(str(k)) and (not whole or v <= 0):
+                raise SR3DConfigError(f"{sub}={v!r}; expected a positive integer (a size or count)")
+            _check_overrides(v, sub)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_overrides(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise SR3DConfigError(f"{key}={value!r}; expected a finite number")
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Every number of a recipe (or one section) is finite and inside its field's ``range``.
+
+    Raises :class:`SR3DConfigError` naming the dotted key, the value and the interval, e.g.
+    ``training.learning_rate=nan; expected a finite number in (0, inf)``.
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        if f.name == "config_overrides":
+            _check_overrides(value, key)
+            continue
+        kind = _numeric_kind(hints[f.name])
+        if kind is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SR3DConfigError(f"{key}={value!r}; expected {'an integer' if kind is int else 'a number'}")
+        meta = f.metadata
+        where = f" in {range_text(meta, kind is float)}" if "range" in meta else ""
+        what = f"a finite number{where}" if kind is float else f"an integer{where}"
+        if (isinstance(value, float) and not math.isfinite(value)) or ("range" in meta and not _in_range(value, meta)):
+            raise SR3DConfigError(f"{key}={value!r}; expected {what}")
 
 
 SECTIONS: dict[str, type] = {
@@ -465,7 +601,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             try:
                 return int(value)
             except ValueError:
+                pass
+            try:  # "1e9": YAML 1.1 reads an exponent without a dot as text
+                number = float(value)
+            except ValueError:
                 raise _Mismatch from None
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
         raise _Mismatch
     if tp is float:
         if isinstance(value, bool):
@@ -556,15 +698,19 @@ def find_recipe(name: str | Path) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+#: largest recipe file read (bytes); bundled recipes are about 1 kB
+MAX_RECIPE_BYTES = 1 << 20
 
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SR3DConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
-    except OSError as exc:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise SR3DConfigError(f"recipe {path} is {size} bytes; expected at most {MAX_RECIPE_BYTES} (a recipe file)")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise SR3DConfigError(f"cannot read recipe {path}: {exc}") from exc
+    data = safe_yaml(text, f"recipe {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -602,7 +748,6 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["training.learning_rate=1e-4", "lora.r=16"]`` → nested dict (values parsed as YAML scalars/lists)."""
-    import yaml
 
     out: dict[str, Any] = {}
     for item in items:
@@ -613,9 +758,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise SR3DConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+            value = safe_yaml(text, f"override {key}") if text.strip() else None
+        except SR3DConfigError as exc:
+            if "is not valid YAML" not in str(exc):
+                raise  # an alias bomb or a recursive alias
+            value = text  # not YAML: the text itself
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -693,6 +840,11 @@ def field_help(width: int = 100) -> str:
             else:
                 default = None
             head = f"{' ' * indent}{key} ({_type_name(tp)}, default {default!r})"
+            kind = _numeric_kind(tp)
+            if "range" in f.metadata and kind is not None:
+                head += f" range {range_text(f.metadata, kind is float)}" + (", finite" if kind is float else "")
+            elif kind is float:
+                head += " finite"
             body = textwrap.fill(
                 f.metadata.get("help", ""),
                 width=width,

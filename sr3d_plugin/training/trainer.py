@@ -131,12 +131,18 @@ def train(
         emit: called on the main process with each event (``start``, ``log``, ``checkpoint``, ``end``).
         progress: show a progress bar (default ``logging.progress_bar``).
     """
+    from sr3d_plugin.training.data import EpochSampler, SR3DCollator, SR3DTrainDataset, load_training_source
+    from sr3d_plugin.training.recipe import check_ranges
+
+    check_ranges(recipe)  # a recipe built in Python: the same typed ranges as a loaded one, before any work
+    # a records file is checked before anything is written or loaded (generated data: once it exists)
+    source = load_training_source(recipe.data) if recipe.data.train_file is not None else None
+
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
-    from sr3d_plugin.training.data import EpochSampler, SR3DCollator, SR3DTrainDataset, load_training_source
     from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
 
     t_start = time.perf_counter()
@@ -221,8 +227,18 @@ def train(
     # ---- model (main process first: it may write the tiny base model or generated data) --------
     base_dir = out / "base-model" if (recipe.model.path is None and recipe.model.preset == "tiny") else None
     with acc.main_process_first():
+        if source is None:
+            source = load_training_source(recipe.data, out_dir=out / "data")
+        if source.skipped:
+            send(
+                {
+                    "event": "warning",
+                    "message": f"data.skip_invalid: skipped {source.skipped} invalid record(s); "
+                    + source.report.message(shown=10),
+                    "skipped_records": source.skipped,
+                }
+            )
         model, processor, base_path = build_model(recipe, device=acc.device, base_dir=base_dir)
-        source = load_training_source(recipe.data, out_dir=out / "data")
     model, report = prepare_for_training(model, recipe)
     peft_config = getattr(model, "peft_config", None)
     if peft_config and base_path:
