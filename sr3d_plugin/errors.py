@@ -6,7 +6,15 @@ without reading the source.
 
 from __future__ import annotations
 
-__all__ = ["SR3DConfigError", "SR3DDependencyError", "SR3DError", "SR3DInputError", "SR3DPluginError"]
+__all__ = [
+    "SR3DCheckpointError",
+    "SR3DConfigError",
+    "SR3DDependencyError",
+    "SR3DError",
+    "SR3DInputError",
+    "SR3DPluginError",
+    "SR3DWriteError",
+]
 
 
 class SR3DError(Exception):
@@ -42,3 +50,15 @@ class SR3DPluginError(SR3DError, LookupError):
 
 class SR3DDependencyError(SR3DError, ImportError):
     """An installed dependency is too old (or missing) for the part of sr3d-plugin that was asked for."""
+
+
+class SR3DCheckpointError(SR3DError, ValueError):
+    """A training checkpoint is refused: no manifest (older format), a file modified, truncated, added,
+    missing or of a format that could carry a pickle, or states that do not fit the run."""
+
+
+class SR3DWriteError(SR3DError, OSError):
+    """Writing an output failed (disk full, read-only file system, permission); names the path and the step.
+
+    ``errno`` is the operating system's error number when there is one.
+    """
