@@ -395,6 +395,32 @@ def test_cli_train_into_an_unwritable_folder_is_one_line_and_leaves_no_recipe(tm
     assert not list(out.iterdir())  # no recipe.yaml, no log, no temporary file
 
 
+@pytest.mark.slow
+def test_cli_train_stops_on_a_full_disk_at_a_checkpoint(tmp_path, monkeypatch, capsys) -> None:
+    """A real (tiny, 4-step) run whose second checkpoint hits ENOSPC: one line, checkpoint-2 intact, nothing else."""
+    from sr3d_plugin.cli import main
+
+    out = tmp_path / "run"
+    real = ckpt_mod.atomic_write_bytes
+
+    def full_at_step_4(path, data):
+        if ".checkpoint-4.tmp" in str(path):
+            _enospc(path)
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", full_at_step_4)
+    args = ["training.max_steps=4", "training.save_steps=2", "data.num_workers=0", "data.generator_args.num_scenes=1"]
+    rc = main(["train", "tiny-cpu", f"training.output_dir={out}", "logging.report_to=[]", *args, "--json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("sr3d train: error:")]
+    assert len(lines) == 1, err
+    assert f"writing checkpoint {out / 'checkpoint-4'} failed" in lines[0] and "No space left on device" in lines[0]
+    assert sorted(p.name for p in out.glob("*checkpoint*")) == ["checkpoint-2"]
+    assert not (out / "adapter").exists()  # training stopped at the failed save
+    verify_checkpoint(out / "checkpoint-2")
+
+
 def test_text_events(capsys) -> None:
     from sr3d_plugin.cli.train_cmd import _print_event
 

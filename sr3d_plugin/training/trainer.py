@@ -535,14 +535,16 @@ def _save_checkpoint(
             error = describe_os_error(exc, final, "writing checkpoint")
     acc.wait_for_everyone()
     fail_if_any()
-    weights, optim = gather_training_state(acc, model, None if deepspeed else optimizer)
-    state_dict = acc.get_state_dict(model)
+    state_dict = acc.get_state_dict(model)  # gathered (ZeRO-3 too) for the adapter export
     unwrapped = acc.unwrap_model(model)
+    if deepspeed:  # DeepSpeed's optimizer state exists only as its pickles: weights without optimizer
+        keep = _trainable_names(unwrapped)
+        weights, optim = {k: v for k, v in state_dict.items() if k in keep}, None
+    else:
+        weights, optim = gather_training_state(acc, model, optimizer)
     sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
     try:
-        save_training_state(
-            acc, tmp, weights, None if deepspeed else optim, scheduler, {**state.state_dict(), "saved": sub}
-        )
+        save_training_state(acc, tmp, weights, optim, scheduler, {**state.state_dict(), "saved": sub})
         if main:
             _save_trained(unwrapped, tmp / sub, state_dict, processor)
             atomic_write_text(tmp / "recipe.yaml", _recipe_yaml(recipe))
