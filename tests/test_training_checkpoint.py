@@ -264,7 +264,37 @@ HOSTILE = {
         ),
         "state for 'evil', which is not a trainable parameter",
     ),
+    "scheduler state injecting attributes": (
+        lambda c, m: (_edit_state(c, "scheduler", lambda st: {**st, "optimizer": "gotcha"}), _rewrite_manifest(c)),
+        r"scheduler.json: keys differ from this run's \(e.g. 'optimizer'\)",
+    ),
+    "learning rate as a string": (
+        lambda c, m: (_edit_state(c, "optimizer", _lr_string), _rewrite_manifest(c)),
+        r"param_groups\[0\].lr: a str where this run has a number",
+    ),
+    "wrong-size torch RNG state": (
+        lambda c, m: (_retensor(c, "rng_0", lambda t: t[:100]), _rewrite_manifest(c)),
+        "rng_0.json does not fit this run",
+    ),
 }
+
+
+def _edit_state(c: Path, name: str, fn) -> None:
+    doc = json.loads((c / f"{name}.json").read_text())
+    doc["state"] = fn(doc["state"])
+    (c / f"{name}.json").write_text(json.dumps(doc))
+
+
+def _lr_string(state):
+    state["param_groups"][0]["lr"] = "0.1"
+    return state
+
+
+def _retensor(c: Path, name: str, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: fn(v) for k, v in load_file(str(c / f"{name}.safetensors")).items()}
+    save_file(tensors, str(c / f"{name}.safetensors"))
 
 
 @pytest.mark.parametrize("variant", sorted(HOSTILE))

@@ -440,7 +440,13 @@ def _check_weights(
             )
 
 
-def _check_optimizer(ckpt: Path, state: Any, params: dict[str, torch.nn.Parameter], shapes: bool = True) -> None:
+def _check_optimizer(
+    ckpt: Path,
+    state: Any,
+    params: dict[str, torch.nn.Parameter],
+    groups: list[dict[str, Any]] | None = None,
+    shapes: bool = True,
+) -> None:
     where = f"checkpoint {ckpt}: optimizer.json"
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         raise SR3DCheckpointError(f"{where}: expected a mapping with 'state' and 'param_groups'")
@@ -450,6 +456,12 @@ def _check_optimizer(ckpt: Path, state: Any, params: dict[str, torch.nn.Paramete
         if name not in params or not isinstance(entry, dict):
             raise SR3DCheckpointError(f"{where}: state for {name!r}, which is not a trainable parameter of this model")
         for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.ndim == 0):
+                raise SR3DCheckpointError(
+                    f"{where}: {name}.{key} is a {_kind(value)}; expected a floating-point tensor"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise SR3DCheckpointError(f"{where}: {name}.{key} holds non-finite values")
             if (
                 shapes
                 and isinstance(value, torch.Tensor)
@@ -459,6 +471,65 @@ def _check_optimizer(ckpt: Path, state: Any, params: dict[str, torch.nn.Paramete
                 raise SR3DCheckpointError(
                     f"{where}: {name}.{key} has shape {tuple(value.shape)}; expected {tuple(params[name].shape)}"
                 )
+    if groups is not None:  # hyper-parameters: the keys and kinds of this run's groups
+        if len(state["param_groups"]) != len(groups):
+            raise SR3DCheckpointError(
+                f"{where}: {len(state['param_groups'])} parameter groups where this run has {len(groups)}"
+            )
+        for i, (saved, current) in enumerate(zip(state["param_groups"], groups)):
+            if not isinstance(saved, dict):
+                raise SR3DCheckpointError(f"{where}: param_groups[{i}] is not a mapping")
+            _check_like(
+                {k: v for k, v in saved.items() if k != "params"},
+                {k: v for k, v in current.items() if k != "params"},
+                f"{where}: param_groups[{i}]",
+            )
+            names = saved.get("params")
+            if not isinstance(names, list) or not all(isinstance(n, str) and n in params for n in names):
+                raise SR3DCheckpointError(f"{where}: param_groups[{i}].params are not parameter names of this model")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "sequence"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    return type(value).__name__
+
+
+def _check_like(saved: Any, current: Any, where: str) -> None:
+    """``saved`` has the structure of ``current``: same keys, sequence lengths and kinds of values.
+
+    ``load_state_dict`` of schedulers copies whatever it is given into the object (and optimizers
+    accept any hyper-parameter values), so a hostile state would fail later, mid-training.
+    """
+    if _kind(saved) != _kind(current):
+        raise SR3DCheckpointError(f"{where}: a {_kind(saved)} where this run has a {_kind(current)}")
+    if isinstance(current, dict):
+        if set(saved) != set(current):
+            diff = sorted(map(str, set(saved) ^ set(current)))
+            raise SR3DCheckpointError(f"{where}: keys differ from this run's (e.g. {diff[0]!r})")
+        for k in current:
+            _check_like(saved[k], current[k], f"{where}.{k}")
+    elif isinstance(current, (list, tuple)):
+        if len(saved) != len(current):
+            raise SR3DCheckpointError(f"{where}: {len(saved)} entries where this run has {len(current)}")
+        for i, (a, b) in enumerate(zip(saved, current)):
+            _check_like(a, b, f"{where}[{i}]")
+    elif isinstance(current, torch.Tensor) and (saved.shape != current.shape or saved.dtype != current.dtype):
+        raise SR3DCheckpointError(
+            f"{where}: tensor {tuple(saved.shape)} {saved.dtype} where this run has {tuple(current.shape)} {current.dtype}"
+        )
+    elif isinstance(current, float) and isinstance(saved, (int, float)) and not math.isfinite(saved):
+        raise SR3DCheckpointError(f"{where}: {saved!r}; expected a finite number")
 
 
 def _trainer_state(ckpt: Path, manifest: dict[str, Any]) -> dict[str, int]:
@@ -517,8 +588,10 @@ def load_training_state(
     weights = _read_safetensors(ckpt, manifest, "model.safetensors")
     _check_weights(ckpt, weights, params, shapes=not sharded)
     opt_state = _read_state(ckpt, manifest, "optimizer")
-    _check_optimizer(ckpt, opt_state, {n: p for n, p in params.items() if p.requires_grad}, shapes=not sharded)
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    _check_optimizer(ckpt, opt_state, trainable, _raw_optimizer(optimizer).param_groups, shapes=not sharded)
     sched_state = _read_state(ckpt, manifest, "scheduler")
+    _check_like(sched_state, scheduler.state_dict(), f"checkpoint {ckpt}: scheduler.json")
     scaler = getattr(acc, "scaler", None)
     scaler_state = (
         _read_state(ckpt, manifest, "scaler") if scaler is not None and "scaler.json" in manifest["files"] else None
@@ -535,8 +608,6 @@ def load_training_state(
         for group, saved in zip(raw.param_groups, opt_state["param_groups"]):  # torch turns tuples into lists
             group.update({k: v for k, v in saved.items() if isinstance(v, tuple) and k != "params"})
         current = "scheduler.json"
-        if not isinstance(sched_state, dict):
-            raise TypeError("expected a mapping")
         scheduler.load_state_dict(sched_state)
         if scaler_state is not None:
             current = "scaler.json"
