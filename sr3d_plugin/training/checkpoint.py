@@ -230,7 +230,9 @@ def verify_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
     mpath = ckpt / MANIFEST_NAME
     if not ckpt.is_dir():
         raise _refuse(ckpt, "not a folder")
-    if not mpath.is_file() or mpath.is_symlink():
+    if mpath.is_symlink():
+        raise _refuse(ckpt, f"{MANIFEST_NAME} is a link (a checkpoint holds plain files only)")
+    if not mpath.is_file():
         pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in (".pkl", ".bin", ".pt", ".pth"))
         why = f" (it holds {', '.join(pickles[:4])}: accelerate's pickled states)" if pickles else ""
         raise _refuse(
@@ -457,9 +459,8 @@ def _check_optimizer(
             raise SR3DCheckpointError(f"{where}: state for {name!r}, which is not a trainable parameter of this model")
         for key, value in entry.items():
             if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.ndim == 0):
-                raise SR3DCheckpointError(
-                    f"{where}: {name}.{key} is a {_kind(value)}; expected a floating-point tensor"
-                )
+                what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"a {_kind(value)}"
+                raise SR3DCheckpointError(f"{where}: {name}.{key} is {what}; expected a floating-point tensor")
             if not bool(torch.isfinite(value).all()):
                 raise SR3DCheckpointError(f"{where}: {name}.{key} holds non-finite values")
             if (
