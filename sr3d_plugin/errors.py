@@ -7,7 +7,9 @@ without reading the source.
 from __future__ import annotations
 
 __all__ = [
+    "SR3DCheckpointError",
     "SR3DConfigError",
+    "SR3DDataError",
     "SR3DDependencyError",
     "SR3DDiskError",
     "SR3DError",
@@ -78,3 +80,8 @@ class SR3DDataError(SR3DInputError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class SR3DCheckpointError(SR3DError, ValueError):
+    """A training checkpoint is refused: no manifest (older format), a file modified, truncated, added,
+    missing or of a format that could carry a pickle, or states that do not fit the run."""

@@ -229,4 +229,17 @@ def test_two_gloo_processes_train_with_torchrun(tmp_path: Path, toy: Path) -> No
     assert sum(1 for e in ev if e["event"] == "start") == 1  # only the main process reports
     assert [e["step"] for e in ev if e["event"] == "log"] == [1, 2, 3]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "adapter").is_dir()
-    assert (out / "checkpoint-3" / "random_states_1.pkl").is_file()  # both ranks' RNG states
+    assert (out / "checkpoint-3" / "rng_1.json").is_file()  # both ranks' RNG states (JSON + safetensors)
+    assert not [p for p in out.rglob("*") if p.suffix in (".pkl", ".bin", ".pt")]  # no pickles anywhere
+    # both processes resume from the pickle-free checkpoint
+    more = subprocess.run(
+        [*("training.max_steps=4" if a == "training.max_steps=3" else a for a in cmd), "--resume"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert more.returncode == 0, more.stderr[-4000:]
+    ev = events(more.stdout)
+    assert next(e for e in ev if e["event"] == "resume")["global_step"] == 3
+    assert [e["step"] for e in ev if e["event"] == "log"] == [4]

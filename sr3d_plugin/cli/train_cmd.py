@@ -132,5 +132,15 @@ def run(args: argparse.Namespace) -> int:
             _print_event(event)
             sys.stdout.flush()
 
-    train(recipe, resume=args.resume, emit=emit, progress=False if args.json else None)
+    from safetensors import SafetensorError
+
+    from sr3d_plugin.errors import SR3DError
+    from sr3d_plugin.training.checkpoint import describe_os_error
+
+    try:
+        train(recipe, resume=args.resume, emit=emit, progress=False if args.json else None)
+    except SR3DError:
+        raise
+    except (OSError, SafetensorError) as exc:  # a disk fault the trainer did not name itself: still one line
+        raise describe_os_error(exc, recipe.training.output_dir, "training into") from None
     return 0

@@ -12,14 +12,19 @@ Run folder::
 
     <output_dir>/recipe.yaml           the resolved recipe
     <output_dir>/base-model/           random base weights (tiny from-scratch recipes only)
-    <output_dir>/checkpoint-<step>/    accelerate state (trained weights, optimizer, scheduler, RNG,
-                                       data position) + adapter/ (peft) + trainer_state.json
+    <output_dir>/checkpoint-<step>/    trained weights, optimizer, scheduler, RNG and data position as
+                                       safetensors + JSON, adapter/ (peft), recipe.yaml, manifest.json
+                                       (see :mod:`sr3d_plugin.training.checkpoint`: no pickles)
     <output_dir>/adapter/              final adapter + processor (what ``sr3d merge`` takes);
                                        model/ instead when training without LoRA
     <output_dir>/logs/                 TensorBoard;  <output_dir>/log.jsonl  every logged event
 
-A checkpoint is written into ``.checkpoint-<step>.tmp`` and renamed when complete, so a
-``checkpoint-<step>`` folder is never half-written; stale temporary folders are removed at start.
+A checkpoint is written into ``.checkpoint-<step>.tmp``, its manifest last, and renamed when
+complete, so a ``checkpoint-<step>`` folder is never half-written; a failed write (disk full,
+read-only) removes the temporary folder and stops training with :class:`SR3DDiskError`, the
+previous checkpoints intact; stale temporary folders are removed at start. A resume verifies the
+manifest before anything is read. The output folder is checked for writability before the model
+loads.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,8 +44,18 @@ from typing import Any
 
 import torch
 
-from sr3d_plugin.errors import SR3DConfigError
-from sr3d_plugin.io_utils import atomic_dir, atomic_write_json, atomic_write_text
+from sr3d_plugin.errors import SR3DConfigError, SR3DError, SR3DDiskError
+from sr3d_plugin.io_utils import atomic_dir, atomic_write_text
+from sr3d_plugin.training.checkpoint import (
+    describe_os_error,
+    gather_training_state,
+    load_training_state,
+    refuse_deepspeed_resume,
+    replace_folder,
+    save_training_state,
+    verify_checkpoint,
+    write_manifest,
+)
 
 __all__ = ["TrainState", "find_checkpoint", "train", "trained_weights_only"]
 
@@ -201,8 +217,11 @@ def train(
     def send(event: dict[str, Any]) -> None:
         if not main:
             return
-        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event, default=str) + "\n")
+        try:
+            with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event, default=str) + "\n")
+        except OSError as exc:
+            raise describe_os_error(exc, out / "log.jsonl", "appending to") from None
         if emit:
             emit(event)
 
@@ -210,15 +229,22 @@ def train(
     ckpt = find_checkpoint(out, resume) if resume else None
     if resume and ckpt is None:
         raise SR3DConfigError(f"resume={resume!r}: no complete checkpoint in {out}")
+    manifest = None
+    if ckpt is not None:  # before anything loads: refused checkpoints cost no model load
+        manifest = verify_checkpoint(ckpt)
+        refuse_deepspeed_resume(ckpt, manifest, deepspeed)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
         for stale in out.glob(".checkpoint-*.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
         if not resume and find_checkpoint(out, True) is not None:
             raise SR3DConfigError(
                 f"{out} already holds checkpoints; pass resume=True to continue, or choose another training.output_dir"
             )
-        atomic_write_text(out / "recipe.yaml", _recipe_yaml(recipe))
+        try:
+            atomic_write_text(out / "recipe.yaml", _recipe_yaml(recipe))
+        except OSError as exc:
+            raise describe_os_error(exc, out / "recipe.yaml", "writing") from None
     acc.wait_for_everyone()
     set_seed(tr.seed)
     if tr.deterministic:
@@ -272,17 +298,15 @@ def train(
         tr.lr_scheduler, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * total), num_training_steps=total
     )
     state = TrainState()
-    acc.register_for_checkpointing(scheduler, state)
-    trainable = _trainable_names(model)
 
-    acc.register_save_state_pre_hook(trained_weights_only)
-
-    if ckpt is not None:
-        _check_checkpoint(ckpt, trainable, deepspeed)
-        load_kwargs = {"load_module_strict": False} if deepspeed else {"strict": False}
-        acc.load_state(str(ckpt), **load_kwargs)
+    if ckpt is not None and manifest is not None:
+        warnings: list[str] = []
+        counters = load_training_state(acc, ckpt, manifest, model, optimizer, scheduler, deepspeed, warnings.append)
+        state.load_state_dict(counters)
         send({"event": "resume", "checkpoint": str(ckpt), **state.state_dict()})
-        changed = _recipe_changes(ckpt, recipe)
+        for message in warnings:
+            send({"event": "warning", "message": message})
+        changed = _recipe_changes(ckpt, manifest, recipe)
         if changed:
             send({"event": "warning", "message": f"the recipe differs from the checkpoint's in {', '.join(changed)}"})
 
@@ -381,7 +405,7 @@ def train(
                 if trackers:
                     acc.log({k: v for k, v in row.items() if k not in ("event", "step")}, step=state.global_step)
             if tr.save_steps and state.global_step % tr.save_steps == 0:
-                path = _save_checkpoint(acc, model, processor, state, out, recipe, deepspeed)
+                path = _save_checkpoint(acc, model, optimizer, scheduler, processor, state, out, recipe, deepspeed)
                 saved_at = state.global_step
                 send({"event": "checkpoint", "step": state.global_step, "path": str(path)})
     if bar is not None:
@@ -389,7 +413,7 @@ def train(
 
     # ---- final export ---------------------------------------------------------------------------
     if saved_at != state.global_step:
-        path = _save_checkpoint(acc, model, processor, state, out, recipe, deepspeed)
+        path = _save_checkpoint(acc, model, optimizer, scheduler, processor, state, out, recipe, deepspeed)
         send({"event": "checkpoint", "step": state.global_step, "path": str(path)})
     final = _export_final(acc, model, processor, out)
     if trackers:
@@ -408,13 +432,52 @@ def train(
     return summary
 
 
-def _recipe_changes(ckpt: Path, recipe: Any) -> list[str]:
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write, sync and remove a small file in it; :class:`SR3DDiskError` when that fails.
+
+    Run before the model loads, so that a read-only or full output folder costs nothing and leaves
+    nothing behind (``recipe.yaml`` is written after this check).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".sr3d-write-check.", dir=out)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as exc:
+        raise describe_os_error(exc, out, "training.output_dir: writing into") from None
+
+
+def _no_alias_loader() -> Any:
+    """``yaml.SafeLoader`` without aliases (a recipe never needs them; they allow expansion bombs)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.events.AliasEvent):
+                raise yaml.YAMLError("YAML aliases are not accepted in a checkpoint's recipe.yaml")
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
+def _recipe_changes(ckpt: Path, manifest: dict[str, Any], recipe: Any) -> list[str]:
     """Keys whose values differ between the checkpoint's recipe and this one (output folder excluded)."""
     import yaml
 
+    from sr3d_plugin.training.checkpoint import read_checkpoint_bytes
+
+    if "recipe.yaml" not in manifest["files"] or manifest["files"]["recipe.yaml"]["size"] > (1 << 20):
+        return []
     try:
-        before = yaml.safe_load((ckpt / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        text = read_checkpoint_bytes(ckpt, manifest, "recipe.yaml").decode("utf-8")
+        before = yaml.load(text, Loader=_no_alias_loader()) or {}  # a SafeLoader subclass
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(before, dict):
         return []
     old, new = _flat(before), _flat(recipe.to_dict())
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "training.output_dir")
@@ -423,7 +486,8 @@ def _recipe_changes(ckpt: Path, recipe: Any) -> list[str]:
 def trained_weights_only(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
     """accelerate ``save_state`` pre-hook: keep only trainable tensors in the saved model state.
 
-    The frozen base (billions of weights) is reloaded from its own folder on resume; a checkpoint
+    The trainer no longer calls ``save_state`` (its files are pickles, see
+    :mod:`sr3d_plugin.training.checkpoint`); the hook stays for code that does. The frozen base (billions of weights) is reloaded from its own folder on resume; a checkpoint
     holds the adapters and the trained SR-3D modules (plus optimizer, scheduler, RNG and data position).
     """
     for mod, w in zip(models, weights):
@@ -433,53 +497,90 @@ def trained_weights_only(models: list[Any], weights: list[dict[str, Any]], outpu
                 del w[k]
 
 
-def _check_checkpoint(ckpt: Path, trainable: set[str], deepspeed: bool) -> None:
-    """Refuse a checkpoint whose trained weights do not cover this recipe's trainable parameters."""
-    if deepspeed:
-        return
-    f = ckpt / "model.safetensors"
-    if not f.is_file():
-        return  # FSDP: sharded model state, checked by accelerate
-    from safetensors import safe_open
-
-    with safe_open(str(f), framework="pt") as fh:
-        keys = set(fh.keys())
-    missing = sorted(trainable - keys)
-    if missing:
-        raise SR3DConfigError(
-            f"checkpoint {ckpt} lacks {len(missing)} trainable weight(s) of this recipe (e.g. {missing[0]}); "
-            "was it written by another recipe?"
-        )
-
-
 def _save_trained(model: Any, folder: Path, state_dict: dict[str, Any], processor: Any) -> None:
     """peft adapter (LoRA + modules_to_save) or, without LoRA, the whole model; plus the processor."""
     model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(str(folder))
 
 
+def _any_failed(acc: Any, error: BaseException | None) -> bool:
+    """Whether ``error`` is set on any process (a collective when there are several)."""
+    if acc.num_processes == 1:
+        return error is not None
+    flag = torch.tensor([0.0 if error is None else 1.0], device=acc.device)
+    return bool(acc.reduce(flag, "sum").item() > 0)
+
+
 def _save_checkpoint(
-    acc: Any, model: Any, processor: Any, state: TrainState, out: Path, recipe: Any, deepspeed: bool
+    acc: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    processor: Any,
+    state: TrainState,
+    out: Path,
+    recipe: Any,
+    deepspeed: bool,
 ) -> Path:
+    """Write ``checkpoint-<step>`` (no pickles; manifest last) via a temporary folder renamed when complete.
+
+    Raises:
+        SR3DDiskError: the disk refused a write (full, read-only, permission); the temporary folder
+            is removed and earlier checkpoints are untouched.
+    """
+    from safetensors import SafetensorError
+
     name = f"checkpoint-{state.global_step}"
     final = out / name
     tmp = out / f".{name}.tmp"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    main = acc.is_main_process
+    error: SR3DError | None = None
+
+    def fail_if_any() -> None:
+        if _any_failed(acc, error):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error or SR3DDiskError(f"writing checkpoint {final} failed on another process")
+
+    if main:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = describe_os_error(exc, final, "writing checkpoint")
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), **({"exclude_frozen_parameters": True} if deepspeed else {}))
-    state_dict = acc.get_state_dict(model)
-    if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
-        sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
-        _save_trained(unwrapped, tmp / sub, state_dict, processor)
-        atomic_write_text(tmp / "recipe.yaml", _recipe_yaml(recipe))
-        atomic_write_json(tmp / "trainer_state.json", {**state.state_dict(), "saved": sub})  # completion marker
+    fail_if_any()
+    state_dict = acc.get_state_dict(model)  # gathered (ZeRO-3 too) for the adapter export
+    unwrapped = acc.unwrap_model(model)
+    if deepspeed:  # DeepSpeed's optimizer state exists only as its pickles: weights without optimizer
+        keep = _trainable_names(unwrapped)
+        weights, optim = {k: v for k, v in state_dict.items() if k in keep}, None
+    else:
+        weights, optim = gather_training_state(acc, model, optimizer)
+    sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
+    try:
+        save_training_state(acc, tmp, weights, optim, scheduler, {**state.state_dict(), "saved": sub})
+        if main:
+            _save_trained(unwrapped, tmp / sub, state_dict, processor)
+            atomic_write_text(tmp / "recipe.yaml", _recipe_yaml(recipe))
+    except (OSError, SafetensorError) as exc:
+        error = describe_os_error(exc, final, "writing checkpoint")
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    fail_if_any()
+    if main:
+        try:
+            extra = {"step": state.global_step, "processes": acc.num_processes}
+            write_manifest(tmp, {**extra, "engine": "deepspeed" if deepspeed else "torch"})  # last
+            replace_folder(tmp, final)
+        except OSError as exc:
+            error = describe_os_error(exc, final, "writing checkpoint")
+    fail_if_any()
+    if main:
         _rotate(out, recipe.training.save_total_limit)
     acc.wait_for_everyone()
     return final
@@ -503,7 +604,12 @@ def _export_final(acc: Any, model: Any, processor: Any, out: Path) -> Path:
     sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
     dest = out / sub
     if acc.is_main_process:
-        with atomic_dir(dest) as tmp:
-            _save_trained(unwrapped, tmp, state_dict, processor)
+        from safetensors import SafetensorError
+
+        try:
+            with atomic_dir(dest) as tmp:
+                _save_trained(unwrapped, tmp, state_dict, processor)
+        except (OSError, SafetensorError) as exc:
+            raise describe_os_error(exc, dest, "writing the trained weights to") from None
     acc.wait_for_everyone()
     return dest
