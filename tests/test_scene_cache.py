@@ -310,18 +310,26 @@ def test_lmms_eval_evaluator_gives_the_same_predictions_with_and_without_reuse(
     from sr3d_plugin.resources import eval_tasks_dir
 
     monkeypatch.setenv("SR3D_DATA", str(eval_env["data"]))
+    from sr3d_plugin.evaluation.lmms_model import SR3DLmms
+
     tm = TaskManager("WARNING", include_path=str(eval_tasks_dir()), include_defaults=False)
-    args = (
-        f"pretrained={eval_env['model_dir']},num_frames=4,pointmap_dir={eval_env['raw']['pointmaps']},"
-        "device=cpu,max_new_tokens=6"
-    )
-    runs = {}
-    for name, extra in (("off", ",scene_cache=0"), ("on", "")):
-        res = simple_evaluate(
-            model="sr3d", model_args=args + extra, tasks=["sr3d_scanqa", "sr3d_scan2cap"], task_manager=tm,
-            log_samples=True, bootstrap_iters=0, verbosity="WARNING", batch_size=2,
+    args = {
+        "pretrained": str(eval_env["model_dir"]),
+        "num_frames": 4,
+        "pointmap_dir": str(eval_env["raw"]["pointmaps"]),
+        "device": "cpu",
+        "max_new_tokens": 6,
+        "batch_size": 2,
+    }
+    runs, models = {}, {}
+    for name, extra in (("off", {"scene_cache": 0}), ("on", {})):
+        models[name] = SR3DLmms(**args, **extra)
+        runs[name] = simple_evaluate(
+            model=models[name], tasks=["sr3d_scanqa", "sr3d_scan2cap"], task_manager=tm, log_samples=True,
+            bootstrap_iters=0, verbosity="WARNING", limit=6,
         )  # fmt: skip
-        runs[name] = res
+    stats = models["on"].pipeline.scene_cache.stats
+    assert models["off"].pipeline.scene_cache is None and stats.hits > 0 and stats.misses > 0
     for task in ("sr3d_scanqa", "sr3d_scan2cap"):
         preds = {
             name: {s["doc_id"]: json.dumps(s["filtered_resps"]) for s in res["samples"][task]}
