@@ -296,6 +296,14 @@ def prefix_length(ids: Sequence[int], image_id: int, end_ids: Sequence[int], mas
     return n if 0 < n < len(ids) else 0
 
 
+def _cache_argument(llm: Any) -> str:
+    """The name ``generate`` takes a cache under: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(type(llm).prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _region_free(visual: Any) -> Any:
     from sr3d_plugin.modeling.inputs import VisualInput
 
@@ -423,7 +431,9 @@ class ReuseGenerator:
                 cache = copy.deepcopy(kv)
                 if len(members) > 1:
                     cache.batch_repeat_interleave(len(members))
-                out = model.llm.generate(inputs_embeds=full, attention_mask=mask, cache=cache, **gen)
+                out = model.llm.generate(
+                    inputs_embeds=full, attention_mask=mask, **{_cache_argument(model.llm): cache}, **gen
+                )
             for j, r in enumerate(members):
                 new_rows[r] = out[j]
         width = max(t.shape[0] for t in new_rows.values())
