@@ -40,6 +40,7 @@ from sr3d_plugin.devices import resolve_device
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.regions import RegionSpec, check_question, count_region_references
+from sr3d_plugin.scene_cache import DEFAULT_SCENE_CACHE_MIB, ReuseGenerator, SceneCache
 
 __all__ = ["ContinuationScore", "SR3DPipeline", "count_region_references", "cut_at_stops"]
 
@@ -57,6 +58,10 @@ class SR3DPipeline:
         device: device of the depth estimator (default: the model's device).
         load_seconds: time it took to load the model (reported in ``timings["load"]``).
         model_path: where the model came from (reported).
+        reuse: scene-level reuse (:mod:`sr3d_plugin.scene_cache`): the frames, geometry, visual features
+            and prompt-prefix KV cache of a scene are computed once and reused by every later question
+            on it, with identical answers; False: every question is computed from scratch.
+        scene_cache_mib: byte budget of that cache in MiB (LRU; on the model's device).
     """
 
     def __init__(
@@ -67,6 +72,8 @@ class SR3DPipeline:
         device: str | torch.device | None = None,
         load_seconds: float = 0.0,
         model_path: str | None = None,
+        reuse: bool = True,
+        scene_cache_mib: float = DEFAULT_SCENE_CACHE_MIB,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -75,6 +82,15 @@ class SR3DPipeline:
         self.device = resolve_device(device) if device is not None else self.model_device()
         self.load_seconds = float(load_seconds)
         self.model_path = model_path
+        if not isinstance(reuse, bool):
+            raise SR3DConfigError(f"reuse={reuse!r}; expected True or False")
+        #: the scene cache (None with ``reuse=False``)
+        self.scene_cache: SceneCache | None = SceneCache.from_mib(scene_cache_mib) if reuse else None
+
+    def clear_cache(self) -> None:
+        """Forget every cached scene (call it after changing the model's weights or frames in place)."""
+        if self.scene_cache is not None:
+            self.scene_cache.clear()
 
     @classmethod
     def from_pretrained(
@@ -85,6 +101,8 @@ class SR3DPipeline:
         device: str | torch.device | None = None,
         load_in_4bit: bool = False,
         depth_model: str | PathLike | None = None,
+        reuse: bool = True,
+        scene_cache_mib: float = DEFAULT_SCENE_CACHE_MIB,
         **load_kwargs: Any,
     ) -> SR3DPipeline:
         """Load a model folder with :func:`sr3d_plugin.builders.load_model` and wrap it.
@@ -96,6 +114,7 @@ class SR3DPipeline:
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (default: CUDA when available).
             load_in_4bit: quantise the language model to 4 bits (bitsandbytes; placed by the builder).
             depth_model: default depth estimator for inputs without geometry (see the class).
+            reuse, scene_cache_mib: scene-level reuse and its budget (see the class).
             **load_kwargs: passed on to the builder (e.g. ``device_map="auto"`` to spread a large model
                 over several GPUs, ``load_in_8bit``, ``attn_implementation``); with a ``device_map`` or
                 quantisation the model is not moved to ``device`` afterwards.
@@ -122,7 +141,7 @@ class SR3DPipeline:
         if not placed:
             model = model.to(dev)
         model.eval()
-        return cls(model, processor, depth_model, dev, time.perf_counter() - t0, str(path))
+        return cls(model, processor, depth_model, dev, time.perf_counter() - t0, str(path), reuse, scene_cache_mib)
 
     def model_device(self) -> torch.device:
         """Device of the model's first parameter (where its inputs go)."""
@@ -199,14 +218,20 @@ class SR3DPipeline:
         if len(prompts) != len(visuals):
             raise SR3DInputError(f"{len(prompts)} prompt(s) for {len(visuals)} visual input(s); expected one each")
         t0 = time.perf_counter()
-        inputs = self.encode(prompts, visuals)
-        t1 = time.perf_counter()
         tok = self.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if pad is not None:
             gen.setdefault("pad_token_id", int(pad))
+        if self.scene_cache is not None and ReuseGenerator.supports(self.model, visuals):
+            reuser = ReuseGenerator(self.model, self.processor, self.scene_cache, self.model_device())
+            inputs = reuser.generate(prompts, visuals, gen)
+            out = inputs["sequences"]
+            t1 = t0 + inputs["encode_s"]
+        else:
+            inputs = self.encode(prompts, visuals)
+            t1 = time.perf_counter()
+            out = self.model.generate(**inputs, **gen)
         prompt_len = int(inputs["input_ids"].shape[1])
-        out = self.model.generate(**inputs, **gen)
         texts = [cut_at_stops(t, stop) for t in self.processor.decode_answer(out, prompt_len)]
         seconds = {"encode": t1 - t0, "generate": time.perf_counter() - t1}
         if not return_details:
@@ -314,25 +339,31 @@ class SR3DPipeline:
         if depth_model == "auto":
             depth_model = default_depth_model(self.config)
         dm = depth_model if depth_model is not None else self.depth_model
-        bundle = visual_input(
-            image=image,
-            frames=frames,
-            video=video,
-            scene=scene,
-            depth=depth,
-            intrinsics=intrinsics,
-            poses=poses,
-            points=points,
-            depth_model=depth_model,  # an explicit depth model beats a scene's own depth
-            fallback_depth_model=default_depth_model(self.config) if dm == "auto" else dm,  # only fills gaps
-            regions=regions,
-            num_frames=getattr(self.config, "num_video_frames", 32) if num_frames is None else num_frames,
-            depth_scale=depth_scale,
-            needs_positions=self.needs_positions,
-            canonical_mode=getattr(self.config, "canonical_mode", "sr3d"),
-            device=self.device,
-            cache=cache,
-        )
+        settings: dict[str, Any] = {
+            "image": image,
+            "frames": frames,
+            "video": video,
+            "scene": scene,
+            "depth": depth,
+            "intrinsics": intrinsics,
+            "poses": poses,
+            "points": points,
+            "depth_model": depth_model,  # an explicit depth model beats a scene's own depth
+            "fallback_depth_model": default_depth_model(self.config) if dm == "auto" else dm,  # only fills gaps
+            "num_frames": getattr(self.config, "num_video_frames", 32) if num_frames is None else num_frames,
+            "depth_scale": depth_scale,
+            "needs_positions": self.needs_positions,
+            "canonical_mode": getattr(self.config, "canonical_mode", "sr3d"),
+        }
+        key = SceneCache.input_key(**settings) if self.scene_cache is not None else None
+        base = self.scene_cache.get(key) if key is not None and self.scene_cache is not None else None
+        if base is None:
+            base = visual_input(**settings, regions=(), device=self.device, cache=cache)
+            if key is not None and self.scene_cache is not None:
+                self.scene_cache.put(key, base, _bundle_bytes(base))
+            bundle = _with_regions(base, regions, dict(base.timings))
+        else:
+            bundle = _with_regions(base, regions, {"read": 0.0, "geometry": 0.0})
         visual, timings = bundle.visual, {"load": self.load_seconds, **bundle.timings}
         prompt = proc.build_prompt(question, visual, **({} if system is None else {"system": system}))
         set_seed(int(seed))
@@ -360,3 +391,25 @@ class SR3DPipeline:
             }
         )
         return result
+
+
+def _bundle_bytes(bundle: Any) -> int:
+    from sr3d_plugin.scene_cache import _nbytes
+
+    return _nbytes([bundle.frames, bundle.visual.points, bundle.visual.valid])
+
+
+def _with_regions(base: Any, regions: Sequence[Any], timings: dict[str, float]) -> Any:
+    """A :class:`~sr3d_plugin.visual_inputs.VisualBundle` of ``base``'s frames and geometry with ``regions``
+    (specs or :class:`Region` objects) resolved on its sampled frames, as :func:`visual_input` does."""
+    from sr3d_plugin.regions import parse_region_spec, resolve_regions
+    from sr3d_plugin.visual_inputs import VisualBundle
+
+    t = time.perf_counter()
+    specs = [parse_region_spec(r) if isinstance(r, str) else r for r in regions]
+    region_objs = resolve_regions(specs, base.frames) if specs else []
+    timings["regions"] = time.perf_counter() - t
+    visual = VisualInput(
+        list(base.visual.images), points=base.visual.points, valid=base.visual.valid, regions=region_objs
+    )
+    return VisualBundle(visual, base.frames, base.geometry, specs, timings, base.kind)

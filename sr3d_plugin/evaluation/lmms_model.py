@@ -27,6 +27,11 @@ Model arguments (``--model_args key=value,…``):
                    template's own default applies; "You are a helpful assistant." otherwise)
 ``on_error``       ``empty`` (default: a request whose inputs cannot be built gets an empty answer,
                    scored as wrong and counted; the error is logged) or ``raise``
+``scene_cache``    MiB of scene-level reuse (default 4096; ``0`` turns it off): the visual features
+                   (vision tower + PE + projector) and the KV cache of the prompt prefix (system +
+                   frame tokens) of a scene are computed once and reused by its other questions,
+                   with identical answers (:mod:`sr3d_plugin.scene_cache`); requests are batched
+                   by scene
 =================  ==========================================================================
 
 The model reads each request's record (scene, frames, depth, poses, regions) from
@@ -59,6 +64,7 @@ from sr3d_plugin.evaluation.lmms_entry import MODEL_CLASS_PATH, MODEL_ID
 from sr3d_plugin.evaluation.record_inputs import RecordInputBuilder
 from sr3d_plugin.evaluation.schema import record_label
 from sr3d_plugin.inference import SR3DPipeline, cut_at_stops
+from sr3d_plugin.scene_cache import DEFAULT_SCENE_CACHE_MIB
 from sr3d_plugin.visual_inputs import depth_source_name
 
 __all__ = ["MANIFEST", "SR3DLmms"]
@@ -92,6 +98,16 @@ def _as_int(value: Any, name: str, minimum: int = 1) -> int:
     return out
 
 
+def _as_mib(value: Any, name: str) -> float:
+    try:
+        out = float(str(value).strip())
+    except ValueError:
+        out = float("nan")
+    if isinstance(value, bool) or not out >= 0 or out == float("inf"):
+        raise SR3DConfigError(f"model argument {name}={value!r} must be a number of MiB >= 0 (0 turns it off)")
+    return out
+
+
 def _opt_str(value: Any) -> str | None:
     if value is None:
         return None
@@ -121,6 +137,7 @@ class SR3DLmms(lmms):
         system_prompt: str | None = None,
         on_error: str = "empty",
         cache_size: int | str = 2,
+        scene_cache: float | str = DEFAULT_SCENE_CACHE_MIB,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -129,7 +146,7 @@ class SR3DLmms(lmms):
             raise SR3DConfigError(
                 f"unknown sr3d model argument(s) {unknown}; expected pretrained, builder, depth_source, depth_model, "
                 "pointmap_dir, num_frames, dtype, device, device_map, load_in_4bit, max_new_tokens, batch_size, "
-                "system_prompt, on_error, cache_size"
+                "system_prompt, on_error, cache_size, scene_cache"
             )
         pretrained = _opt_str(pretrained)
         if pretrained is None:
@@ -166,6 +183,7 @@ class SR3DLmms(lmms):
         else:
             dev = _opt_str(device) or "auto"
 
+        scene_mib = _as_mib(scene_cache, "scene_cache")
         load: dict[str, Any] = {}
         if device_map is not None:
             load["device_map"] = device_map
@@ -176,6 +194,8 @@ class SR3DLmms(lmms):
             device=dev,
             load_in_4bit=_as_bool(load_in_4bit, "load_in_4bit"),
             depth_model=_opt_str(depth_model),
+            reuse=scene_mib > 0,
+            scene_cache_mib=scene_mib or DEFAULT_SCENE_CACHE_MIB,
             **load,
         )
         self._device = self.pipeline.device

@@ -23,7 +23,11 @@ from sr3d_plugin._compat import require_model_classes
 if TYPE_CHECKING:  # pragma: no cover
     from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
     from sr3d_plugin.modeling.inputs import Region, VisualInput
-    from sr3d_plugin.modeling.modeling_sr3d import SR3DForConditionalGeneration, SR3DPreTrainedModel
+    from sr3d_plugin.modeling.modeling_sr3d import (
+        SR3DForConditionalGeneration,
+        SR3DPreTrainedModel,
+        SR3DVisualFeatures,
+    )
     from sr3d_plugin.modeling.position_encoding import PositionEncoder3D, sinusoidal_encoding
     from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
     from sr3d_plugin.modeling.projectors import PROJECTOR_KINDS, Projector, SpatialDownsample, build_projector
@@ -49,6 +53,7 @@ _MODEL: dict[str, str] = {
     "SR3DForConditionalGeneration": "modeling_sr3d",
     "SR3DPreTrainedModel": "modeling_sr3d",
     "SR3DProcessor": "processing_sr3d",
+    "SR3DVisualFeatures": "modeling_sr3d",
     "register_auto_classes": "registration",
 }
 
@@ -62,6 +67,7 @@ __all__ = [
     "SR3DForConditionalGeneration",
     "SR3DPreTrainedModel",
     "SR3DProcessor",
+    "SR3DVisualFeatures",
     "SpatialDownsample",
     "VisualInput",
     "build_projector",

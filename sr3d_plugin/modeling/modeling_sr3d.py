@@ -31,7 +31,13 @@ from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
 from sr3d_plugin.modeling.position_encoding import PositionEncoder3D
 
-__all__ = ["SR3DCausalLMOutput", "SR3DForConditionalGeneration", "SR3DPreTrainedModel", "label_position_loss"]
+__all__ = [
+    "SR3DCausalLMOutput",
+    "SR3DForConditionalGeneration",
+    "SR3DPreTrainedModel",
+    "SR3DVisualFeatures",
+    "label_position_loss",
+]
 
 
 @dataclass
@@ -45,6 +51,44 @@ class SR3DCausalLMOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     image_features: torch.Tensor | None = None
     region_embeddings: torch.Tensor | None = None
+
+
+@dataclass
+class SR3DVisualFeatures:
+    """The question-independent visual part of a request, computed once by
+    :meth:`SR3DForConditionalGeneration.encode_visual` and reusable by every question on the same
+    frames (pass it as ``visual_features`` to ``forward`` / ``generate`` / ``build_inputs_embeds``
+    instead of ``pixel_values`` / ``tile_xyz`` / ``image_sizes``).
+
+    Attributes:
+        features: ``[T, L, C]`` PE-augmented vision tokens (the region extractor pools these with each
+            question's own ``region_weights``).
+        embeddings: ``[M, H]`` projected (and, for anyres models, merged) image embeddings in
+            placeholder order: what fills the prompt's ``M`` image placeholder ids.
+        num_tiles: ``T``.
+    """
+
+    features: torch.Tensor
+    embeddings: torch.Tensor
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the two tensors."""
+        return sum(t.element_size() * t.nelement() for t in (self.features, self.embeddings))
+
+    @classmethod
+    def cat(cls, parts: list[SR3DVisualFeatures]) -> SR3DVisualFeatures:
+        """The features of several requests in batch order (tiles and placeholders concatenated, as the
+        processor lays out a batch)."""
+        if not parts:
+            raise SR3DInputError("SR3DVisualFeatures.cat needs at least one part")
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.features for p in parts]), torch.cat([p.embeddings for p in parts]))
 
 
 def label_position_loss(
@@ -252,6 +296,28 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         pooled = torch.einsum("rtl,tlc->rc", region_weights.to(device=feats.device, dtype=feats.dtype), feats)
         return proj(pooled.to(device=proj.weight.device, dtype=proj.weight.dtype))
 
+    def encode_visual(
+        self,
+        pixel_values: torch.Tensor,
+        tile_xyz: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> SR3DVisualFeatures:
+        """The question-independent visual work of a request: vision tower + 3D PE + projector (+ anyres merge).
+
+        Args:
+            pixel_values: ``[T, 3, S, S]`` normalised tiles (the processor's ``pixel_values``).
+            tile_xyz: ``[T, g, g, 3]`` canonical token positions (required when the PE is on).
+            image_sizes: ``[I, 2]`` (height, width) per image, for anyres models.
+
+        Returns:
+            :class:`SR3DVisualFeatures` (``features [T, L, C]``, ``embeddings [M, H]``), equal to what
+            :meth:`build_inputs_embeds` computes from the same tensors; pass it as ``visual_features``.
+            Gradients flow as usual; call it under ``torch.inference_mode()`` to keep it for reuse.
+        """
+        feats = self.get_vision_features(pixel_values, tile_xyz)
+        merged = self.merge_image_tiles(self.project_tiles(feats), image_sizes)
+        return SR3DVisualFeatures(feats, merged)
+
     # ------------------------------------------------------------------------------------------
     # embedding assembly
     # ------------------------------------------------------------------------------------------
@@ -307,11 +373,14 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         tile_xyz: torch.Tensor | None = None,
         region_weights: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        visual_features: SR3DVisualFeatures | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Text embeddings with tile and region embeddings scattered into their placeholders.
 
         ``image_sizes`` ``[I, 2]`` (height, width of each source image) is needed by anyres models
-        (see :meth:`merge_image_tiles`).
+        (see :meth:`merge_image_tiles`). ``visual_features`` (from :meth:`encode_visual`, the batch's
+        tiles in order) replaces ``pixel_values`` / ``tile_xyz`` / ``image_sizes``: the vision tower,
+        PE and projector are then skipped and the region extractor pools the given features.
 
         Returns ``(inputs_embeds [B, L, H], vision features or None, region embeddings or None)``.
         """
@@ -324,23 +393,28 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         embeds = embed(safe_ids)
         feats = regions = None
         n_image_slots = int(is_image.sum())
-        if pixel_values is not None:
-            feats = self.get_vision_features(pixel_values, tile_xyz)
-            tiles = self.project_tiles(feats)
-            merged = self.merge_image_tiles(tiles, image_sizes)
+        if visual_features is not None and pixel_values is not None:
+            raise SR3DInputError("give either pixel_values or visual_features (from encode_visual), not both")
+        if visual_features is not None or pixel_values is not None:
+            if visual_features is None:
+                assert pixel_values is not None
+                visual_features = self.encode_visual(pixel_values, tile_xyz, image_sizes)
+            feats, merged = visual_features.features, visual_features.embeddings
             if n_image_slots != merged.shape[0]:
                 raise SR3DInputError(
-                    f"the prompt has {n_image_slots} image placeholder tokens but {tiles.shape[0]} tile(s) give "
-                    f"{merged.shape[0]} image embeddings ({tiles.shape[1]} per tile, merge "
+                    f"the prompt has {n_image_slots} image placeholder tokens but {feats.shape[0]} tile(s) give "
+                    f"{merged.shape[0]} image embeddings (merge "
                     f"{getattr(self.config, 'mm_patch_merge_type', 'flat')!r}); expected equal (build inputs with SR3DProcessor)"
                 )
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1).to(embeds.device), merged.to(embeds.dtype))
         elif n_image_slots:
-            raise SR3DInputError(f"the prompt has {n_image_slots} image placeholder tokens but no pixel_values")
+            raise SR3DInputError(
+                f"the prompt has {n_image_slots} image placeholder tokens but no pixel_values (or visual_features)"
+            )
         n_mask_slots = int(is_mask.sum())
         if region_weights is not None and region_weights.shape[0] > 0:
             if feats is None:
-                raise SR3DInputError("region_weights were given without pixel_values")
+                raise SR3DInputError("region_weights were given without pixel_values (or visual_features)")
             regions = self.region_embeddings(feats, region_weights)
             if n_mask_slots != regions.shape[0]:
                 raise SR3DInputError(
@@ -370,6 +444,7 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        visual_features: SR3DVisualFeatures | None = None,
         **kwargs: Any,
     ) -> SR3DCausalLMOutput:
         """Teacher-forced forward pass. ``labels`` use -100 for ignored positions (prompt, images).
@@ -379,13 +454,14 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         loss is the same as the full computation (:func:`label_position_loss`) and ``logits`` is then
         ``[N, V]`` for those ``N`` positions (row-major over the batch) instead of ``[B, L, V]``.
         Pass ``loss_on_label_positions=False`` to get full logits while training.
+        ``visual_features`` (:meth:`encode_visual`) replaces ``pixel_values`` / ``tile_xyz`` / ``image_sizes``.
         """
         feats = regions = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise SR3DInputError("pass input_ids (or inputs_embeds)")
             inputs_embeds, feats, regions = self.build_inputs_embeds(
-                input_ids, pixel_values, tile_xyz, region_weights, image_sizes
+                input_ids, pixel_values, tile_xyz, region_weights, image_sizes, visual_features
             )
         kwargs.pop("num_tiles", None)
         # --- memory-saving loss (training): logits only where a label is supervised ------------
@@ -447,16 +523,24 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         region_weights: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        visual_features: SR3DVisualFeatures | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Generate with the LLM's own ``generate``.
+
+        ``visual_features`` (:meth:`encode_visual`) replaces ``pixel_values`` / ``tile_xyz`` /
+        ``image_sizes`` (the vision work of frames shared by several questions is done once). A
+        transformers cache holding the KV of a shared prompt prefix can be passed as ``cache`` (the LLM's
+        ``generate`` then prefills only the rest; see :mod:`sr3d_plugin.scene_cache`).
 
         Returns ``[B, prompt + new]`` token ids, the prompt first, as for any decoder-only model
         (decode ``out[:, input_ids.shape[1]:]`` for the answer).
         """
         if input_ids is None:
             raise SR3DInputError("generate needs input_ids")
-        embeds, _, _ = self.build_inputs_embeds(input_ids, pixel_values, tile_xyz, region_weights, image_sizes)
+        embeds, _, _ = self.build_inputs_embeds(
+            input_ids, pixel_values, tile_xyz, region_weights, image_sizes, visual_features
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         for key in ("token_type_ids", "num_tiles", "labels"):

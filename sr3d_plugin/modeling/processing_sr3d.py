@@ -350,6 +350,7 @@ class SR3DProcessor(ProcessorMixin):
         padding_side: str | None = None,
         return_tensors: str = "pt",
         add_special_tokens: bool | None = None,
+        return_visual_tensors: bool = True,
         **_: Any,
     ) -> BatchFeature:
         """Build a batch.
@@ -361,6 +362,10 @@ class SR3DProcessor(ProcessorMixin):
             supervised_spans: optional character spans per prompt whose tokens get labels (all other
                 positions get -100); returns ``labels`` when given.
             padding_side: ``"left"`` (generation) or ``"right"``; defaults to the tokenizer's.
+            return_visual_tensors: with False, leave out ``pixel_values``, ``tile_xyz`` and ``image_sizes``
+                (the question-independent tensors, for visual features computed once and reused:
+                :meth:`SR3DForConditionalGeneration.encode_visual`); ids, masks, ``num_tiles`` and
+                ``region_weights`` are the same as with True.
 
         Returns:
             ``input_ids [B, L]``, ``attention_mask [B, L]``, ``num_tiles [B]`` and, when images are
@@ -411,15 +416,16 @@ class SR3DProcessor(ProcessorMixin):
             tiles_per_sample.append(n_tiles)
             if visual is None:
                 continue
-            pixel_tiles.extend(self._tile_images(visual, layouts))
-            image_sizes.extend([image.size[1], image.size[0]] for image in visual.images)
-            if visual.points is not None:
-                xyz_parts.append(self._tile_positions(visual, layouts))
-            elif self.use_position_encoding:
+            if visual.points is None and self.use_position_encoding:
                 raise SR3DInputError(
                     f"visual input {i} has no 3D positions, but this model adds a 3D positional encoding: "
                     "give depth (with intrinsics/poses), point maps, or a depth estimator"
                 )
+            if return_visual_tensors:
+                pixel_tiles.extend(self._tile_images(visual, layouts))
+                image_sizes.extend([image.size[1], image.size[0]] for image in visual.images)
+                if visual.points is not None:
+                    xyz_parts.append(self._tile_positions(visual, layouts))
             if region_order:
                 region_blocks.append((tile_offset, self._region_weights(visual, layouts, region_order)))
             tile_offset += n_tiles
@@ -434,15 +440,15 @@ class SR3DProcessor(ProcessorMixin):
                 if len(xyz_parts) != sum(v is not None for v in vis_list):
                     raise SR3DInputError("either every visual input in a batch has point maps or none has")
                 data["tile_xyz"] = torch.cat(xyz_parts, dim=0)
-            if region_blocks:
-                g2 = self.grid_size**2
-                total = sum(block.shape[0] for _, block in region_blocks)
-                weights = torch.zeros(total, tile_offset, g2)
-                r = 0
-                for offset, block in region_blocks:
-                    weights[r : r + block.shape[0], offset : offset + block.shape[1]] = block
-                    r += block.shape[0]
-                data["region_weights"] = weights
+        if region_blocks:
+            g2 = self.grid_size**2
+            total = sum(block.shape[0] for _, block in region_blocks)
+            weights = torch.zeros(total, tile_offset, g2)
+            r = 0
+            for offset, block in region_blocks:
+                weights[r : r + block.shape[0], offset : offset + block.shape[1]] = block
+                r += block.shape[0]
+            data["region_weights"] = weights
         return BatchFeature(data=data, tensor_type=None)
 
     # ------------------------------------------------------------------------------------------
