@@ -8,6 +8,7 @@ Examples::
     sr3d eval --data data/sr3d --model ckpt --num-processes 8 -- --verbosity DEBUG  # accelerate launch, 8 GPUs
     sr3d eval --data data/sr3d --model ckpt --num-processes 2 --cpu                # 2 CPU processes (gloo)
     sr3d eval ... --dry-run                                                     # print the command only
+    sr3d eval ... --output-path out/run1        # killed? the same command again computes only what is missing
 
 What it sets: ``--model sr3d``, ``--include_path`` (``sr3d tasks-path``), ``--model_args
 pretrained=<model>,…``, ``--tasks`` (default ``sr3d_3d``), ``--output_path`` (default
@@ -17,6 +18,11 @@ accepted directly; anything else goes after ``--``. With ``--num-processes N`` t
 ``accelerate launch --multi_gpu --num_processes N -m lmms_eval …`` (one process per GPU); with
 ``--cpu`` also ``ACCELERATE_USE_CPU=1`` (``accelerate launch --cpu`` itself would start one process). lmms-eval reports a failed run in its log but
 exits with status 0, so success here means a new ``*_results.json`` appeared under the output path.
+
+Runs are resumable by default: the model argument ``answers_dir`` is set to ``--answers-dir``
+(default ``<output path>/sr3d-answers``), so every answer is on disk as soon as it is produced and
+the same command after an interruption computes only the missing answers
+(:mod:`sr3d_plugin.evaluation.answer_store`); ``--no-resume`` turns that off.
 """
 
 from __future__ import annotations
@@ -63,6 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-processes", type=int, default=1, help="processes for `accelerate launch` (default 1)")
     p.add_argument("--cpu", action="store_true", help="with --num-processes: run the processes on CPU (gloo)")
     p.add_argument("--main-process-port", type=int, help="with --num-processes: rendezvous port (default: a free one)")
+    p.add_argument(
+        "--answers-dir",
+        metavar="DIR",
+        help="folder of the run's answers, reused by a rerun (default: <output-path>/sr3d-answers)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="neither store nor reuse answers (no answers_dir model argument)"
+    )
     p.add_argument("--online", action="store_true", help="do not set the Hugging Face offline variables")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     for flag, takes_value in _PASSTHROUGH:
@@ -98,6 +112,17 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         model_args.insert(0, f"pretrained={model_path.resolve()}")
     elif not any(a.strip().startswith("pretrained=") for a in model_args):
         raise SR3DConfigError("give the model folder with --model PATH")
+    given_store = any(a.strip().startswith("answers_dir=") for a in model_args)
+    if getattr(args, "no_resume", False):
+        if given_store or getattr(args, "answers_dir", None):
+            raise SR3DConfigError("--no-resume contradicts --answers-dir / answers_dir= in --model-args")
+    elif not given_store:
+        folder = getattr(args, "answers_dir", None) or str(Path(args.output_path) / "sr3d-answers")
+        if "," in folder:
+            raise SR3DConfigError(f"--answers-dir {folder!r} must not contain ',' (lmms-eval splits model_args on it)")
+        model_args.append(f"answers_dir={Path(folder).expanduser().resolve()}")
+    elif getattr(args, "answers_dir", None):
+        raise SR3DConfigError("give the answer folder either with --answers-dir or as answers_dir= in --model-args")
     lmms = [
         "-m", "lmms_eval",
         "--model", "sr3d",
