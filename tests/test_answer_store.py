@@ -294,3 +294,22 @@ def test_killed_run_resumes_with_the_same_scores(
     assert len(lines) == 12  # nothing computed twice
     assert sorted(x["doc_id"] for x in lines) == list(range(12))
     assert _cli_scores(out) == reference
+
+
+def test_eval_command_sets_the_answer_folder(env: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    from sr3d_plugin.cli import main
+
+    base = ["eval", "--data", str(env["data"]), "--model", str(env["model_dir"]), "--dry-run"]
+    assert main([*base, "--output-path", str(tmp_path / "o")]) == 0
+    assert f"answers_dir={(tmp_path / 'o' / 'sr3d-answers').resolve()}" in capsys.readouterr().out
+    assert main([*base, "--answers-dir", str(tmp_path / "a")]) == 0
+    assert f"answers_dir={(tmp_path / 'a').resolve()}" in capsys.readouterr().out
+    assert main([*base, "--no-resume"]) == 0
+    assert "answers_dir" not in capsys.readouterr().out
+    assert main([*base, "--model-args", f"answers_dir={tmp_path / 'm'}"]) == 0
+    line = capsys.readouterr().out
+    assert line.count("answers_dir=") == 1 and f"answers_dir={tmp_path / 'm'}" in line
+    assert main([*base, "--no-resume", "--answers-dir", str(tmp_path / "a")]) == 2
+    assert "--no-resume contradicts" in capsys.readouterr().err
+    assert main([*base, "--answers-dir", str(tmp_path / "a"), "--model-args", "answers_dir=x"]) == 2
+    assert "either with --answers-dir or as the answers_dir model argument" in capsys.readouterr().err

@@ -115,14 +115,16 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     given_store = any(a.strip().startswith("answers_dir=") for a in model_args)
     if getattr(args, "no_resume", False):
         if given_store or getattr(args, "answers_dir", None):
-            raise SR3DConfigError("--no-resume contradicts --answers-dir / answers_dir= in --model-args")
+            raise SR3DConfigError("--no-resume contradicts --answers-dir and the answers_dir model argument")
     elif not given_store:
         folder = getattr(args, "answers_dir", None) or str(Path(args.output_path) / "sr3d-answers")
         if "," in folder:
             raise SR3DConfigError(f"--answers-dir {folder!r} must not contain ',' (lmms-eval splits model_args on it)")
         model_args.append(f"answers_dir={Path(folder).expanduser().resolve()}")
     elif getattr(args, "answers_dir", None):
-        raise SR3DConfigError("give the answer folder either with --answers-dir or as answers_dir= in --model-args")
+        raise SR3DConfigError(
+            "give the answer folder either with --answers-dir or as the answers_dir model argument, not both"
+        )
     lmms = [
         "-m", "lmms_eval",
         "--model", "sr3d",
