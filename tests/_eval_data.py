@@ -289,3 +289,77 @@ def prepare_all(raw: dict[str, Any], out: Path, progress: bool = False) -> dict[
         "vsibench": conv("vsibench").convert(raw["vsibench"], out, progress=progress),
     }
     return summaries
+
+
+def write_scannet_object_files(sc: Any, folder: Path, seed: int = 0) -> dict[str, Any]:
+    """ScanNet's own object files of a synthetic scene in ``folder/<scene_id>/`` (official formats).
+
+    Writes ``<scene>_vh_clean_2.ply`` (binary little-endian; vertex ``x y z red green blue alpha``
+    float32/uchar in the *raw* frame, then a ``face`` element), ``<scene>_vh_clean_2.0.010000.segs.json``
+    (``segIndices`` per vertex), ``<scene>.aggregation.json`` (``segGroups`` with ``objectId``,
+    ``label``, ``segments``) and ``<scene>.txt`` (``axisAlignment``). Each object's vertices are its
+    box corners plus random points inside its axis-aligned hull, split over three segments; the room
+    gets unlabelled floor vertices. Returns the raw vertices and each object's vertex indices (for an
+    independent vertex-level box computation).
+    """
+    rng = np.random.default_rng(seed)
+    dest = folder / sc.scene_id
+    dest.mkdir(parents=True, exist_ok=True)
+    a_inv = np.linalg.inv(np.asarray(sc.axis_align, dtype=np.float64))
+    points: list[np.ndarray] = []
+    seg_ids: list[np.ndarray] = []
+    object_vertices: dict[int, np.ndarray] = {}
+    groups = []
+    start = 0
+    next_seg = 7
+    for o in sc.objects:
+        corners = np.asarray(o.box.corners(), dtype=np.float64)
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        inside = lo + rng.uniform(0.0, 1.0, (40, 3)) * (hi - lo)
+        pts = np.concatenate([corners, inside])
+        segs = np.asarray([next_seg, next_seg + 5, next_seg + 11])  # sparse segment ids, as in ScanNet
+        next_seg += 23
+        seg_ids.append(segs[rng.integers(0, 3, len(pts))])
+        seg_ids[-1][:3] = segs  # every segment has at least one vertex
+        points.append(pts)
+        object_vertices[o.id] = np.arange(start, start + len(pts))
+        start += len(pts)
+        groups.append({"id": len(groups), "objectId": o.id, "segments": [int(s) for s in segs], "label": o.label})
+    floor = np.column_stack(
+        [
+            rng.uniform(sc.room.lower[0], sc.room.upper[0], 60),
+            rng.uniform(sc.room.lower[1], sc.room.upper[1], 60),
+            np.zeros(60),
+        ]
+    )
+    points.append(floor)
+    seg_ids.append(np.full(60, 3))  # an unlabelled segment
+    aligned = np.concatenate(points)
+    homo = np.concatenate([aligned, np.ones((len(aligned), 1))], axis=1)
+    raw = (homo @ a_inv.T)[:, :3].astype(np.float32)
+    seg_of_vertex = np.concatenate(seg_ids)
+
+    n = len(raw)
+    vertex = np.zeros(n, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
+                                ("blue", "u1"), ("alpha", "u1")])  # fmt: skip
+    vertex["x"], vertex["y"], vertex["z"] = raw[:, 0], raw[:, 1], raw[:, 2]
+    vertex["red"], vertex["alpha"] = 200, 255
+    faces = np.zeros(n // 3, dtype=[("n", "u1"), ("i", "<i4", (3,))])
+    faces["n"] = 3
+    faces["i"] = np.arange(3 * (n // 3)).reshape(-1, 3)
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment VCGLIB generated\n"
+        f"element vertex {n}\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
+        f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
+    sid = sc.scene_id
+    (dest / f"{sid}_vh_clean_2.ply").write_bytes(header.encode("ascii") + vertex.tobytes() + faces.tobytes())
+    segs_doc = {"params": {"kThresh": "0.0001"}, "sceneId": f"{sid}_vh_clean_2", "segIndices": seg_of_vertex.tolist()}
+    (dest / f"{sid}_vh_clean_2.0.010000.segs.json").write_text(json.dumps(segs_doc))
+    agg = {"sceneId": f"scannet.{sid}", "appId": "Aggregator.v2", "segGroups": groups,
+           "segmentsFile": f"scannet.{sid}_vh_clean_2.0.010000.segs.json"}  # fmt: skip
+    (dest / f"{sid}.aggregation.json").write_text(json.dumps(agg))
+    align = " ".join(f"{float(x):.9f}" for x in np.asarray(sc.axis_align, dtype=np.float64).reshape(-1))
+    (dest / f"{sid}.txt").write_text(f"axisAlignment = {align}\nsceneType = Bedroom / Hotel\n")
+    return {"raw_vertices": raw, "object_vertices": object_vertices, "folder": dest}

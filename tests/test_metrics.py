@@ -120,21 +120,55 @@ def test_exact_match_is_order_free():
 
 
 @pytest.mark.parametrize(
-    "pred, answers, em, emr",
+    "pred, answers, em, emr, strict",
     [
-        ("chair", ["chair"], True, True),
-        ("brown chair", ["chair"], False, True),  # answer inside prediction
-        ("chair", ["brown chair"], False, True),  # prediction inside answer
-        ("white board", ["whiteboard"], False, True),  # whitespace removed before the test
-        ("table", ["chair", "desk"], False, False),
-        ("on the left", ["left"], False, True),
-        ("...", ["chair"], False, False),  # cleans to "", never a substring hit
-        ("", [""], True, True),
+        ("chair", ["chair"], True, True, True),
+        ("brown chair", ["chair"], False, True, True),  # answer inside prediction
+        ("chair", ["brown chair"], False, True, True),  # prediction inside answer
+        ("white board", ["whiteboard"], False, True, True),  # whitespace removed before the test
+        ("table", ["chair", "desk"], False, False, False),
+        ("on the left", ["left"], False, True, True),
+        # LEO's rule: the empty string is a substring of every answer -> EM-R hit; strict: no hit
+        ("", ["chair"], False, True, False),
+        ("   ", ["chair"], False, True, False),  # trimmed to ""
+        ("...", ["chair"], False, True, False),  # cleans to ""
+        ("the", ["chair"], False, False, False),  # "the" alone is not an article before a word: kept
+        ("chair", ["..."], False, True, False),  # an answer that cleans to "" is inside every prediction
+        ("", [""], True, True, True),
     ],
 )
-def test_em_and_refined_em(pred, answers, em, emr):
+def test_em_and_refined_em(pred, answers, em, emr, strict):
     assert M.exact_match(pred, answers) is em
     assert M.refined_exact_match(pred, answers) is emr
+    assert M.refined_exact_match_strict(pred, answers) is strict
+
+
+def _leo_answer_match(pred, gts):
+    # LEO's evaluator/scanqa_eval.py answer_match restated (loop over answers, first hit wins)
+    for gt in gts:
+        p, g = "".join(pred.split()), "".join(gt.split())
+        if pred == gt:
+            return 1, 1
+        if p in g or g in p:
+            return 0, 1
+    return 0, 0
+
+
+def test_refined_em_equals_leo_answer_match_on_many_pairs():
+    words = ["", " ", "chair", "brown chair", "brownchair", "left", "on left", "the", "two", "2", "...", "tv"]
+    for pred in words:
+        for a in words:
+            for b in ("", "chair", "left side"):
+                gts = [M.clean_answer(x) for x in (a, b)]
+                cp = M.clean_answer(pred)
+                assert M.refined_exact_match(cp, gts, clean=False) is bool(_leo_answer_match(cp, gts)[1]), (pred, a, b)
+
+
+def test_is_empty_after_cleaning():
+    assert M.is_empty_after_cleaning("") and M.is_empty_after_cleaning(" ?! ") and M.is_empty_after_cleaning("\n")
+    assert not M.is_empty_after_cleaning("a chair")
+    with pytest.raises(SR3DInputError, match="string"):
+        M.is_empty_after_cleaning(None)
 
 
 def test_em_rejects_bad_types():
@@ -142,6 +176,8 @@ def test_em_rejects_bad_types():
         M.exact_match(None, ["a"])
     with pytest.raises(SR3DInputError):
         M.refined_exact_match("a", ["a", 3])
+    with pytest.raises(SR3DInputError):
+        M.refined_exact_match_strict(None, ["a"])
 
 
 # --------------------------------------------------------------------------- MRA

@@ -263,3 +263,128 @@ def test_prepared_records_train_with_the_evaluation_prompts(prepared: tuple[Path
     item = dataset[0]
     assert item["region_weights"].shape[0] == 1 and item["tile_xyz"].shape[0] == item["num_tiles"] == 4
     assert (item["labels"] != -100).any()
+
+
+# --------------------------------------------------------------------------- Scan2Cap boxes from ScanNet's files
+def _vertex_level_boxes(info: dict[str, Any], meta: Path) -> dict[str, list[float]]:
+    # independent of the converter: the aligned vertices of each object, min/max per axis
+    line = next(x for x in meta.read_text().splitlines() if x.startswith("axisAlignment"))
+    align = np.asarray([float(v) for v in line.split("=")[1].split()], dtype=np.float64).reshape(4, 4)
+    raw = info["raw_vertices"].astype(np.float64)
+    aligned = raw @ align[:3, :3].T + align[:3, 3]
+    out = {}
+    for oid, idx in info["object_vertices"].items():
+        lo, hi = aligned[idx].min(axis=0), aligned[idx].max(axis=0)
+        out[str(oid)] = [*((lo + hi) / 2), *(hi - lo)]
+    return out
+
+
+def test_scan2cap_boxes_from_official_scannet_files(
+    raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from _eval_data import write_scannet_object_files
+
+    scans = tmp_path / "scans"
+    written = {sc.scene_id: write_scannet_object_files(sc, scans, seed=i) for i, sc in enumerate(raw["scenes"])}
+    out = tmp_path / "p"
+    _conv("scannet").convert(raw["scans"], out, progress=False)
+    s = _conv("scan2cap").convert(raw["scanrefer"], out, progress=False, scans=str(scans), num_frames=8)
+    recs = load_records(out / "scan2cap" / "val.jsonl", "scan2cap")
+    assert s["records"] == len(recs) == 6 and "ScanNet files" in s["boxes"]
+    for rec in recs:
+        sid = rec["scene_id"]
+        expected = _vertex_level_boxes(written[sid], scans / sid / f"{sid}.txt")[rec["object_id"]]
+        np.testing.assert_allclose(rec["gt_box"], expected, rtol=0, atol=1e-12)
+        assert rec["pred_box"] == rec["gt_box"] and rec["iou"] == 1.0
+        # and the same boxes as the ScanRefer-preprocessed alternative (float32 vertices: ~1e-6)
+        obj = next(
+            o for o in next(x for x in raw["scenes"] if x.scene_id == sid).objects if str(o.id) == rec["object_id"]
+        )
+        corners = np.asarray(obj.box.corners())
+        hull = [*((corners.min(0) + corners.max(0)) / 2), *(corners.max(0) - corners.min(0))]
+        np.testing.assert_allclose(rec["gt_box"], hull, atol=1e-5)
+
+    # the command: --scans; --boxes stays an alternative with the same records
+    cli_out = tmp_path / "cli"
+    _conv("scannet").convert(raw["scans"], cli_out, progress=False)
+    argv = ["prepare", "scan2cap", "--raw", str(raw["scanrefer"]), "--out", str(cli_out), "--no-progress"]
+    assert main([*argv, "--scans", str(scans), "--num-frames", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 6
+    assert load_records(cli_out / "scan2cap" / "val.jsonl", "scan2cap") == recs
+    alt = tmp_path / "alt"
+    _conv("scannet").convert(raw["scans"], alt, progress=False)
+    _conv("scan2cap").convert(raw["scanrefer"], alt, progress=False, boxes=str(raw["boxes"]), num_frames=8)
+    for a, b in zip(load_records(alt / "scan2cap" / "val.jsonl", "scan2cap"), recs):
+        assert a["question_id"] == b["question_id"]
+        np.testing.assert_allclose(a["gt_box"], b["gt_box"], atol=1e-5)
+    assert main([*argv, "--scans", str(scans), "--boxes", str(raw["boxes"]), "--overwrite"]) == 2
+    assert "give --boxes" in capsys.readouterr().err
+
+
+def test_scannet_object_boxes_reference_rules(tmp_path: Path) -> None:
+    from sr3d_plugin.data.scannet_objects import read_ply_vertices, scannet_object_boxes, scannet_scene_files
+
+    sid = "scene0001_00"
+    d = tmp_path / sid
+    d.mkdir()
+    verts = [(0, 0, 0), (1, 2, 3), (4, 0, 0), (5, 1, 1), (9, 9, 9), (2, 2, 2)]
+    header = "ply\nformat ascii 1.0\nelement vertex 6\nproperty float x\nproperty float y\nproperty float z\n"
+    header += "property uchar red\nelement face 1\nproperty list uchar int vertex_indices\nend_header\n"
+    (d / f"{sid}_vh_clean_2.ply").write_text(header + "".join(f"{x} {y} {z} 7\n" for x, y, z in verts) + "3 0 1 2\n")
+    np.testing.assert_array_equal(read_ply_vertices(d / f"{sid}_vh_clean_2.ply"), np.asarray(verts, np.float32))
+    (d / f"{sid}_vh_clean_2.0.010000.segs.json").write_text(json.dumps({"segIndices": [10, 10, 20, 20, 30, 40]}))
+    groups = [
+        {"objectId": 0, "label": "chair", "segments": [10, 20]},
+        {"objectId": 1, "label": "table", "segments": [20]},  # segment 20 listed again: the later group wins
+        {"objectId": 2, "label": "lamp", "segments": []},  # no vertex: no box
+        {"objectId": 3, "label": "bed", "segments": [40]},
+    ]
+    (d / f"{sid}.aggregation.json").write_text(json.dumps({"segGroups": groups}))
+    # axis alignment: a translation by (1, 0, -1) and a 90° turn about z
+    a = np.array([[0, -1, 0, 1], [1, 0, 0, 0], [0, 0, 1, -1], [0, 0, 0, 1]], dtype=np.float64)
+    (d / f"{sid}.txt").write_text("axisAlignment = " + " ".join(str(v) for v in a.reshape(-1)) + "\n")
+    boxes = scannet_object_boxes(scannet_scene_files(tmp_path, sid))
+    assert list(boxes) == ["0", "1", "3"]
+    # chair: raw (0,0,0), (1,2,3) -> aligned (1,0,-1), (-1,1,2)
+    assert boxes["0"] == (0.0, 0.5, 0.5, 2.0, 1.0, 3.0)
+    # table: raw (4,0,0), (5,1,1) -> aligned (1,4,-1), (0,5,0)
+    assert boxes["1"] == (0.5, 4.5, -0.5, 1.0, 1.0, 1.0)
+    assert boxes["3"] == (-1.0, 2.0, 1.0, 0.0, 0.0, 0.0)
+    # errors name the file and what is wrong
+    with pytest.raises(SR3DInputError, match=r"ScanNet file\(s\) not found: .*scene0002_00.aggregation.json"):
+        scannet_scene_files(tmp_path, "scene0002_00")
+    (d / f"{sid}.aggregation.json").write_text(json.dumps({"segGroups": [{"objectId": 0, "segments": [99]}]}))
+    with pytest.raises(SR3DInputError, match=r"segGroups\[0\]: segment 99 is not in"):
+        scannet_object_boxes(scannet_scene_files(tmp_path, sid))
+    (d / f"{sid}_vh_clean_2.0.010000.segs.json").write_text(json.dumps({"segIndices": [10, 10]}))
+    with pytest.raises(SR3DInputError, match=r"has 2 segIndices but .* has 6 vertices"):
+        scannet_object_boxes(scannet_scene_files(tmp_path, sid))
+    short = b"ply\nformat binary_little_endian 1.0\nelement vertex 5\n"
+    short += b"property float x\nproperty float y\nproperty float z\nend_header\n"
+    (d / f"{sid}_vh_clean_2.ply").write_bytes(short + b"\0" * 12)
+    with pytest.raises(SR3DInputError, match=r"ends inside the 'vertex' element \(12 of 60 bytes\)"):
+        read_ply_vertices(d / f"{sid}_vh_clean_2.ply")
+
+
+def test_scan2cap_official_boxes_need_the_frames_alignment(raw: dict[str, Any], tmp_path: Path) -> None:
+    from _eval_data import write_scannet_object_files
+
+    scans = tmp_path / "scans"
+    for i, sc in enumerate(raw["scenes"]):
+        write_scannet_object_files(sc, scans, seed=i)
+    sid = raw["scenes"][0].scene_id
+    (scans / sid / f"{sid}.txt").write_text("sceneType = Bedroom\n")  # no axisAlignment: identity
+    out = tmp_path / "p"
+    _conv("scannet").convert(raw["scans"], out, progress=False)
+    with pytest.raises(SR3DInputError, match=rf"axis alignment of .*{sid}.txt differs from the one the prepared"):
+        _conv("scan2cap").convert(raw["scanrefer"], out, progress=False, scans=str(scans))
+    (scans / sid / f"{sid}.aggregation.json").unlink()
+    with pytest.raises(SR3DInputError, match=r"ScanNet file\(s\) not found"):
+        _conv("scan2cap").convert(raw["scanrefer"], out, progress=False, scans=str(scans))
+    # no boxes anywhere: the error says what to give
+    bare = tmp_path / "bare"
+    _conv("scannet").convert(raw["scans"], bare, progress=False)
+    for sc in raw["scenes"]:
+        (bare / "scenes" / sc.scene_id / "objects.json").unlink(missing_ok=True)
+    with pytest.raises(SR3DInputError, match=r"give scans= .* or boxes="):
+        _conv("scan2cap").convert(raw["scanrefer"], bare, progress=False)

@@ -44,7 +44,9 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
     root = tmp_path_factory.mktemp("reuse")
     return [
-        write_scannet_layout(generate_scene(seed, num_frames=6, width=160, height=120, num_objects=3), root / f"s{seed}")
+        write_scannet_layout(
+            generate_scene(seed, num_frames=6, width=160, height=120, num_objects=3), root / f"s{seed}"
+        )
         for seed in (3, 4)
     ]
 
@@ -226,9 +228,7 @@ def test_pipeline_ask_reuses_a_scene_with_identical_answers(tiny: tuple[Any, Any
     assert len(on.scene_cache) == 0
 
 
-def test_batched_generation_over_two_scenes_equals_the_uncached_path(
-    tiny: tuple[Any, Any], scenes: list[Path]
-) -> None:
+def test_batched_generation_over_two_scenes_equals_the_uncached_path(tiny: tuple[Any, Any], scenes: list[Path]) -> None:
     model, processor = tiny
     p0, v0 = _visuals(processor, scenes[0], QUESTIONS)
     p1, v1 = _visuals(processor, scenes[1], QUESTIONS[:3])

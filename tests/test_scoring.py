@@ -75,7 +75,7 @@ SCANQA_PREDS = {
     "q1": "white cabinet",  # EM-R only ("white" ⊂ prediction)
     "q2": "right of window",  # wrong
     "q3": "two",  # EM ("2" → "two")
-    "q4": "",  # empty → wrong (LEO would give an EM-R hit)
+    "q4": "",  # empty → wrong for EM and EM-R-strict, an EM-R hit by LEO's rule
     # q5 missing → wrong
 }
 
@@ -199,7 +199,8 @@ def write_jsonl(path, rows):
 def test_scanqa_em_by_hand():
     out = score_task("scanqa", SCANQA_PREDS, scanqa_records(), meteor=False)
     assert out["scores"]["EM@1"] == pytest.approx(100 * 2 / 6)  # q0, q3
-    assert out["scores"]["EM-R"] == pytest.approx(100 * 3 / 6)  # + q1
+    assert out["scores"]["EM-R"] == pytest.approx(100 * 4 / 6)  # + q1 + q4 (empty: LEO's rule)
+    assert out["scores"]["EM-R-strict"] == pytest.approx(100 * 3 / 6)  # + q1
     assert out["counts"] == {
         "records": 6,
         "scored": 6,
@@ -207,9 +208,40 @@ def test_scanqa_em_by_hand():
         "missing": 1,
         "empty": 1,
         "invalid": 0,
+        "empty_after_cleaning": 1,
     }
     assert list(out["scores"]) == list(score_keys("scanqa"))
-    assert any("scored as wrong" in n for n in out["notes"])
+    assert any("1 missing and 0 non-string" in n and "scored as wrong" in n for n in out["notes"])
+    assert any("LEO's rule: 1 prediction(s) empty after cleaning" in n for n in out["notes"])
+
+
+@pytest.mark.parametrize("task", ["scanqa", "sqa3d"])
+def test_em_r_leo_rule_versus_strict_on_empty_outputs(task):
+    recs = scanqa_records() if task == "scanqa" else sqa3d_records()
+    ids = [r["question_id"] for r in recs]
+    # every prediction empty, blank or punctuation only: LEO gives EM-R 100, strict and EM give 0
+    preds = {q: ["", "  ", "?!", "\n"][i % 4] for i, q in enumerate(ids)}
+    out = score_task(task, preds, recs, meteor=False)
+    em = "EM@1" if task == "scanqa" else "EM"
+    assert out["scores"][em] == 0.0
+    assert out["scores"]["EM-R"] == 100.0
+    assert out["scores"]["EM-R-strict"] == 0.0
+    assert out["counts"]["empty_after_cleaning"] == len(ids)
+    assert out["counts"]["empty"] == sum(1 for v in preds.values() if not v.strip())
+    # one real answer among them: both variants agree on it
+    first = recs[0]
+    preds[first["question_id"]] = first["answers"][0]
+    out = score_task(task, preds, recs, meteor=False)
+    assert out["scores"]["EM-R-strict"] == pytest.approx(100 / len(ids))
+    assert out["scores"]["EM-R"] == 100.0
+    assert out["counts"]["empty_after_cleaning"] == len(ids) - 1
+
+
+def test_em_r_missing_prediction_is_wrong_for_both_variants():
+    recs = scanqa_records()
+    out = score_task("scanqa", {}, recs, meteor=False)
+    assert out["scores"]["EM-R"] == 0.0 and out["scores"]["EM-R-strict"] == 0.0
+    assert out["counts"]["missing"] == len(recs) and out["counts"]["empty_after_cleaning"] == 0
 
 
 def test_scanqa_full_metrics_equal_bare_scorers(meteor_scorers):
@@ -232,7 +264,11 @@ def test_scanqa_full_metrics_equal_bare_scorers(meteor_scorers):
     for name, value in expected.items():
         assert out["scores"][name] == pytest.approx(value, abs=1e-9), name
     assert out["scores"]["METEOR"] is not None
-    assert out["notes"] == ["1 missing, 1 empty and 0 non-string prediction(s) were scored as wrong answers"]
+    assert out["notes"] == [
+        "1 missing and 0 non-string prediction(s) were scored as wrong answers",
+        "EM-R follows LEO's rule: 1 prediction(s) empty after cleaning (1 empty as given) count as EM-R hits; "
+        "EM-R-strict counts them wrong",
+    ]
 
 
 def test_only_predicted_leaves_out_missing():
@@ -255,6 +291,7 @@ def test_sqa3d_per_type():
     assert out["counts"]["by_type"] == {"what": 2, "is": 1, "how": 1, "can": 1, "which": 1, "others": 2}
     assert s["EM"] == pytest.approx(100 * 5 / 8)  # s0 s2 s3 s5 s7
     assert s["EM-R"] == pytest.approx(100 * 6 / 8)  # + s4
+    assert s["EM-R-strict"] == pytest.approx(100 * 6 / 8)  # no empty prediction: the same
     assert s["EM/what"] == pytest.approx(50.0)
     assert s["EM/is"] == 0.0
     assert s["EM/how"] == 100.0 and s["EM/can"] == 100.0
@@ -519,7 +556,7 @@ def test_cli_equals_score_task(task, tmp_path, capsys):
 
 def test_cli_reads_lmms_eval_sample_logs(tmp_path, capsys):
     recs, preds = vsibench_records_and_preds()
-    write_jsonl(tmp_path / "data" / "vsibench" / "val.jsonl", recs)
+    write_jsonl(tmp_path / "data" / "vsibench" / "test.jsonl", recs)  # VSI-Bench's default split
     rows = []
     for doc_id, rec in enumerate(recs):
         text = preds[rec["question_id"]]
@@ -538,7 +575,7 @@ def test_cli_reads_lmms_eval_sample_logs(tmp_path, capsys):
 
 
 def test_cli_table_and_errors(tmp_path, capsys):
-    write_jsonl(tmp_path / "data" / "sqa3d" / "val.jsonl", sqa3d_records())
+    write_jsonl(tmp_path / "data" / "sqa3d" / "test.jsonl", sqa3d_records())  # SQA3D's default split
     pred_file = write_jsonl(tmp_path / "p.jsonl", [{"question_id": q, "prediction": t} for q, t in SQA3D_PREDS.items()])
     code, stdout, _ = run_cli(["metrics", "sqa3d", str(pred_file), "--data", str(tmp_path / "data")], capsys)
     assert code == 0
@@ -558,3 +595,41 @@ def test_cli_table_and_errors(tmp_path, capsys):
 
     code, _, err = run_cli(["metrics", "sqa3d", str(pred_file), "--data", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "not found" in err
+
+
+def test_metrics_default_split_per_task(tmp_path, capsys):
+    import yaml
+
+    from sr3d_plugin.data import qa, scan2cap, vsibench
+    from sr3d_plugin.evaluation.lmms_tasks import TASK_NAMES
+    from sr3d_plugin.evaluation.schema import DEFAULT_SPLITS, default_split
+    from sr3d_plugin.resources import eval_tasks_dir
+
+    assert DEFAULT_SPLITS == {"scanqa": "val", "sqa3d": "test", "scan2cap": "val", "vsibench": "test"}
+    converters = {
+        "scanqa": qa.ScanQAConverter,
+        "sqa3d": qa.SQA3DConverter,
+        "scan2cap": scan2cap.Scan2CapConverter,
+        "vsibench": vsibench.VSIBenchConverter,
+    }
+    for task, split in DEFAULT_SPLITS.items():
+        name = TASK_NAMES[task]
+        text = (eval_tasks_dir() / name / f"{name}.yaml").read_text()
+        line = next(x for x in text.splitlines() if x.startswith("test_split:"))
+        assert yaml.safe_load(line)["test_split"] == split == default_split(task), task
+        assert converters[task].default_split == split, task
+    # without --split: sqa3d reads test.jsonl (a val.jsonl beside it is not used)
+    write_jsonl(tmp_path / "data" / "sqa3d" / "test.jsonl", sqa3d_records())
+    write_jsonl(tmp_path / "data" / "sqa3d" / "val.jsonl", sqa3d_records()[:2])
+    pred_file = write_jsonl(tmp_path / "p.jsonl", [{"question_id": q, "prediction": t} for q, t in SQA3D_PREDS.items()])
+    code, stdout, _ = run_cli(["metrics", "sqa3d", str(pred_file), "--data", str(tmp_path / "data"), "--json"], capsys)
+    assert code == 0
+    out = json.loads(stdout)
+    assert out["source"]["split"] == "test" and out["counts"]["records"] == 8
+    # the table prints the empty count beside EM-R
+    preds = dict(SQA3D_PREDS, s6="", s5="...")
+    pred_file = write_jsonl(tmp_path / "p2.jsonl", [{"question_id": q, "prediction": t} for q, t in preds.items()])
+    code, stdout, _ = run_cli(["metrics", "sqa3d", str(pred_file), "--data", str(tmp_path / "data")], capsys)
+    assert code == 0
+    emr_line = next(x for x in stdout.splitlines() if x.strip().startswith("EM-R "))
+    assert "2 empty prediction(s) counted as hits" in emr_line

@@ -31,6 +31,10 @@ def aggregate_em_r(items: list[Any]) -> float | None:
     return lmms_tasks.aggregate(TASK, "EM-R", items)
 
 
+def aggregate_em_r_strict(items: list[Any]) -> float | None:
+    return lmms_tasks.aggregate(TASK, "EM-R-strict", items)
+
+
 def aggregate_bleu_1(items: list[Any]) -> float | None:
     return lmms_tasks.aggregate(TASK, "BLEU-1", items)
 

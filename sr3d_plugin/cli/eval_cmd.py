@@ -8,6 +8,7 @@ Examples::
     sr3d eval --data data/sr3d --model ckpt --num-processes 8 -- --verbosity DEBUG  # accelerate launch, 8 GPUs
     sr3d eval --data data/sr3d --model ckpt --num-processes 2 --cpu                # 2 CPU processes (gloo)
     sr3d eval ... --dry-run                                                     # print the command only
+    sr3d eval ... --output-path out/run1        # killed? the same command again computes only what is missing
 
 What it sets: ``--model sr3d``, ``--include_path`` (``sr3d tasks-path``), ``--model_args
 pretrained=<model>,…``, ``--tasks`` (default ``sr3d_3d``), ``--output_path`` (default
@@ -23,6 +24,11 @@ selected sr3d task's prepared records, visual inputs and geometry source (point 
 depth model that can be loaded here) are checked. By default (``--skip-missing``) tasks that cannot
 run are listed and left out of ``--tasks``, the others run; ``--strict`` refuses to start instead;
 ``--no-preflight`` turns the check off.
+
+Runs are resumable by default: the model argument ``answers_dir`` is set to ``--answers-dir``
+(default ``<output path>/sr3d-answers``), so every answer is on disk as soon as it is produced and
+the same command after an interruption computes only the missing answers
+(:mod:`sr3d_plugin.evaluation.answer_store`); ``--no-resume`` turns that off.
 """
 
 from __future__ import annotations
@@ -69,6 +75,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-processes", type=int, default=1, help="processes for `accelerate launch` (default 1)")
     p.add_argument("--cpu", action="store_true", help="with --num-processes: run the processes on CPU (gloo)")
     p.add_argument("--main-process-port", type=int, help="with --num-processes: rendezvous port (default: a free one)")
+    p.add_argument(
+        "--answers-dir",
+        metavar="DIR",
+        help="folder of the run's answers, reused by a rerun (default: <output-path>/sr3d-answers)",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="neither store nor reuse answers (no answers_dir model argument)"
+    )
     p.add_argument("--online", action="store_true", help="do not set the Hugging Face offline variables")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, run nothing")
     mode = p.add_mutually_exclusive_group()
@@ -116,6 +130,19 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         model_args.insert(0, f"pretrained={model_path.resolve()}")
     elif not any(a.strip().startswith("pretrained=") for a in model_args):
         raise SR3DConfigError("give the model folder with --model PATH")
+    given_store = any(a.strip().startswith("answers_dir=") for a in model_args)
+    if getattr(args, "no_resume", False):
+        if given_store or getattr(args, "answers_dir", None):
+            raise SR3DConfigError("--no-resume contradicts --answers-dir and the answers_dir model argument")
+    elif not given_store:
+        folder = getattr(args, "answers_dir", None) or str(Path(args.output_path) / "sr3d-answers")
+        if "," in folder:
+            raise SR3DConfigError(f"--answers-dir {folder!r} must not contain ',' (lmms-eval splits model_args on it)")
+        model_args.append(f"answers_dir={Path(folder).expanduser().resolve()}")
+    elif getattr(args, "answers_dir", None):
+        raise SR3DConfigError(
+            "give the answer folder either with --answers-dir or as the answers_dir model argument, not both"
+        )
     lmms = [
         "-m", "lmms_eval",
         "--model", "sr3d",

@@ -22,7 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", choices=TASKS, help="evaluation task")
     p.add_argument("predictions", help="predictions JSONL file")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared data folder holding <task>/<split>.jsonl")
-    p.add_argument("--split", default="val", help="annotation split (default: val)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="annotation split (default: the task's evaluation split: val for scanqa/scan2cap, test for sqa3d/vsibench)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     p.add_argument(
@@ -54,10 +58,14 @@ def _table(result: dict[str, Any]) -> str:
     src = result.get("source", {})
     lines.append(f"{result['task']} ({src.get('split', '?')}): {src.get('annotations', '')}")
     scores = result["scores"]
+    counts = result["counts"]
     width = max(len(k) for k in scores)
     for name, value in scores.items():
-        lines.append(f"  {name:<{width}}  {_fmt(value):>7}")
-    counts = result["counts"]
+        line = f"  {name:<{width}}  {_fmt(value):>7}"
+        if name == "EM-R" and "empty_after_cleaning" in counts:
+            # LEO's rule counts an empty answer as a hit: say how many beside the number
+            line += f"   (LEO's rule; {counts['empty_after_cleaning']} empty prediction(s) counted as hits)"
+        lines.append(line)
     flat = ", ".join(f"{k} {_fmt(v)}" for k, v in counts.items() if not isinstance(v, dict))
     lines.append(f"counts: {flat}")
     for k, v in counts.items():
@@ -69,11 +77,12 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sr3d_plugin.evaluation.schema import load_records, records_path
+    from sr3d_plugin.evaluation.schema import default_split, load_records, records_path
     from sr3d_plugin.evaluation.scoring import load_predictions, score_task
     from sr3d_plugin.io_utils import atomic_write_json
 
-    ann_path = records_path(args.data, args.task, args.split)
+    split = args.split or default_split(args.task)
+    ann_path = records_path(args.data, args.task, split)
     records = load_records(ann_path, args.task)
     predictions = load_predictions(args.predictions, records)
     result = score_task(
@@ -86,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         meteor=not args.no_meteor,
         cache=False,
     )
-    result["source"] = {"annotations": str(ann_path), "predictions": str(args.predictions), "split": args.split}
+    result["source"] = {"annotations": str(ann_path), "predictions": str(args.predictions), "split": split}
     if args.out:
         atomic_write_json(args.out, result)
     if args.json:

@@ -5,7 +5,7 @@ Examples::
     sr3d prepare scannet  --raw scannet/posed_images --meta scannet/scans --out data/sr3d
     sr3d prepare scanqa   --raw ScanQA/data/qa --out data/sr3d                       # val
     sr3d prepare sqa3d    --raw SQA3D/sqa_task/balanced --out data/sr3d              # test
-    sr3d prepare scan2cap --raw ScanRefer --boxes scannet_data --out data/sr3d       # val
+    sr3d prepare scan2cap --raw ScanRefer --scans scannet/scans --out data/sr3d      # val
     sr3d prepare vsibench --raw VSI-Bench --out data/sr3d                            # test
     sr3d prepare --list
 
@@ -24,7 +24,7 @@ from typing import Any
 from sr3d_plugin.errors import SR3DConfigError
 
 #: CLI flags passed to converters as options when given (converters reject those that do not apply)
-_OPTION_FLAGS = ("boxes", "proposals", "videos", "meta", "num_frames", "frame_step", "scenes")
+_OPTION_FLAGS = ("scans", "boxes", "proposals", "videos", "meta", "num_frames", "frame_step", "scenes")
 _BOOL_FLAGS = ("copy", "skip_missing")
 
 
@@ -46,7 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     g = p.add_argument_group("converter options (each applies to some converters)")
-    g.add_argument("--boxes", metavar="PATH", help="scan2cap: GT boxes (<scene>_aligned_bbox.npy folder or JSON)")
+    g.add_argument(
+        "--scans",
+        metavar="DIR",
+        help="scan2cap: ScanNet's scans/ folder; GT boxes from <scene>.aggregation.json, "
+        "<scene>_vh_clean_2.0.010000.segs.json, <scene>_vh_clean_2.ply and <scene>.txt",
+    )
+    g.add_argument(
+        "--boxes", metavar="PATH", help="scan2cap: alternative GT boxes (<scene>_aligned_bbox.npy folder or JSON)"
+    )
     g.add_argument("--proposals", metavar="PATH", help="scan2cap: detector proposals (<scene>.npy folder or JSON)")
     g.add_argument("--num-frames", type=int, help="scan2cap: frames sampled per scene, as the model does (32)")
     g.add_argument("--videos", metavar="DIR", help="vsibench: folder of <dataset>/<scene_name>.mp4")

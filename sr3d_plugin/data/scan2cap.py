@@ -13,7 +13,15 @@ Ground-truth boxes (axis-aligned, in the scene's axis-aligned frame, metres), fi
   is the object id when present, else the row index is;
 * ``--boxes FILE.json``: ``{scene_id: {object_id: [cx, cy, cz, dx, dy, dz]}}`` (a box may also be
   ``{"center": [3], "size": [3]}``) or ``{scene_id: [{"object_id": …, "box": […]}]}``;
-* otherwise ``scenes/<scene_id>/objects.json`` (synthetic scenes; the axis-aligned hull of each box).
+* ``--scans DIR`` (the default way): computed from ScanNet's own release files in
+  ``DIR/<scene_id>/`` — ``<scene_id>.aggregation.json``, ``<scene_id>_vh_clean_2.0.010000.segs.json``,
+  ``<scene_id>_vh_clean_2.ply`` and ``<scene_id>.txt`` (axis alignment) — exactly as the ScanRefer
+  preprocessing computes its aligned boxes (:mod:`sr3d_plugin.data.scannet_objects`). The axis
+  alignment must be the one the prepared scene folder uses (its ``<scene_id>.txt``), else the
+  boxes would not sit in the frames' world; a mismatch is an error;
+* otherwise the same official files in the prepared scene folder ``scenes/<scene_id>/`` when they
+  are there, else ``scenes/<scene_id>/objects.json`` (synthetic scenes; the axis-aligned hull of
+  each box).
 
 Optional detector proposals (Mask3D-style boxes) with ``--proposals``: a folder of
 ``<scene_id>.npy`` (``[K, ≥6]`` boxes ``cx, cy, cz, dx, dy, dz[, score…]``) or ``<scene_id>.npz``
@@ -79,10 +87,17 @@ def _box(values: Any, where: str) -> Box:
 class _BoxSource:
     """Ground-truth boxes per scene from one of the accepted sources (module docstring)."""
 
-    def __init__(self, boxes: str | None, out: Path) -> None:
+    def __init__(self, boxes: str | None, out: Path, scans: str | None = None) -> None:
         self.path = None if boxes is None else Path(boxes).expanduser()
+        self.scans = None if scans is None else Path(scans).expanduser()
         self.out = out
         self.table: dict[str, dict[str, Box]] | None = None
+        if self.path is not None and self.scans is not None:
+            raise SR3DInputError(
+                "scan2cap: give boxes= (precomputed boxes) or scans= (ScanNet's scans/ folder), not both"
+            )
+        if self.scans is not None and not self.scans.is_dir():
+            raise SR3DInputError(f"scan2cap: scans={str(self.scans)!r} is not a folder (expected ScanNet's scans/)")
         if self.path is not None:
             if not self.path.exists():
                 raise SR3DInputError(f"scan2cap: boxes={str(self.path)!r} does not exist")
@@ -90,9 +105,34 @@ class _BoxSource:
                 self.table = load_gt_boxes(self.path)
 
     def describe(self) -> str:
-        return "objects.json of the scene folders" if self.path is None else str(self.path)
+        if self.scans is not None:
+            return f"ScanNet files (aggregation + segs + ply + axis alignment) in {self.scans}"
+        if self.path is None:
+            return "ScanNet files or objects.json of the scene folders"
+        return str(self.path)
+
+    def _official(self, folder: Path, scene_id: str) -> dict[str, Box]:
+        from sr3d_plugin.data.scannet_objects import scannet_object_boxes, scannet_scene_files
+        from sr3d_plugin.sources.scannet import read_axis_alignment
+
+        files = scannet_scene_files(folder, scene_id)
+        align = read_axis_alignment(files["meta"])
+        # the frames are read with the prepared folder's meta file: the boxes must use the same frame
+        prepared_meta = self.out / "scenes" / scene_id / f"{scene_id}.txt"
+        frames_align = read_axis_alignment(prepared_meta) if prepared_meta.is_file() else None
+        a = np.eye(4) if align is None else align
+        b = np.eye(4) if frames_align is None else frames_align
+        if not np.allclose(a, b, atol=1e-6):
+            raise SR3DInputError(
+                f"scan2cap: the axis alignment of {files['meta']} differs from the one the prepared scene uses "
+                f"({prepared_meta if prepared_meta.is_file() else 'none: ' + str(prepared_meta) + ' is missing'}); "
+                "prepare the scene with that meta file (scannet converter, meta=)"
+            )
+        return scannet_object_boxes(files, axis_align=a)
 
     def scene(self, scene_id: str) -> dict[str, Box]:
+        if self.scans is not None:
+            return self._official(self.scans, scene_id)
         if self.table is not None:
             if scene_id not in self.table:
                 raise SR3DInputError(f"scan2cap: {self.path} has no boxes for scene {scene_id}")
@@ -111,9 +151,19 @@ class _BoxSource:
                 oid = str(int(row[7])) if arr.shape[1] >= 8 else str(row_index)
                 out[oid] = _box(row[:6], f"{f} row {row_index}")
             return out
+        from sr3d_plugin.data.scannet_objects import SCANNET_OBJECT_FILES
         from sr3d_plugin.synthetic import read_objects
 
         folder = self.out / "scenes" / scene_id
+        if (folder / SCANNET_OBJECT_FILES["aggregation"].format(scene=scene_id)).is_file():
+            return self._official(self.out / "scenes", scene_id)
+        if not (folder / "objects.json").is_file():
+            raise SR3DInputError(
+                f"scan2cap: no ground-truth boxes for scene {scene_id}: give scans= (ScanNet's scans/ folder with "
+                "<scene>.aggregation.json, <scene>_vh_clean_2.0.010000.segs.json, <scene>_vh_clean_2.ply, "
+                f"<scene>.txt) or boxes= (<scene>_aligned_bbox.npy folder or JSON); {folder} has neither those "
+                "files nor objects.json"
+            )
         objs = read_objects(folder)
         result: dict[str, Box] = {}
         for o in objs:
@@ -181,7 +231,9 @@ class Scan2CapConverter(Converter):
     description = "ScanRefer_filtered_<split>.json + GT boxes (+ proposals) → region-prompted captioning"
     default_split = "val"
     options = {
-        "boxes": "ground-truth boxes: folder of <scene_id>_aligned_bbox.npy or a JSON file (default: scenes' objects.json)",
+        "scans": "ScanNet's scans/ folder: GT boxes from <scene>.aggregation.json + _vh_clean_2.0.010000.segs.json "
+        "+ _vh_clean_2.ply + <scene>.txt (the default way)",
+        "boxes": "alternative GT boxes: folder of <scene_id>_aligned_bbox.npy or a JSON file",
         "proposals": "detector proposals: folder of <scene_id>.npy/.npz or a JSON file (default: the GT boxes)",
         "num_frames": "frames sampled per scene, as the model samples them (default 32)",
         "skip_missing": "leave out objects whose scene or box is missing (counted) instead of stopping",
@@ -202,7 +254,7 @@ class Scan2CapConverter(Converter):
             return done
         num_frames = as_int(options.get("num_frames", 32), "num_frames")
         skip = as_bool(options.get("skip_missing", False), "skip_missing")
-        boxes = _BoxSource(options.get("boxes"), out)
+        boxes = _BoxSource(options.get("boxes"), out, options.get("scans"))
         proposals = Path(options["proposals"]).expanduser() if options.get("proposals") else None
         if proposals is not None and not proposals.exists():
             raise SR3DInputError(f"scan2cap: proposals={str(proposals)!r} does not exist")

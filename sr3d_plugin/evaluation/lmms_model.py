@@ -32,6 +32,9 @@ Model arguments (``--model_args key=value,…``):
                    frame tokens) of a scene are computed once and reused by its other questions,
                    with identical answers (:mod:`sr3d_plugin.scene_cache`); requests are batched
                    by scene
+``answers_dir``    resumable run: every answer is appended (fsync'd) to this folder as it is produced,
+                   and answers already there for the same model, settings, record, prompt and
+                   generation settings are reused (:mod:`sr3d_plugin.evaluation.answer_store`)
 =================  ==========================================================================
 
 The model reads each request's record (scene, frames, depth, poses, regions) from
@@ -138,6 +141,7 @@ class SR3DLmms(lmms):
         on_error: str = "empty",
         cache_size: int | str = 2,
         scene_cache: float | str = DEFAULT_SCENE_CACHE_MIB,
+        answers_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -146,7 +150,7 @@ class SR3DLmms(lmms):
             raise SR3DConfigError(
                 f"unknown sr3d model argument(s) {unknown}; expected pretrained, builder, depth_source, depth_model, "
                 "pointmap_dir, num_frames, dtype, device, device_map, load_in_4bit, max_new_tokens, batch_size, "
-                "system_prompt, on_error, cache_size, scene_cache"
+                "system_prompt, on_error, cache_size, scene_cache, answers_dir"
             )
         pretrained = _opt_str(pretrained)
         if pretrained is None:
@@ -209,6 +213,9 @@ class SR3DLmms(lmms):
         )
         #: requests whose inputs could not be built: (task, doc_id, question_id, error text)
         self.failures: list[tuple[str, int, str | None, str]] = []
+        self.answer_store = self._open_answer_store(
+            answers_dir, pretrained, builder=_opt_str(builder), dtype=_opt_str(dtype), load_in_4bit=load_in_4bit
+        )
         if self.rank == 0:
             eval_logger.info(
                 f"sr3d: loaded {pretrained} in {self.pipeline.load_seconds:.1f}s on {self._device} "
@@ -271,6 +278,7 @@ class SR3DLmms(lmms):
         qid = doc.get("question_id") if isinstance(doc, dict) else None
         text = f"{type(exc).__name__}: {exc}"
         self.failures.append((task, doc_id, qid, text))
+        self._failed_docs.add((task, doc_id))
         eval_logger.warning(
             f"sr3d: {task} doc {doc_id} ({record_label(doc)}) got an empty answer because its input failed: {text}"
         )
@@ -348,7 +356,15 @@ class SR3DLmms(lmms):
     # ------------------------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Greedy (or sampled) answers, one per request; ``args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)``."""
+        """Greedy (or sampled) answers, one per request; ``args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)``.
+
+        With ``answers_dir`` the stored answers are reused and only the other requests are computed.
+        """
+        if self.answer_store is None:
+            return self._generate_until(requests)
+        return self._generate_until_resumable(requests)
+
+    def _generate_until(self, requests: list[Instance]) -> list[str]:
         results: list[str | None] = [None] * len(requests)
         self._preflight(requests)
 
@@ -375,10 +391,85 @@ class SR3DLmms(lmms):
                 for i, text in self._generate(prepared, gen, stops, requests).items():
                     results[i] = text
             pbar.update(len(batch))
+            self._answers_done(requests, batch, results)
         pbar.close()
         if self.rank == 0 and requests:
             eval_logger.info(f"sr3d: {len(requests)} answers in {time.perf_counter() - t0:.1f}s")
         return [r if r is not None else "" for r in results]
+
+    # ------------------------------------------------------------------------------------------
+    # resumable runs (answers_dir): the answer store around generate_until
+    # ------------------------------------------------------------------------------------------
+
+    def _open_answer_store(self, answers_dir: Any, pretrained: str, **model: Any) -> Any:
+        folder = _opt_str(answers_dir)
+        #: called after each batch of _generate_until with (requests, batch indices, results)
+        self._answer_sink: Callable[[Sequence[Instance], list[int], list[str | None]], None] | None = None
+        self._failed_docs: set[tuple[str, int]] = set()
+        if folder is None:
+            return None
+        from sr3d_plugin.evaluation.answer_store import AnswerStore, run_settings
+
+        inputs = self.inputs
+        settings = run_settings(
+            pretrained,
+            **{k: str(v) for k, v in model.items()},
+            num_frames=inputs.num_frames,
+            depth_source=inputs.depth_source,
+            depth_model=inputs.depth_model,
+            pointmap_dir=None if inputs.pointmap_dir is None else str(inputs.pointmap_dir.resolve()),
+            system_prompt=self.system_prompt,
+            max_new_tokens=self.max_new_tokens,
+        )
+        store = AnswerStore(folder, settings, rank=self.rank)
+        if self.rank == 0:
+            bad = f", {store.bad_lines} unreadable line(s) ignored" if store.bad_lines else ""
+            eval_logger.info(f"sr3d: answer store {store.folder}: {len(store)} stored answer(s){bad}")
+        return store
+
+    def _request_key(self, req: Instance) -> tuple[str, Any]:
+        context, gen_kwargs, _, doc_id, task, split = req.args
+        doc = self._safe_doc(task, split, doc_id)
+        gen, stops = self._gen_kwargs(gen_kwargs)
+        key = self.answer_store.key(task, split, doc_id, doc, context, {**gen, "stop": stops})
+        return key, doc
+
+    def _generate_until_resumable(self, requests: list[Instance]) -> list[str]:
+        store = self.answer_store
+        keys: list[str] = []
+        results: list[str | None] = []
+        for req in requests:
+            key, _ = self._request_key(req)
+            keys.append(key)
+            results.append(store.get(key))
+        todo = [i for i, r in enumerate(results) if r is None]
+        eval_logger.info(
+            f"sr3d: answer store: {len(requests) - len(todo)} of {len(requests)} answer(s) reused, "
+            f"{len(todo)} to compute (rank {self.rank})"
+        )
+
+        def sink(sub: Sequence[Instance], batch: list[int], sub_results: list[str | None]) -> None:
+            for j in batch:
+                text = sub_results[j]
+                _, _, _, doc_id, task, split = sub[j].args
+                if text is None or (task, doc_id) in self._failed_docs:
+                    continue  # failed inputs are retried by the next run
+                doc = self._safe_doc(task, split, doc_id)
+                qid = doc.get("question_id") if isinstance(doc, dict) else None
+                store.put(keys[todo[j]], text, task=task, split=split, doc_id=doc_id, question_id=qid)
+
+        self._answer_sink = sink
+        try:
+            computed = self._generate_until([requests[i] for i in todo]) if todo else []
+        finally:
+            self._answer_sink = None
+        for i, text in zip(todo, computed):
+            results[i] = text
+        return [r if r is not None else "" for r in results]
+
+    def _answers_done(self, requests: Sequence[Instance], batch: list[int], results: list[str | None]) -> None:
+        if self._answer_sink is not None:
+            self._answer_sink(requests, batch, results)
 
     def _generate(
         self, prepared: list[tuple[int, str, Any]], gen: dict[str, Any], stops: list[str], requests: Sequence[Instance]

@@ -6,9 +6,10 @@ Conventions (SR3D-FACTS §8), each checked against the public reference code:
   (``embodied-generalist/embodied-generalist``, ``data/data_utils.py``), rule for rule and in the
   same order; the same function is used by the Video-3D LLM SQA3D scorer.
 * **EM / EM-R** (:func:`exact_match`, :func:`refined_exact_match`) on cleaned strings, as in LEO's
-  ``evaluator/scanqa_eval.py``. Two deliberate differences from that code, both documented on the
-  functions: EM is order-free over the reference answers, and an empty string never counts as a
-  substring hit.
+  ``evaluator/scanqa_eval.py``. EM-R is LEO's rule exactly, an empty prediction included (the empty
+  string is a substring of every answer, so it scores a hit); :func:`refined_exact_match_strict`
+  is the stricter variant in which an empty string only matches exactly. EM is order-free over the
+  reference answers (documented on the function).
 * **Caption metrics** through pycocoevalcap (BLEU-1..4, METEOR 1.5 on Java, ROUGE-L, CIDEr), on the
   strings as given (no PTB tokenisation, as in LEO and Scan2Cap), reported ×100. One scorer set per
   scoring call; each metric scores the whole corpus in one call (:class:`CaptionScorers`).
@@ -49,8 +50,10 @@ __all__ = [
     "box_iou_3d",
     "clean_answer",
     "exact_match",
+    "is_empty_after_cleaning",
     "mean_relative_accuracy",
     "refined_exact_match",
+    "refined_exact_match_strict",
     "sqa3d_question_type",
     "vsibench_choice",
     "vsibench_choice_correct",
@@ -191,18 +194,41 @@ def _squeeze(s: str) -> str:
     return "".join(s.split())
 
 
-def refined_exact_match(pred: str, answers: str | Iterable[str], clean: bool = True) -> bool:
-    """EM-R: EM, or, with all whitespace removed, prediction ⊂ answer or answer ⊂ prediction.
-
-    Strings are cleaned first unless ``clean=False``. An empty string (after whitespace removal)
-    only matches exactly: in LEO's code an empty prediction is a substring of every answer and
-    scores an EM-R hit, which would reward empty outputs.
-    """
+def _cleaned_pair(pred: str, answers: str | Iterable[str], clean: bool) -> tuple[str, list[str]]:
     if not isinstance(pred, str):
         raise SR3DInputError(f"prediction must be a string, got {type(pred).__name__}: {pred!r}")
     refs = _answers_list(answers)
     if clean:
         pred, refs = _clean(pred), [_clean(a) for a in refs]
+    return pred, refs
+
+
+def refined_exact_match(pred: str, answers: str | Iterable[str], clean: bool = True) -> bool:
+    """EM-R, LEO's rule (``answer_match`` of ``evaluator/scanqa_eval.py``): the reported EM-R.
+
+    A hit when, for some reference answer, the prediction equals it or, with all whitespace
+    removed, one of the two is a substring of the other. Strings are cleaned first unless
+    ``clean=False``. As in LEO, an empty prediction (or one that cleans to "", such as ``"..."``)
+    is a substring of every answer and therefore a hit; so is any prediction when an answer cleans
+    to "". :func:`refined_exact_match_strict` is the variant without those hits.
+    """
+    pred, refs = _cleaned_pair(pred, answers, clean)
+    p = _squeeze(pred)
+    for ref in refs:
+        r = _squeeze(ref)
+        if pred == ref or p in r or r in p:
+            return True
+    return False
+
+
+def refined_exact_match_strict(pred: str, answers: str | Iterable[str], clean: bool = True) -> bool:
+    """EM-R without LEO's empty-string hits (reported as ``EM-R-strict``).
+
+    As :func:`refined_exact_match`, except that an empty string (after cleaning and whitespace
+    removal) on either side only counts when the other side is exactly equal: an empty output
+    is not rewarded.
+    """
+    pred, refs = _cleaned_pair(pred, answers, clean)
     if pred in refs:
         return True
     p = _squeeze(pred)
@@ -213,6 +239,13 @@ def refined_exact_match(pred: str, answers: str | Iterable[str], clean: bool = T
         if r and (p in r or r in p):
             return True
     return False
+
+
+def is_empty_after_cleaning(pred: str) -> bool:
+    """Whether ``pred`` is empty once cleaned and stripped of whitespace (an EM-R hit by LEO's rule)."""
+    if not isinstance(pred, str):
+        raise SR3DInputError(f"prediction must be a string, got {type(pred).__name__}: {pred!r}")
+    return not _squeeze(_clean(pred))
 
 
 # =========================================================================== SQA3D

@@ -426,3 +426,12 @@ def load_records(path: str | os.PathLike, task: str, validate: bool = True) -> l
         except SR3DInputError as exc:
             raise SR3DInputError(f"{path}: {exc}") from None
     return records
+
+
+#: the split each benchmark is evaluated on (the task YAMLs' ``test_split``, the converters' default)
+DEFAULT_SPLITS: dict[str, str] = {"scanqa": "val", "sqa3d": "test", "scan2cap": "val", "vsibench": "test"}
+
+
+def default_split(task: str) -> str:
+    """The evaluation split of ``task``: ``val`` for ScanQA and Scan2Cap, ``test`` for SQA3D and VSI-Bench."""
+    return DEFAULT_SPLITS[check_task(task)]

@@ -11,8 +11,12 @@ Input policy
   record / id, before anything is computed.
 * A record without a prediction (*missing*), an empty or whitespace-only prediction (*empty*) and a
   prediction that is not a string (*invalid*) are scored as wrong answers — EM 0, MRA 0, caption
-  candidate ``""`` (ScanQA) or ``"sos eos"`` (Scan2Cap) — and counted in ``counts``. With
-  ``only_predicted=True`` records without a prediction are left out instead (for ``--limit`` runs).
+  candidate ``""`` (ScanQA) or ``"sos eos"`` (Scan2Cap) — and counted in ``counts``. One exception,
+  LEO's reference rule: for ScanQA and SQA3D an *empty* prediction is scored as the empty string,
+  so it is an ``EM-R`` hit (the empty string is a substring of every answer), like every prediction
+  that cleans to ""; ``counts["empty_after_cleaning"]`` says how many there were and
+  ``EM-R-strict`` is the same metric without those hits. With ``only_predicted=True`` records
+  without a prediction are left out instead (for ``--limit`` runs).
 * Predictions are used as given (no stripping), as the reference scorers receive model text.
 * If METEOR cannot run (no Java, or the Java process fails) its scores are None, the reason is in
   ``notes`` and every other metric is still reported.
@@ -43,7 +47,12 @@ from sr3d_plugin.evaluation.schema import (
 )
 from sr3d_plugin.io_utils import stable_hash
 
-__all__ = ["VSIBENCH_SUBSCORES", "clear_cache", "load_predictions", "score_keys", "score_task"]
+__all__ = ["EM_R_STRICT", "VSIBENCH_SUBSCORES", "clear_cache", "load_predictions", "score_keys", "score_task"]
+
+#: the stricter EM-R (no hit for an empty prediction), reported beside LEO's ``EM-R``
+EM_R_STRICT = "EM-R-strict"
+#: tasks whose EM-R follows LEO's rule, empty predictions included
+_EM_TASKS = ("scanqa", "sqa3d")
 
 #: the eight VSI-Bench sub-scores averaged into "overall" (rel_direction levels merged into one)
 VSIBENCH_SUBSCORES: tuple[str, ...] = (
@@ -68,10 +77,10 @@ def score_keys(task: str, iou_threshold: float = 0.5) -> tuple[str, ...]:
     """The keys of ``score_task(task, …)["scores"]``, in report order."""
     check_task(task)
     if task == "scanqa":
-        return ("EM@1", "EM-R", *M.CAPTION_METRICS)
+        return ("EM@1", "EM-R", EM_R_STRICT, *M.CAPTION_METRICS)
     if task == "sqa3d":
         per_type = tuple(f"{m}/{t}" for m in ("EM", "EM-R") for t in SQA3D_QUESTION_TYPES)
-        return ("EM", "EM-R", *per_type)
+        return ("EM", "EM-R", EM_R_STRICT, *per_type)
     if task == "scan2cap":
         suffix = _iou_suffix(iou_threshold)
         return (*_SCAN2CAP_METRICS, *(m + suffix for m in _SCAN2CAP_METRICS))
@@ -112,15 +121,17 @@ def score_task(
     Returns ``{"task", "scores", "counts", "notes", "options"}``:
 
     * ``scores`` (percent; keys from :func:`score_keys`):
-      scanqa — EM@1, EM-R, BLEU-1..4, METEOR, ROUGE-L, CIDEr (cleaned strings);
-      sqa3d — EM, EM-R overall and ``EM/<type>``, ``EM-R/<type>`` (None for a type without
-      questions); scan2cap — CIDEr, BLEU-4, METEOR, ROUGE-L plain and ``@0.5IoU`` (None when the
+      scanqa — EM@1, EM-R (LEO's rule), EM-R-strict, BLEU-1..4, METEOR, ROUGE-L, CIDEr (cleaned
+      strings); sqa3d — EM, EM-R, EM-R-strict overall and ``EM/<type>``, ``EM-R/<type>`` (None for a
+      type without questions); scan2cap — CIDEr, BLEU-4, METEOR, ROUGE-L plain and ``@0.5IoU`` (None when the
       records carry no boxes/IoU); vsibench — ``overall`` (mean of the 8 sub-scores present, the
       three rel_direction levels averaged into ``object_rel_direction``), each sub-score and each
       rel_direction level (None when absent).
     * ``counts``: ``records`` (given), ``scored``, ``answered`` (usable predictions), ``missing``,
       ``empty``, ``invalid``, plus per task ``by_type`` (sqa3d, vsibench), ``unparsed`` (vsibench
-      numeric answers without a number), ``iou_pass`` / ``with_iou`` (scan2cap).
+      numeric answers without a number), ``iou_pass`` / ``with_iou`` (scan2cap),
+      ``empty_after_cleaning`` (scanqa, sqa3d: string predictions that clean to "" — each an EM-R
+      hit by LEO's rule, none an EM-R-strict hit).
     * ``notes``: human-readable remarks (METEOR unavailable, @IoU not computed, …).
 
     Options: ``only_predicted`` scores only records that have a prediction; ``iou_threshold``
@@ -194,13 +205,26 @@ def score_task(
             texts.append(None)
         elif not value.strip():
             counts["empty"] += 1
-            texts.append(None)
+            # LEO scores the empty string as it is (an EM-R hit); elsewhere it is a wrong answer
+            texts.append(value if task in _EM_TASKS else None)
         else:
             counts["answered"] += 1
             texts.append(value)
 
     notes: list[str] = []
-    if counts["missing"] or counts["empty"] or counts["invalid"]:
+    if task in _EM_TASKS:
+        counts["empty_after_cleaning"] = sum(t is not None and M.is_empty_after_cleaning(t) for t in texts)
+        if counts["missing"] or counts["invalid"]:
+            notes.append(
+                f"{counts['missing']} missing and {counts['invalid']} non-string prediction(s) were scored as "
+                "wrong answers"
+            )
+        if counts["empty_after_cleaning"]:
+            notes.append(
+                f"EM-R follows LEO's rule: {counts['empty_after_cleaning']} prediction(s) empty after cleaning "
+                f"({counts['empty']} empty as given) count as EM-R hits; {EM_R_STRICT} counts them wrong"
+            )
+    elif counts["missing"] or counts["empty"] or counts["invalid"]:
         notes.append(
             f"{counts['missing']} missing, {counts['empty']} empty and {counts['invalid']} non-string "
             "prediction(s) were scored as wrong answers"
@@ -243,6 +267,7 @@ def _score_scanqa(
 ) -> dict[str, float | None]:
     em: list[float] = []
     emr: list[float] = []
+    emr_strict: list[float] = []
     refs: dict[int, list[str]] = {}
     cands: dict[int, str] = {}
     for i, (rec, text) in enumerate(zip(records, texts)):
@@ -252,13 +277,19 @@ def _score_scanqa(
             cands[i] = ""
             em.append(0.0)
             emr.append(0.0)
+            emr_strict.append(0.0)
             continue
         pred = M.clean_answer(text)
         cands[i] = pred
         em.append(float(M.exact_match(pred, answers, clean=False)))
         emr.append(float(M.refined_exact_match(pred, answers, clean=False)))
+        emr_strict.append(float(M.refined_exact_match_strict(pred, answers, clean=False)))
     assert scorers is not None
-    scores: dict[str, float | None] = {"EM@1": _mean_pct(em), "EM-R": _mean_pct(emr)}
+    scores: dict[str, float | None] = {
+        "EM@1": _mean_pct(em),
+        "EM-R": _mean_pct(emr),
+        EM_R_STRICT: _mean_pct(emr_strict),
+    }
     scores.update(scorers.score(refs, cands, meteor=use_meteor))
     return scores
 
@@ -268,18 +299,25 @@ def _score_sqa3d(
 ) -> dict[str, float | None]:
     em: dict[str, list[float]] = {t: [] for t in SQA3D_QUESTION_TYPES}
     emr: dict[str, list[float]] = {t: [] for t in SQA3D_QUESTION_TYPES}
+    strict: list[float] = []
     for rec, text in zip(records, texts):
         qtype = rec.get("question_type") or M.sqa3d_question_type(rec["question"])
         if text is None:
-            hit = hit_r = False
+            hit = hit_r = hit_s = False
         else:
             hit = M.exact_match(text, rec["answers"])
             hit_r = M.refined_exact_match(text, rec["answers"])
+            hit_s = M.refined_exact_match_strict(text, rec["answers"])
         em[qtype].append(float(hit))
         emr[qtype].append(float(hit_r))
+        strict.append(float(hit_s))
     all_em = [v for t in SQA3D_QUESTION_TYPES for v in em[t]]
     all_emr = [v for t in SQA3D_QUESTION_TYPES for v in emr[t]]
-    scores: dict[str, float | None] = {"EM": _mean_pct(all_em), "EM-R": _mean_pct(all_emr)}
+    scores: dict[str, float | None] = {
+        "EM": _mean_pct(all_em),
+        "EM-R": _mean_pct(all_emr),
+        EM_R_STRICT: _mean_pct(strict),
+    }
     for name, table in (("EM", em), ("EM-R", emr)):
         for t in SQA3D_QUESTION_TYPES:
             scores[f"{name}/{t}"] = _mean_pct(table[t])

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sr3d_plugin.errors import SR3DConfigError, SR3DError, SR3DDiskError
+from sr3d_plugin.errors import SR3DConfigError, SR3DDiskError, SR3DError
 from sr3d_plugin.io_utils import atomic_dir, atomic_write_text
 from sr3d_plugin.training.checkpoint import (
     describe_os_error,
