@@ -367,11 +367,14 @@ def resolve_regions(specs: Sequence[str | RegionSpec | Region], frames: Any) -> 
     """Turn specs (strings or :class:`RegionSpec`) and ready :class:`Region` objects into regions on ``frames``.
 
     Masks are brought to their frame's image size. ``frames`` is a
-    :class:`~sr3d_plugin.sources.base.FrameSet` (the frames after sampling).
+    :class:`~sr3d_plugin.sources.base.FrameSet` (the frames after sampling), or an object with the
+    same ``len``, ``images``, ``frame_ids`` and ``find`` (the data check's header-only frames).
     """
     from sr3d_plugin.sources.base import FrameSet
 
-    if not isinstance(frames, FrameSet):
+    if not isinstance(frames, FrameSet) and not all(
+        hasattr(frames, a) for a in ("__len__", "images", "frame_ids", "find")
+    ):
         raise SR3DInputError(f"frames must be a FrameSet, got {_checks.describe(frames)}")
     if isinstance(specs, (str, RegionSpec, Region)) or not isinstance(specs, Sequence):
         raise SR3DInputError(f"specs must be a list of region specs, got {_checks.describe(specs)}")
