@@ -120,7 +120,10 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise SR3DInputError(f"data file {str(p)!r} does not exist; expected a JSON or JSONL file of records")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SR3DInputError(f"data file {str(p)!r} is not readable UTF-8 text: {exc}") from exc
     records: list[Any]
     stripped = text.lstrip()
     if stripped.startswith("["):
