@@ -916,3 +916,26 @@ def test_record_messages(turns: list, n: int) -> None:
     out = probe("records", record_messages, rec, n)
     if out is not None and n > 0:
         assert out[[m["role"] for m in out].index("user")]["content"].startswith("<image>" * n)
+
+
+@PROPS
+@given(a=garbage(), b=garbage())
+def test_source_options(a: Any, b: Any) -> None:
+    """Every reader and point-map source checks its options when it is made."""
+    from sr3d_plugin.sources.images import FramesReader, ImageReader
+    from sr3d_plugin.sources.scannet import ScanNetReader
+    from sr3d_plugin.sources.video import VideoReader
+
+    probe("sources", pointmap_sources.GTDepthSource, "sr3d", a, 0.02)
+    probe("sources", pointmap_sources.GTDepthSource, "robust", None, b)
+    probe("sources", pointmap_sources.RelativeDepthSource, False, True, "sr3d", a)
+    probe("sources", reconstruction.ReconstructionSource, np.zeros((1, 2, 2, 3)), a, "robust", b)
+    probe("sources", FramesReader, a, 1000.0)
+    probe("sources", FramesReader, None, b)
+    probe("sources", ImageReader, depth_scale=a)
+    probe("sources", ScanNetReader, a, 1000.0)
+    probe("sources", ScanNetReader, 2, b)
+    probe("sources", VideoReader, a)
+    probe("sources", base.FrameSet, a)
+    probe("visual_inputs", read_frames, image=np.zeros((4, 4, 3), np.uint8), num_frames=a, depth_scale=1000.0)
+    probe("visual_inputs", read_frames, image=np.zeros((4, 4, 3), np.uint8), depth_scale=b)
