@@ -939,3 +939,27 @@ def test_source_options(a: Any, b: Any) -> None:
     probe("sources", base.FrameSet, a)
     probe("visual_inputs", read_frames, image=np.zeros((4, 4, 3), np.uint8), num_frames=a, depth_scale=1000.0)
     probe("visual_inputs", read_frames, image=np.zeros((4, 4, 3), np.uint8), depth_scale=b)
+
+
+def test_degenerate_inputs_of_issue_12_get_clear_errors() -> None:
+    """The raw tracebacks of issue 12, each now an SR3DError that names the parameter."""
+    k = np.array([[4.0, 0, 2.0], [0, 4.0, 2.0], [0, 0, 1]])
+    cases: list[tuple[Callable[[], Any], str]] = [
+        (lambda: geometry.relative_depth_to_points(np.zeros((0, 0))), "depth01"),
+        (lambda: geometry.canonicalize(np.float32(1.0)), "points"),
+        (lambda: geometry.project_points(np.zeros((2, 2)), k), "points"),
+        (lambda: tiling.plan_tiles(10, 10, tile_size=0), "tile_size"),
+        (lambda: tiling.tile_image(Image.new("RGB", (4, 4)), tiling.TileLayout(1, 1, 0)), "tile_size"),
+        (lambda: geometry.pool_to_grid(np.zeros((0, 4, 3)), 2), "points"),
+        (lambda: geometry.depth_image_to_relative(np.zeros((0, 3))), "values"),
+        (lambda: tiling.candidate_grids(1, 10**6), "max_tiles"),
+    ]
+    reader = RecordReader(_Config())
+    image = np.zeros((4, 4, 3), np.uint8)
+    for value, name in (({"depth_scale": None}, "depth_scale"), ({"intrinsics": 5.0}, "intrinsics")):
+        rec = {"id": "r", "image": image, **value}
+        cases.append((lambda rec=rec: reader.frames(rec, "."), name))
+    cases.append((lambda: reader.frames({"id": "r", "frames": [image, image], "poses": 3.0}, "."), "poses"))
+    for call, name in cases:
+        with pytest.raises(SR3DError, match=name):
+            call()
