@@ -782,8 +782,14 @@ def test_tile_plan_covers_the_image(w: int, h: int, hi: int, tile: int, thumb: b
     assert (layout.cols, layout.rows) in tiling.candidate_grids(1, hi)
 
 
-def test_known_silent_wrong_answers_are_refused() -> None:
+def test_known_silent_wrong_answers_are_refused(tmp_path: Any) -> None:
     """The inputs of issue 12 that used to give a wrong answer without a word."""
+    np.savez(tmp_path / "complex.npz", xyz=np.ones((1, 2, 2, 3), np.complex128) * (1 + 2j))
+    with pytest.raises(SR3DError, match="complex"):
+        reconstruction.load_reconstruction(tmp_path / "complex.npz")
+    np.save(tmp_path / "complex.npy", np.ones((3, 3), np.complex64))
+    with pytest.raises(SR3DError, match="real numbers"):
+        files.read_matrix(tmp_path / "complex.npy")
     depth = np.full((4, 5), 2.0)
     k = np.array([[4.0, 0, 2.0], [0, 4.0, 2.0], [0, 0, 1]])
     with pytest.raises(SR3DError, match=r"last row .*\[0, 0, 1\].*divide it by K\[2, 2\]"):
