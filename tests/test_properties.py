@@ -47,6 +47,8 @@ PROPS = settings(
 )
 
 TALLY: Counter = Counter()
+#: a few refusal messages per function (written with the tally, to read what users are told)
+MESSAGES: dict[str, list[str]] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +60,7 @@ def _write_tally():
         for (group, outcome), n in sorted(TALLY.items()):
             groups.setdefault(group, {})[outcome] = n
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump(groups, fh, indent=1)
+            json.dump({"outcomes": groups, "messages": MESSAGES}, fh, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +109,9 @@ def probe(group: str, fn: Callable[..., Any], *args: Any, passes_non_finite: boo
     except SR3DError as exc:
         assert str(exc), "an SR3DError without a message"
         TALLY[(group, "refused")] += 1
+        seen = MESSAGES.setdefault(getattr(fn, "__qualname__", str(fn)), [])
+        if len(seen) < 6 and str(exc) not in seen:
+            seen.append(str(exc))
         return None
     except Exception as exc:  # the property: no other exception type leaves a public function
         TALLY[(group, "raw exception")] += 1
