@@ -251,11 +251,15 @@ def as_mask(x: Any, name: str, shape: Sequence[int] | None = None) -> torch.Tens
 
 def integer(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as an ``int`` (Python or NumPy integers; not bools, not floats) within the bounds."""
+    kind = {1: "a positive integer", 0: "a non-negative integer"}.get(
+        minimum if minimum is not None else -1, "an integer"
+    )
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise SR3DInputError(f"{name} must be an integer, got {describe(value)}")
+        raise SR3DInputError(f"{name} must be {kind}, got {describe(value)}")
     v = int(value)
     if minimum is not None and v < minimum:
-        raise SR3DInputError(f"{name}={v} is out of range; expected an integer >= {minimum}")
+        want = kind if minimum in (0, 1) else f"an integer >= {minimum}"
+        raise SR3DInputError(f"{name}={v} is out of range; expected {want}")
     if maximum is not None and v > maximum:
         raise SR3DInputError(f"{name}={v} is out of range; expected an integer <= {maximum}")
     return v

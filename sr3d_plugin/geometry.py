@@ -525,7 +525,7 @@ class Box3D:
         yaw = _checks.finite_number(yaw, "yaw")
         c, s = float(np.cos(yaw)), float(np.sin(yaw))
         rot = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-        return cls(as_float_tensor(center), as_float_tensor(size), rot)
+        return cls(as_float_tensor(center, "box center"), as_float_tensor(size, "box size"), rot)
 
     def corners(self) -> torch.Tensor:
         """``[8, 3]`` world corners."""

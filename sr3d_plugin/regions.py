@@ -340,7 +340,9 @@ def count_region_references(question: str, mask_token: str = "<mask>") -> tuple[
 def check_question(question: Any, n_regions: int, image_token: str = "<image>", mask_token: str = "<mask>") -> None:
     """Fail unless ``question`` is non-empty text without image markers whose region references
     (``<mask>`` in order, or ``<regionK>`` aliases — not both) fit ``n_regions`` regions."""
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str):
+        raise SR3DInputError(f"question must be text, got {_checks.describe(question)}")
+    if not question.strip():
         raise SR3DInputError(f"the question is empty ({question!r}); expected some text")
     if image_token in question:
         raise SR3DInputError(

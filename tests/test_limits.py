@@ -111,7 +111,7 @@ def test_a_raised_limit_replaces_pils_own_check(tmp_path: Path) -> None:
     with limits.max_pixels_limit(500_000_000), pytest.raises(SR3DInputError, match="is not a readable image") as err:
         load_rgb(f)  # past the limit check; the (truncated) data fails, not PIL's bomb check
     assert not isinstance(err.value, SR3DLimitError)
-    assert Image.MAX_IMAGE_PIXELS == before  # PIL's global is restored
+    assert before == Image.MAX_IMAGE_PIXELS  # PIL's global is restored
     ok = tmp_path / "ok.png"
     Image.new("RGB", (30, 20), (1, 2, 3)).save(ok)
     assert load_rgb(ok).size == (30, 20)

@@ -32,10 +32,10 @@ from PIL import Image
 
 from sr3d_plugin import geometry, masks, pointmap, regions, tiling
 from sr3d_plugin.errors import SR3DError
-from sr3d_plugin.records import RecordReader, validate_record
+from sr3d_plugin.records import RecordReader, load_records, record_messages, validate_record
 from sr3d_plugin.sources import base, files, pointmap_sources, reconstruction
 from sr3d_plugin.sources.depth_anything import resolve_dtype
-from sr3d_plugin.visual_inputs import positions, read_frames
+from sr3d_plugin.visual_inputs import positions, read_frames, visual_input
 
 EXAMPLES = int(os.environ.get("SR3D_PROPERTY_EXAMPLES", "40"))
 PROPS = settings(
@@ -47,6 +47,8 @@ PROPS = settings(
 )
 
 TALLY: Counter = Counter()
+#: a few refusal messages per function (written with the tally, to read what users are told)
+MESSAGES: dict[str, list[str]] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +60,7 @@ def _write_tally():
         for (group, outcome), n in sorted(TALLY.items()):
             groups.setdefault(group, {})[outcome] = n
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump(groups, fh, indent=1)
+            json.dump({"outcomes": groups, "messages": MESSAGES}, fh, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +109,9 @@ def probe(group: str, fn: Callable[..., Any], *args: Any, passes_non_finite: boo
     except SR3DError as exc:
         assert str(exc), "an SR3DError without a message"
         TALLY[(group, "refused")] += 1
+        seen = MESSAGES.setdefault(getattr(fn, "__qualname__", str(fn)), [])
+        if len(seen) < 6 and str(exc) not in seen:
+            seen.append(str(exc))
         return None
     except Exception as exc:  # the property: no other exception type leaves a public function
         TALLY[(group, "raw exception")] += 1
@@ -151,6 +156,11 @@ def garbage() -> st.SearchStrategy:
 
 def mutated(valid: np.ndarray, draw: Callable) -> np.ndarray:
     """``valid`` with one entry replaced by a special value, or scaled, or cast to another dtype."""
+    with np.errstate(all="ignore"):  # the mutations overflow on purpose
+        return _mutated(valid, draw)
+
+
+def _mutated(valid: np.ndarray, draw: Callable) -> np.ndarray:
     arr = np.array(valid, dtype=np.float64, copy=True)
     how = draw(st.sampled_from(["entry", "scale", "dtype", "none"]))
     if how == "entry" and arr.size:
@@ -401,7 +411,7 @@ def test_tile_arrays(x: Any, layout: Any, mode: str) -> None:
     m = probe("tiling", tiling.tile_mask, x, layout)
     if m is not None:
         assert m.dtype == torch.bool and m.shape[0] == layout.num_tiles
-    pm = np.asarray(x)[0] if np.ndim(x) == 4 else x
+    pm = np.asarray(x)[0] if np.ndim(x) == 4 and np.shape(x)[0] else x
     tiles = probe("tiling", tiling.tile_pointmap, pm, layout, None)
     if tiles is not None:
         assert tuple(tiles[0].shape) == (layout.num_tiles, layout.tile_size, layout.tile_size, 3)
@@ -777,8 +787,14 @@ def test_tile_plan_covers_the_image(w: int, h: int, hi: int, tile: int, thumb: b
     assert (layout.cols, layout.rows) in tiling.candidate_grids(1, hi)
 
 
-def test_known_silent_wrong_answers_are_refused() -> None:
+def test_known_silent_wrong_answers_are_refused(tmp_path: Any) -> None:
     """The inputs of issue 12 that used to give a wrong answer without a word."""
+    np.savez(tmp_path / "complex.npz", xyz=np.ones((1, 2, 2, 3), np.complex128) * (1 + 2j))
+    with pytest.raises(SR3DError, match="complex"):
+        reconstruction.load_reconstruction(tmp_path / "complex.npz")
+    np.save(tmp_path / "complex.npy", np.ones((3, 3), np.complex64))
+    with pytest.raises(SR3DError, match="real numbers"):
+        files.read_matrix(tmp_path / "complex.npy")
     depth = np.full((4, 5), 2.0)
     k = np.array([[4.0, 0, 2.0], [0, 4.0, 2.0], [0, 0, 1]])
     with pytest.raises(SR3DError, match=r"last row .*\[0, 0, 1\].*divide it by K\[2, 2\]"):
@@ -812,3 +828,149 @@ def test_known_silent_wrong_answers_are_refused() -> None:
     assert info["source"] == "gt_depth" and torch.isfinite(canonical).all()
     with pytest.raises(SR3DError, match="depth_scale"):
         RecordReader(_Config()).frames({"id": "r", "image": np.zeros((4, 4, 3), np.uint8), "depth_scale": None}, ".")
+
+
+# ----------------------------------------------------------------------------------------------
+# the remaining entry points: whole visual inputs, estimators, files with arbitrary content
+# ----------------------------------------------------------------------------------------------
+
+
+class _Estimator:
+    """A stand-in depth estimator returning whatever the example says (the source must check it)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def estimate(self, images: Any) -> Any:
+        return self.out
+
+
+@PROPS
+@given(
+    est=st.one_of(any_array(), float_array((2, 6, 8), 0, 1), float_array((2, 6, 8), -5, 5)),
+    depth=st.one_of(st.none(), depth_st(v=2, h=6, w=8)),
+    regions_=st.lists(SPEC_WORDS, max_size=2),
+)
+def test_whole_visual_inputs(est: Any, depth: Any, regions_: list[str]) -> None:
+    fs = frameset(2, 6, 8)
+    pm = probe("sources", pointmap_sources.DepthAnythingSource(_Estimator(est)).pointmaps, fs)
+    if pm is not None:
+        assert tuple(pm.xyz.shape) == (2, 6, 8, 3)
+    probe("geometry", geometry.valid_depth_mask, est)
+    imgs = [np.zeros((6, 8, 3), np.uint8)] * 2
+    k = np.array([[6.0, 0, 4], [0, 6.0, 3], [0, 0, 1]])
+    poses = np.repeat(np.eye(4)[None], 2, axis=0)
+    bundle = probe(
+        "visual_inputs",
+        visual_input,
+        frames=imgs,
+        depth=None if depth is None else list(depth),
+        intrinsics=k,
+        poses=poses,
+        regions=[" ".join(regions_)] if regions_ else (),
+        needs_positions=depth is not None,
+    )
+    if bundle is not None:
+        assert len(bundle.visual.regions) == (1 if regions_ else 0)
+        probe("visual_inputs", bundle.summary)
+        res = probe("pointmap", pointmap.pointmaps_with_cache, bundle.frames, cache=False)
+        if res is not None:
+            assert tuple(res.canonical.shape) == (2, 6, 8, 3)
+
+
+@PROPS
+@given(
+    content=st.one_of(
+        st.binary(max_size=40),
+        st.text(max_size=40),
+        st.sampled_from(
+            ["[]", "[1]", '{"id": 1}', "[{}]", '{"size": [2, 2], "counts": [1, 3]}', '{"size": [2, 2], "counts": "0"}']
+        ),
+    )
+)
+def test_files_with_arbitrary_content(npz_dir: Any, content: Any) -> None:
+    for name in ("x.json", "x.jsonl", "x.png", "x.txt"):
+        path = npz_dir / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+    probe("records", load_records, npz_dir / "x.json")
+    probe("records", load_records, npz_dir / "x.jsonl")
+    probe("masks", masks.load_rle_file, npz_dir / "x.json")
+    probe("masks", masks.load_mask_image, npz_dir / "x.png")
+    probe("sources", files.read_matrix, npz_dir / "x.txt", passes_non_finite=True)
+    probe("sources", files.load_rgb, npz_dir / "x.png")
+    probe("sources", files.load_depth_file, npz_dir / "x.png")
+
+
+@PROPS
+@given(
+    turns=st.lists(
+        st.fixed_dictionaries(
+            {
+                "from": st.sampled_from(["human", "gpt", "system", "x"]),
+                "value": st.one_of(st.text(max_size=10), st.sampled_from(["<image>\nhi", "<video>"]), st.none()),
+            }
+        ),
+        max_size=3,
+    ),
+    n=st.integers(-1, 3),
+)
+def test_record_messages(turns: list, n: int) -> None:
+    rec = {"id": "r", "conversations": turns}
+    probe("records", validate_record, rec)
+    try:
+        validate_record(rec)
+    except SR3DError:
+        return
+    out = probe("records", record_messages, rec, n)
+    if out is not None and n > 0:
+        assert out[[m["role"] for m in out].index("user")]["content"].startswith("<image>" * n)
+
+
+@PROPS
+@given(a=garbage(), b=garbage())
+def test_source_options(a: Any, b: Any) -> None:
+    """Every reader and point-map source checks its options when it is made."""
+    from sr3d_plugin.sources.images import FramesReader, ImageReader
+    from sr3d_plugin.sources.scannet import ScanNetReader
+    from sr3d_plugin.sources.video import VideoReader
+
+    probe("sources", pointmap_sources.GTDepthSource, "sr3d", a, 0.02)
+    probe("sources", pointmap_sources.GTDepthSource, "robust", None, b)
+    probe("sources", pointmap_sources.RelativeDepthSource, False, True, "sr3d", a)
+    probe("sources", reconstruction.ReconstructionSource, np.zeros((1, 2, 2, 3)), a, "robust", b)
+    probe("sources", FramesReader, a, 1000.0)
+    probe("sources", FramesReader, None, b)
+    probe("sources", ImageReader, depth_scale=a)
+    probe("sources", ScanNetReader, a, 1000.0)
+    probe("sources", ScanNetReader, 2, b)
+    probe("sources", VideoReader, a)
+    probe("sources", base.FrameSet, a)
+    probe("visual_inputs", read_frames, image=np.zeros((4, 4, 3), np.uint8), num_frames=a, depth_scale=1000.0)
+    probe("visual_inputs", read_frames, image=np.zeros((4, 4, 3), np.uint8), depth_scale=b)
+
+
+def test_degenerate_inputs_of_issue_12_get_clear_errors() -> None:
+    """The raw tracebacks of issue 12, each now an SR3DError that names the parameter."""
+    k = np.array([[4.0, 0, 2.0], [0, 4.0, 2.0], [0, 0, 1]])
+    cases: list[tuple[Callable[[], Any], str]] = [
+        (lambda: geometry.relative_depth_to_points(np.zeros((0, 0))), "depth01"),
+        (lambda: geometry.canonicalize(np.float32(1.0)), "points"),
+        (lambda: geometry.project_points(np.zeros((2, 2)), k), "points"),
+        (lambda: tiling.plan_tiles(10, 10, tile_size=0), "tile_size"),
+        (lambda: tiling.tile_image(Image.new("RGB", (4, 4)), tiling.TileLayout(1, 1, 0)), "tile_size"),
+        (lambda: geometry.pool_to_grid(np.zeros((0, 4, 3)), 2), "points"),
+        (lambda: geometry.depth_image_to_relative(np.zeros((0, 3))), "values"),
+        (lambda: tiling.candidate_grids(1, 10**6), "max_tiles"),
+    ]
+    reader = RecordReader(_Config())
+    image = np.zeros((4, 4, 3), np.uint8)
+    for value, name in (({"depth_scale": None}, "depth_scale"), ({"intrinsics": 5.0}, "intrinsics")):
+        rec = {"id": "r", "image": image, **value}
+        cases.append((lambda rec=rec: reader.frames(rec, "."), name))
+    cases.append((lambda: reader.frames({"id": "r", "frames": [image, image], "poses": 3.0}, "."), "poses"))
+    for call, name in cases:
+        with pytest.raises(SR3DError, match=name):
+            call()

@@ -445,7 +445,9 @@ def test_cli_train_stops_on_a_full_disk_at_a_checkpoint(tmp_path, monkeypatch, c
     assert rc == 2 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("sr3d train: error:")]
     assert len(lines) == 1, err
-    assert f"writing checkpoint '{out / 'checkpoint-4'}' failed" in lines[0] and "no space left on the device" in lines[0]
+    assert (
+        f"writing checkpoint '{out / 'checkpoint-4'}' failed" in lines[0] and "no space left on the device" in lines[0]
+    )
     assert sorted(p.name for p in out.glob("*checkpoint*")) == ["checkpoint-2"]
     assert not (out / "adapter").exists()  # training stopped at the failed save
     verify_checkpoint(out / "checkpoint-2")

@@ -36,7 +36,7 @@ def normalise_frame_id(value: object) -> str:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
             break
-    return str(int(name)) if name.isdigit() else name
+    return str(int(name)) if name.isdecimal() else name  # isdigit() also admits "²", which int() refuses
 
 
 def uniform_frame_indices(total: int, count: int = 32) -> list[int]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sr3d_plugin import _checks
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.geometry import (
     backproject,
@@ -78,11 +79,11 @@ class GTDepthSource:
     def __init__(self, canonical_mode: str = "sr3d", max_depth: float | None = None, aspect_tolerance: float = 0.02):
         if canonical_mode not in ("sr3d", "robust"):
             raise SR3DInputError(f"unknown canonical mode {canonical_mode!r}; expected 'sr3d' or 'robust'")
-        if max_depth is not None and not max_depth > 0:
-            raise SR3DInputError(f"max_depth must be positive (metres), got {max_depth!r}")
+        if max_depth is not None:
+            max_depth = _checks.finite_number(max_depth, "max_depth", positive=True)
         self.canonical_mode = canonical_mode
         self.max_depth = max_depth
-        self.aspect_tolerance = float(aspect_tolerance)
+        self.aspect_tolerance = _checks.finite_number(aspect_tolerance, "aspect_tolerance", minimum=0.0)
 
     def options(self) -> dict:
         return {"canonical_mode": self.canonical_mode, "max_depth": self.max_depth}
@@ -166,8 +167,8 @@ class RelativeDepthSource:
                 "disparity=True needs scaling='minmax'; the released convention (scaling='sr3d') reads depth images "
                 "(0 = nearest)"
             )
-        if depth_scale is not None and not (np.isfinite(depth_scale) and depth_scale > 0):
-            raise SR3DInputError(f"depth_scale must be a positive number, got {depth_scale!r}")
+        if depth_scale is not None:
+            depth_scale = _checks.finite_number(depth_scale, "depth_scale", positive=True)
         self.disparity = bool(disparity)
         self.quantize = bool(quantize)
         self.scaling = scaling
@@ -248,7 +249,9 @@ class DepthAnythingSource:
                 f"frames have different sizes {sorted(sizes)}; single-view point maps of one frame set need one size"
             )
         width, height = next(iter(sizes))
-        rel = np.asarray(self.estimator.estimate(frames.images), dtype=np.float64)
+        rel = _checks.as_array(
+            self.estimator.estimate(frames.images), f"output of depth estimator {self.estimator_name!r}", nonempty=False
+        )
         if rel.shape != (len(frames), height, width):
             raise SR3DInputError(
                 f"depth estimator {self.estimator_name!r} returned shape {rel.shape}; "

@@ -184,7 +184,7 @@ class ReconstructionSource:
         self.path = Path(path).expanduser() if self.array is None else None
         self.min_confidence = min_confidence
         self.canonical_mode = canonical_mode
-        self.aspect_tolerance = float(aspect_tolerance)
+        self.aspect_tolerance = _checks.finite_number(aspect_tolerance, "aspect_tolerance", minimum=0.0)
 
     @property
     def where(self) -> str:
