@@ -117,7 +117,10 @@ class DataReport:
         lines = [self.summary()]
         lines += [f"  {p}" for p in self.problems[:shown]]
         if len(self.problems) > shown:
-            lines.append(f"  … and {len(self.problems) - shown} more problem(s)")
+            lines.append(
+                f"  … and {len(self.problems) - shown} more problem(s) (all of them: `sr3d validate-data "
+                f"{' '.join(self.files)}`, or DataReport.problems)"
+            )
         return "\n".join(lines)
 
     def raise_if_invalid(self, hint: str = "") -> None:

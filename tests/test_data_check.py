@@ -309,3 +309,14 @@ def test_prepared_evaluation_records_have_the_same_size_limit(tmp_path: Path, mo
         SR3DInputError, match=r"val.jsonl:2: record of 5\d+ bytes; expected at most max_record_bytes=1000"
     ):
         load_eval_records(path, "scanqa")
+
+
+def test_long_reports_are_shortened_in_messages_but_kept_whole() -> None:
+    from sr3d_plugin.data_check import SHOWN_PROBLEMS, DataReport, RecordProblem
+
+    problems = [RecordProblem("a.jsonl", i, f"r{i}", "bad") for i in range(1, SHOWN_PROBLEMS + 11)]
+    report = DataReport(files=["a.jsonl"], total=len(problems), problems=problems)
+    lines = report.message().splitlines()
+    assert len(lines) == SHOWN_PROBLEMS + 2 and "… and 10 more problem(s)" in lines[-1]
+    assert "`sr3d validate-data a.jsonl`" in lines[-1] and report.num_invalid == len(problems)
+    assert len(report.message(shown=len(problems)).splitlines()) == len(problems) + 1
