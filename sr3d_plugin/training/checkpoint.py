@@ -391,7 +391,16 @@ def gather_training_state(acc: Any, model: Any, optimizer: Any | None) -> tuple[
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     opts = _sd_options(cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=opts)
+    from accelerate.utils import DistributedType
+
+    full = get_model_state_dict(model, options=opts)
+    inner = acc.unwrap_model(model)
+    if getattr(acc, "distributed_type", None) == DistributedType.FSDP:  # parameter names may be flat: drop buffers
+        buffers = {_canonical(n) for n, _ in inner.named_buffers()}
+        weights = {k: v for k, v in full.items() if k not in buffers}
+    else:  # trained parameters only: buffers and quantisation states (bitsandbytes) belong to the base
+        keep = {_canonical(n) for n, p in inner.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in full.items() if k in keep}
     optim = get_optimizer_state_dict(model, _raw_optimizer(optimizer), options=opts) if optimizer is not None else {}
     return weights, optim
 
