@@ -386,13 +386,13 @@ def gather_training_state(acc: Any, model: Any, optimizer: Any | None) -> tuple[
 
     Uses ``torch.distributed.checkpoint.state_dict`` (``full_state_dict``, ``cpu_offload``), which
     knows plain modules, DDP and FSDP alike; on processes other than the main one the dicts may
-    be empty. ``optimizer`` None (DeepSpeed) skips the optimizer.
+    be empty. Weights are the trainable parameters only (no buffers, no quantisation states).
+    ``optimizer`` None (DeepSpeed) skips the optimizer.
     """
+    from accelerate.utils import DistributedType
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     opts = _sd_options(cpu_offload=True, ignore_frozen_params=True)
-    from accelerate.utils import DistributedType
-
     full = get_model_state_dict(model, options=opts)
     inner = acc.unwrap_model(model)
     if getattr(acc, "distributed_type", None) == DistributedType.FSDP:  # parameter names may be flat: drop buffers
