@@ -191,6 +191,16 @@ def test_qlora_8b_recipe_on_a_vila_layout_checkpoint(tmp_path: Path, toy: Path) 
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         ckpt.resolve()
     )
+    # the 4-bit run resumes from its pickle-free checkpoint
+    more = subprocess.run(
+        [*("training.max_steps=4" if a == "training.max_steps=3" else a for a in cmd), "--resume"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert next(e for e in events(more.stdout) if e["event"] == "resume")["global_step"] == 3
     merged_dir = tmp_path / "merged"
     assert main(["merge", str(out), str(merged_dir)]) == 0
     merged, _ = load_model(merged_dir)

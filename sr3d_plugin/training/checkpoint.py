@@ -156,6 +156,25 @@ def decode_state(obj: Any, tensors: dict[str, torch.Tensor], where: str = "state
     raise SR3DCheckpointError(f"{where}: unknown entry tag {tag!r}")
 
 
+def _put_bytes(path: Path, data: bytes) -> None:
+    """Atomic write; an ``OSError`` without a file name gets ``path`` (so the error can name the file)."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+def _put_json(path: Path, obj: Any) -> None:
+    try:
+        atomic_write_json(path, obj)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def _write_state(folder: Path, name: str, obj: Any) -> None:
     """``<name>.json`` (+ ``<name>.safetensors`` when ``obj`` holds tensors) in ``folder``."""
     from safetensors.torch import save
@@ -163,8 +182,8 @@ def _write_state(folder: Path, name: str, obj: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     doc = {"format": CHECKPOINT_FORMAT, "state": encode_state(obj, tensors, "")}
     if tensors:
-        atomic_write_bytes(folder / f"{name}.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_json(folder / f"{name}.json", doc)
+        _put_bytes(folder / f"{name}.safetensors", save(tensors, metadata={"format": "pt"}))
+    _put_json(folder / f"{name}.json", doc)
 
 
 def _read_state(ckpt: Path, manifest: dict[str, Any], name: str) -> Any:
@@ -209,7 +228,7 @@ def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[st
             continue
         files[rel] = {"sha256": _sha256_file(p), "size": p.stat().st_size}
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **(extra or {}), "files": files}
-    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    _put_json(folder / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -367,12 +386,21 @@ def gather_training_state(acc: Any, model: Any, optimizer: Any | None) -> tuple[
 
     Uses ``torch.distributed.checkpoint.state_dict`` (``full_state_dict``, ``cpu_offload``), which
     knows plain modules, DDP and FSDP alike; on processes other than the main one the dicts may
-    be empty. ``optimizer`` None (DeepSpeed) skips the optimizer.
+    be empty. Weights are the trainable parameters only (no buffers, no quantisation states).
+    ``optimizer`` None (DeepSpeed) skips the optimizer.
     """
+    from accelerate.utils import DistributedType
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     opts = _sd_options(cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=opts)
+    full = get_model_state_dict(model, options=opts)
+    inner = acc.unwrap_model(model)
+    if getattr(acc, "distributed_type", None) == DistributedType.FSDP:  # parameter names may be flat: drop buffers
+        buffers = {_canonical(n) for n, _ in inner.named_buffers()}
+        weights = {k: v for k, v in full.items() if k not in buffers}
+    else:  # trained parameters only: buffers and quantisation states (bitsandbytes) belong to the base
+        keep = {_canonical(n) for n, p in inner.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in full.items() if k in keep}
     optim = get_optimizer_state_dict(model, _raw_optimizer(optimizer), options=opts) if optimizer is not None else {}
     return weights, optim
 
@@ -395,7 +423,7 @@ def save_training_state(
     if acc.is_main_process:
         if weights is not None:
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-            atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+            _put_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
         if optimizer_state is not None:
             _write_state(folder, "optimizer", optimizer_state)
         _write_state(folder, "scheduler", scheduler.state_dict())
@@ -404,7 +432,7 @@ def save_training_state(
             _write_state(folder, "scaler", scaler.state_dict())
     _write_state(folder, f"rng_{acc.process_index}", _rng_state())
     if acc.is_main_process:
-        atomic_write_json(folder / "trainer_state.json", trainer_state)
+        _put_json(folder / "trainer_state.json", trainer_state)
 
 
 _WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
