@@ -427,21 +427,17 @@ class SR3DLmms(lmms):
             eval_logger.info(f"sr3d: answer store {store.folder}: {len(store)} stored answer(s){bad}")
         return store
 
-    def _request_key(self, req: Instance) -> tuple[str, Any]:
+    def _request_key(self, req: Instance) -> str:
         context, gen_kwargs, _, doc_id, task, split = req.args
         doc = self._safe_doc(task, split, doc_id)
         gen, stops = self._gen_kwargs(gen_kwargs)
-        key = self.answer_store.key(task, split, doc_id, doc, context, {**gen, "stop": stops})
-        return key, doc
+        return self.answer_store.key(task, split, doc_id, doc, context, {**gen, "stop": stops})
 
     def _generate_until_resumable(self, requests: list[Instance]) -> list[str]:
         store = self.answer_store
-        keys: list[str] = []
-        results: list[str | None] = []
-        for req in requests:
-            key, _ = self._request_key(req)
-            keys.append(key)
-            results.append(store.get(key))
+        self._failed_docs.clear()
+        keys = [self._request_key(req) for req in requests]
+        results: list[str | None] = [store.get(key) for key in keys]
         todo = [i for i, r in enumerate(results) if r is None]
         eval_logger.info(
             f"sr3d: answer store: {len(requests) - len(todo)} of {len(requests)} answer(s) reused, "
