@@ -44,20 +44,22 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
     root = tmp_path_factory.mktemp("reuse")
     return [
-        write_scannet_layout(generate_scene(seed, num_frames=6, width=160, height=120, num_objects=3), root / f"s{seed}")
+        write_scannet_layout(
+            generate_scene(seed, num_frames=6, width=160, height=120, num_objects=3), root / f"s{seed}"
+        )
         for seed in (3, 4)
     ]
 
 
 class _Counter:
-    """Counts vision-tower calls and records the sequence length of every LLM forward."""
+    """Counts vision-tower calls and records the sequence length of every forward of the LLM's decoder."""
 
     def __init__(self, model: Any) -> None:
         self.vision = 0
         self.llm_lengths: list[int] = []
         self._handles = [
             model.vision_tower.register_forward_hook(self._on_vision),
-            model.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True),
+            model.llm.get_decoder().register_forward_pre_hook(self._on_llm, with_kwargs=True),
         ]
 
     def _on_vision(self, *_: Any) -> None:
@@ -226,9 +228,7 @@ def test_pipeline_ask_reuses_a_scene_with_identical_answers(tiny: tuple[Any, Any
     assert len(on.scene_cache) == 0
 
 
-def test_batched_generation_over_two_scenes_equals_the_uncached_path(
-    tiny: tuple[Any, Any], scenes: list[Path]
-) -> None:
+def test_batched_generation_over_two_scenes_equals_the_uncached_path(tiny: tuple[Any, Any], scenes: list[Path]) -> None:
     model, processor = tiny
     p0, v0 = _visuals(processor, scenes[0], QUESTIONS)
     p1, v1 = _visuals(processor, scenes[1], QUESTIONS[:3])
