@@ -22,6 +22,10 @@ on the same frames, these are the same and are kept in a :class:`SceneCache`:
   question's tokens, padded *between* prefix and question (masked; position ids follow the attention
   mask, so every token keeps the position it has in the uncached, left-padded batch).
 
+Sampling (``do_sample``) draws from the same distributions; a single question with a seed draws the
+same tokens, but a batch that splits into several groups (other scenes, beams) consumes the random
+stream in another order than the uncached batch, so sampled answers of such batches can differ.
+
 Region embeddings still depend on each question's masks: they are pooled from the cached features
 with the question's own ``region_weights``.
 
@@ -412,7 +416,8 @@ class ReuseGenerator:
 
         new_rows: dict[int, torch.Tensor] = {}
         for (vkey, n, prefix_ids), members in groups.items():
-            if n == 0:  # no shared prefix: the whole prompt, visual features still reused
+            kv = self._prefix_cache(vkey, prefix_ids, rows[members[0]][2][:n]) if n else None
+            if kv is None:  # no shared prefix (or an LLM without a cache): visual features still reused
                 sub_attn = attn[members]
                 width = int(sub_attn.sum(dim=1).max())
                 out = model.generate(
@@ -423,7 +428,6 @@ class ReuseGenerator:
                 )
                 prompt_width = width
             else:
-                kv = self._prefix_cache(vkey, prefix_ids, rows[members[0]][2][:n])
                 s_max = max(rows[r][1].shape[0] - n for r in members)
                 full = embeds.new_zeros(len(members), n + s_max, embeds.shape[-1])
                 full_ids = torch.full((len(members), n + s_max), pad, dtype=torch.long, device=self.device)
