@@ -409,7 +409,5 @@ def _with_regions(base: Any, regions: Sequence[Any], timings: dict[str, float]) 
     specs = [parse_region_spec(r) if isinstance(r, str) else r for r in regions]
     region_objs = resolve_regions(specs, base.frames) if specs else []
     timings["regions"] = time.perf_counter() - t
-    visual = VisualInput(
-        list(base.visual.images), points=base.visual.points, valid=base.visual.valid, regions=region_objs
-    )
+    visual = base.visual.with_regions(region_objs)  # frames and point maps were checked when base was made
     return VisualBundle(visual, base.frames, base.geometry, specs, timings, base.kind)

@@ -22,6 +22,10 @@ on the same frames, these are the same and are kept in a :class:`SceneCache`:
   question's tokens, padded *between* prefix and question (masked; position ids follow the attention
   mask, so every token keeps the position it has in the uncached, left-padded batch).
 
+Sampling (``do_sample``) draws from the same distributions; a single question with a seed draws the
+same tokens, but a batch that splits into several groups (other scenes, beams) consumes the random
+stream in another order than the uncached batch, so sampled answers of such batches can differ.
+
 Region embeddings still depend on each question's masks: they are pooled from the cached features
 with the question's own ``region_weights``.
 
@@ -354,7 +358,9 @@ class ReuseGenerator:
         if hit is not None:
             return hit
         mask = torch.ones(1, prefix_embeds.shape[0], dtype=torch.long, device=prefix_embeds.device)
-        out = self.model.llm(inputs_embeds=prefix_embeds[None], attention_mask=mask, use_cache=True, return_dict=True)
+        llm = self.model.llm
+        decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm  # no logits: only the KV is kept
+        out = decoder(inputs_embeds=prefix_embeds[None], attention_mask=mask, use_cache=True, return_dict=True)
         kv = out.get("cache")
         if kv is None:
             kv = out.get("past_key_values")
@@ -410,32 +416,43 @@ class ReuseGenerator:
 
         new_rows: dict[int, torch.Tensor] = {}
         for (vkey, n, prefix_ids), members in groups.items():
-            if n == 0:  # no shared prefix: the whole prompt, visual features still reused
+            kv = self._prefix_cache(vkey, prefix_ids, rows[members[0]][2][:n]) if n else None
+            if kv is None:  # no shared prefix (or an LLM without a cache): visual features still reused
                 sub_attn = attn[members]
                 width = int(sub_attn.sum(dim=1).max())
-                out = model.llm.generate(
-                    inputs_embeds=embeds[members][:, -width:], attention_mask=sub_attn[:, -width:], **gen
+                out = model.generate(
+                    input_ids=ids[members][:, -width:],
+                    inputs_embeds=embeds[members][:, -width:],
+                    attention_mask=sub_attn[:, -width:],
+                    **gen,
                 )
+                prompt_width = width
             else:
-                kv = self._prefix_cache(vkey, prefix_ids, rows[members[0]][2][:n])
-                suffixes = [rows[r][2][n:] for r in members]
-                s_max = max(s.shape[0] for s in suffixes)
-                h = embeds.shape[-1]
-                full = embeds.new_zeros(len(members), n + s_max, h)
+                s_max = max(rows[r][1].shape[0] - n for r in members)
+                full = embeds.new_zeros(len(members), n + s_max, embeds.shape[-1])
+                full_ids = torch.full((len(members), n + s_max), pad, dtype=torch.long, device=self.device)
                 mask = torch.zeros(len(members), n + s_max, dtype=torch.long, device=self.device)
                 full[:, :n] = rows[members[0]][2][:n]
+                full_ids[:, :n] = rows[members[0]][1][:n]
                 mask[:, :n] = 1
-                for j, s in enumerate(suffixes):
-                    full[j, n + s_max - s.shape[0] :] = s
-                    mask[j, n + s_max - s.shape[0] :] = 1
+                for j, r in enumerate(members):  # each question's own tokens, right-aligned after the gap
+                    start = n + s_max - (rows[r][1].shape[0] - n)
+                    full[j, start:] = rows[r][2][n:]
+                    full_ids[j, start:] = rows[r][1][n:]
+                    mask[j, start:] = 1
                 cache = copy.deepcopy(kv)
                 if len(members) > 1:
                     cache.batch_repeat_interleave(len(members))
-                out = model.llm.generate(
-                    inputs_embeds=full, attention_mask=mask, **{_cache_argument(model.llm): cache}, **gen
+                out = model.generate(
+                    input_ids=full_ids,
+                    inputs_embeds=full,
+                    attention_mask=mask,
+                    **{_cache_argument(model.llm): cache},
+                    **gen,
                 )
+                prompt_width = n + s_max
             for j, r in enumerate(members):
-                new_rows[r] = out[j]
+                new_rows[r] = out[j, prompt_width:]
         width = max(t.shape[0] for t in new_rows.values())
         new = torch.full((ids.shape[0], width), pad, dtype=torch.long, device=self.device)
         for r, t in new_rows.items():

@@ -52,14 +52,14 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 class _Counter:
-    """Counts vision-tower calls and records the sequence length of every LLM forward."""
+    """Counts vision-tower calls and records the sequence length of every forward of the LLM's decoder."""
 
     def __init__(self, model: Any) -> None:
         self.vision = 0
         self.llm_lengths: list[int] = []
         self._handles = [
             model.vision_tower.register_forward_hook(self._on_vision),
-            model.llm.register_forward_pre_hook(self._on_llm, with_kwargs=True),
+            model.llm.get_decoder().register_forward_pre_hook(self._on_llm, with_kwargs=True),
         ]
 
     def _on_vision(self, *_: Any) -> None:
@@ -120,6 +120,16 @@ def test_encode_visual_features_replace_pixel_values(tiny: tuple[Any, Any], scen
             visual_features=feats,
         ).logits
         assert torch.equal(a, b)
+        gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
+        plain = model.generate(**full, **gen)
+        given = model.generate(
+            input_ids=bare["input_ids"], attention_mask=bare["attention_mask"], inputs_embeds=got, **gen
+        )
+        assert torch.equal(plain, given) and plain.shape[1] == full["input_ids"].shape[1] + 4
+        with pytest.raises(SR3DInputError, match="inputs_embeds are used as given"):
+            model.generate(input_ids=full["input_ids"], inputs_embeds=got, pixel_values=full["pixel_values"])
+        with pytest.raises(SR3DInputError, match=r"inputs_embeds cover \(2, 5\) positions"):
+            model.generate(input_ids=full["input_ids"], inputs_embeds=got[:, :5])
     with pytest.raises(SR3DInputError, match="either pixel_values or visual_features"):
         model.build_inputs_embeds(full["input_ids"], full["pixel_values"], full["tile_xyz"], visual_features=feats)
     with pytest.raises(SR3DInputError, match="image placeholder tokens but 4 tile"):

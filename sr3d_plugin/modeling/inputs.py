@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,6 +140,17 @@ class VisualInput:
                         f"valid mask shape {tuple(m.shape)} does not match points {tuple(p.shape[:3])}"
                     )
                 self.valid = m.to(torch.bool)
+        self._check_regions()
+
+    def with_regions(self, regions: list[Region]) -> VisualInput:
+        """The same frames and point maps (shared, not checked again) with other ``regions`` (checked)."""
+        out = copy.copy(self)
+        out.regions = list(regions)
+        out._check_regions()
+        return out
+
+    def _check_regions(self) -> None:
+        v = len(self.images)
         for r_idx, region in enumerate(self.regions):
             for frame, mask in region.masks.items():
                 if not 0 <= frame < v:

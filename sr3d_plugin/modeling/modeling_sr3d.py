@@ -524,23 +524,37 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         visual_features: SR3DVisualFeatures | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Generate with the LLM's own ``generate``.
 
         ``visual_features`` (:meth:`encode_visual`) replaces ``pixel_values`` / ``tile_xyz`` /
-        ``image_sizes`` (the vision work of frames shared by several questions is done once). A
-        transformers cache holding the KV of a shared prompt prefix can be passed as ``cache`` (the LLM's
-        ``generate`` then prefills only the rest; see :mod:`sr3d_plugin.scene_cache`).
+        ``image_sizes`` (the vision work of frames shared by several questions is done once).
+        ``inputs_embeds`` ``[B, L, H]``: embeddings already assembled for ``input_ids``
+        (:meth:`build_inputs_embeds`), used as they are (no visual arguments then). A transformers
+        cache holding the KV of a shared prompt prefix can be passed as ``cache`` (``past_key_values``
+        before transformers 5.2x): the LLM's ``generate`` then prefills only the rest (see
+        :mod:`sr3d_plugin.scene_cache`).
 
         Returns ``[B, prompt + new]`` token ids, the prompt first, as for any decoder-only model
         (decode ``out[:, input_ids.shape[1]:]`` for the answer).
         """
         if input_ids is None:
             raise SR3DInputError("generate needs input_ids")
-        embeds, _, _ = self.build_inputs_embeds(
-            input_ids, pixel_values, tile_xyz, region_weights, image_sizes, visual_features
-        )
+        if inputs_embeds is not None:
+            if any(x is not None for x in (pixel_values, tile_xyz, region_weights, image_sizes, visual_features)):
+                raise SR3DInputError("inputs_embeds are used as given; do not also pass visual inputs")
+            if tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+                raise SR3DInputError(
+                    f"inputs_embeds cover {tuple(inputs_embeds.shape[:2])} positions but input_ids are "
+                    f"{tuple(input_ids.shape)}; expected the same [batch, length]"
+                )
+            embeds = inputs_embeds
+        else:
+            embeds, _, _ = self.build_inputs_embeds(
+                input_ids, pixel_values, tile_xyz, region_weights, image_sizes, visual_features
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         for key in ("token_type_ids", "num_tiles", "labels"):
