@@ -144,15 +144,19 @@ def check_pixels(pixels: int, what: str, shape: Sequence[int] | None = None) -> 
     )
 
 
-def open_image(path: str | os.PathLike, what: str = "image") -> Any:
-    """Open an image lazily (header only) after checking its size against the limit.
+def open_image(path: str | os.PathLike, what: str = "image", load: bool = True) -> Any:
+    """Open an image after checking its size (from the header) against the limit.
 
-    Returns an open ``PIL.Image.Image`` (use it as a context manager). PIL's own decompression-bomb
-    check is replaced by this limit: a larger limit set here is honoured, a smaller one applies.
+    Returns an open ``PIL.Image.Image`` (use it as a context manager), decoded when ``load`` (the
+    default) and lazy (header only) otherwise. PIL's own decompression-bomb check is replaced by
+    this limit: a larger limit set here is honoured, a smaller one applies. Decoding refuses a
+    truncated file even where another library set PIL's process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` (lmms-eval does, on import), which would otherwise fill the
+    missing rows with grey.
 
     Raises:
         SR3DLimitError: width × height exceeds the limit.
-        SR3DInputError: the file is not a readable image.
+        SR3DInputError: the file is not a readable image (or is truncated).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -178,7 +182,25 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Any:
     except SR3DLimitError:
         im.close()
         raise
+    if load:
+        _load_strictly(im, p, what)
     return im
+
+
+def _load_strictly(im: Any, p: Path, what: str) -> None:
+    """Decode ``im`` with PIL's truncated-image tolerance off (restored afterwards); closes it on failure."""
+    from PIL import ImageFile
+
+    with _pil_lock:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            im.close()
+            raise SR3DInputError(f"{what} {str(p)!r} is not a readable image: {exc}") from exc
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def _pil_open(image_mod: Any, p: Path, limit: int | None) -> Any:

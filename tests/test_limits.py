@@ -169,3 +169,20 @@ def test_video_frames_are_checked_from_the_stream_header(tmp_path: Path) -> None
         pytest.raises(SR3DLimitError, match=r"clip\.mp4' frame would decode to 64 × 48"),
     ):
         VideoReader(num_frames=2).read(clip)
+
+
+def test_truncated_images_are_refused_even_when_pil_tolerates_them(tmp_path: Path, monkeypatch) -> None:
+    """lmms-eval sets PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` on import; a cut-off
+    frame must still be an error, not an image with grey rows."""
+    from PIL import ImageFile
+
+    good = tmp_path / "frame.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(SR3DInputError, match=r"cut\.png.*not a readable image"):
+        load_rgb(cut)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored
+    assert np.array_equal(np.asarray(load_rgb(good)), np.asarray(Image.open(good).convert("RGB")))
