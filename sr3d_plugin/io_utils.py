@@ -50,6 +50,7 @@ __all__ = [
     "clean_stale_temps",
     "current_umask",
     "disk_error",
+    "replace_folder",
     "stable_hash",
     "warn_cache_write_failed",
 ]
@@ -229,6 +230,41 @@ def _make_parent(dest: Path) -> None:
 
 
 @contextlib.contextmanager
+def _faults_name(dest: Path) -> Iterator[None]:
+    """Turn a disk fault raised inside the block (also one wrapped by safetensors) into an
+    :class:`~sr3d_plugin.errors.SR3DDiskError` naming ``dest``; other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        fault = _disk_fault_of(exc, dest)
+        if fault is not None:
+            raise disk_error(fault, dest, "writing") from exc
+        raise
+
+
+def replace_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Move the complete folder ``tmp`` to ``dest`` with two renames (old ``dest`` → backup, ``tmp`` →
+    ``dest``), so a crash leaves the old or the new folder whole; the old one is put back if the second
+    rename fails and removed after it succeeds. Raises ``OSError`` (the caller names the step)."""
+    tmp, dest = Path(tmp), Path(dest)
+    backup = None
+    if dest.exists():
+        backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(dest, backup)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if backup is not None:  # put the old folder back where it was
+            with contextlib.suppress(OSError):
+                os.replace(backup, dest)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
@@ -248,13 +284,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except OSError as exc:
         raise disk_error(exc, dest, "creating a temporary file for") from exc
     try:
-        try:
+        with _faults_name(dest):
             yield tmp_path
-        except Exception as exc:
-            fault = _disk_fault_of(exc, dest)
-            if fault is not None:
-                raise disk_error(fault, dest, "writing") from exc
-            raise
         try:
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -304,31 +335,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             tmp.rmdir()
         raise disk_error(exc, dest, "creating a temporary folder for") from exc
     try:
-        try:
+        with _faults_name(dest):
             yield tmp
-        except Exception as exc:
-            fault = _disk_fault_of(exc, dest)
-            if fault is not None:
-                raise disk_error(fault, dest, "writing") from exc
-            raise
         try:
-            backup = None
-            if dest.exists():
-                backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                if backup.exists():
-                    shutil.rmtree(backup)
-                os.replace(dest, backup)
-            try:
-                os.replace(tmp, dest)
-            except OSError:
-                if backup is not None:  # put the old folder back where it was
-                    with contextlib.suppress(OSError):
-                        os.replace(backup, dest)
-                raise
+            replace_folder(tmp, dest)
         except OSError as exc:
             raise disk_error(exc, dest, "moving the new folder into place at") from exc
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

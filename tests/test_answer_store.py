@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from _eval_data import prepare_all, raw_releases, tiny_model_dir
 
 from sr3d_plugin.errors import SR3DConfigError
 from sr3d_plugin.evaluation.answer_store import AnswerStore, model_fingerprint, run_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SPLITS = {"scanqa": "val", "sqa3d": "test", "scan2cap": "val", "vsibench": "test"}
 GEN = {"max_new_tokens": 5, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
 
@@ -95,12 +95,6 @@ def test_keys_cover_model_settings_record_prompt_and_generation(tmp_path: Path) 
 
 
 # --------------------------------------------------------------------------- the model hook
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from _eval_data import prepare_all, raw_releases, tiny_model_dir
 
 from sr3d_plugin.cli import main
@@ -20,17 +19,11 @@ from sr3d_plugin.evaluation import lmms_tasks as T
 from sr3d_plugin.evaluation.schema import load_records
 from sr3d_plugin.resources import eval_tasks_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("lmms_eval")
 
 SPLITS = {"scanqa": "val", "sqa3d": "test", "scan2cap": "val", "vsibench": "test"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

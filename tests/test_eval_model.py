@@ -18,18 +18,12 @@ from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.evaluation import lmms_tasks as T
 from sr3d_plugin.evaluation.schema import load_records
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("lmms_eval")
 
 SPLITS = {"scanqa": "val", "sqa3d": "test", "scan2cap": "val", "vsibench": "test"}
 GEN = {"max_new_tokens": 5, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is far faster without thread contention
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
 from sr3d_plugin.inference import SR3DPipeline
 from sr3d_plugin.scene_cache import SceneCache, prefix_length, visual_fingerprint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUESTIONS = [
     ("What is on the table?", []),
     ("Is <mask> left of <mask>?", ["frame=1 box=10,20,80,90", "frame=3 box=30,30,100,110"]),
@@ -21,14 +23,6 @@ QUESTIONS = [
     ("How many chairs are there in the room?", []),
     ("What colour is <mask>?", ["frame=2 box=50,10,150,100"]),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -652,19 +651,6 @@ def load_training_state(
             f"{manifest.get('processes', '?')} process(es)); its generators keep their seeds"
         )
     return counters
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move the complete folder ``tmp`` to ``final``; an older ``final`` is removed only after the move."""
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old.tmp")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(final, backup)
-    os.replace(tmp, final)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def describe_os_error(exc: BaseException, path: str | os.PathLike, action: str) -> SR3DDiskError:

@@ -45,13 +45,12 @@ from typing import Any
 import torch
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DDiskError, SR3DError
-from sr3d_plugin.io_utils import atomic_dir, atomic_write_text
+from sr3d_plugin.io_utils import atomic_dir, atomic_write_text, replace_folder
 from sr3d_plugin.training.checkpoint import (
     describe_os_error,
     gather_training_state,
     load_training_state,
     refuse_deepspeed_resume,
-    replace_folder,
     save_training_state,
     verify_checkpoint,
     write_manifest,
