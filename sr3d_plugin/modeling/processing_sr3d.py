@@ -25,6 +25,7 @@ masks tiled like the image, bilinearly resized to the grid and normalised).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -133,6 +134,8 @@ class SR3DProcessor(ProcessorMixin):
         call_adds_special_tokens: bool = False,
         pixel_backend: str | None = None,
         keep_thin_regions: bool = False,
+        depth_model: str | None = None,
+        canonical_mode: str = "sr3d",
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -161,6 +164,8 @@ class SR3DProcessor(ProcessorMixin):
         self.call_adds_special_tokens = call_adds_special_tokens
         self.pixel_backend = pixel_backend
         self.keep_thin_regions = bool(keep_thin_regions)
+        self.depth_model = None if depth_model is None else str(depth_model)
+        self.canonical_mode = canonical_mode
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -204,6 +209,7 @@ class SR3DProcessor(ProcessorMixin):
             "use_image_newline": getattr(config, "use_image_newline", False),
             "conv_mode": getattr(config, "conv_mode", None),
             "tokenize_image_chunks": getattr(config, "tokenize_image_chunks", False),
+            "canonical_mode": getattr(config, "canonical_mode", "sr3d"),
         }
         kwargs.update(overrides)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
@@ -297,9 +303,18 @@ class SR3DProcessor(ProcessorMixin):
                 messages.append({"role": "assistant", "content": reply})
         return self.render_chat(messages, add_generation_prompt=answer is None)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """Render a conversation: the LLaVA conversation template ``conv_mode`` when set, else the chat template."""
+    def render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, continue_final_message: bool = False
+    ) -> str:
+        """Render a conversation: the LLaVA conversation template ``conv_mode`` when set, else the chat template.
+
+        ``continue_final_message``: leave the last (assistant) message open for the model to continue.
+        """
         if self.conv_mode:
+            if continue_final_message:
+                raise SR3DInputError(
+                    f"continue_final_message=True is not supported with the conversation template {self.conv_mode!r}"
+                )
             from sr3d_plugin.modeling.llava_conventions import render_conversation
 
             return render_conversation(self.conv_mode, messages, add_generation_prompt)
@@ -308,8 +323,9 @@ class SR3DProcessor(ProcessorMixin):
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise SR3DInputError("the tokenizer has no chat template; pass a full prompt string instead")
+        extra = {"continue_final_message": True} if continue_final_message else {}
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template, **extra
         )
 
     def _structured(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -344,34 +360,100 @@ class SR3DProcessor(ProcessorMixin):
 
     def __call__(  # type: ignore[override]
         self,
-        text: str | Sequence[str],
+        text: Any = None,
         visuals: VisualInput | Sequence[VisualInput | None] | None = None,
         supervised_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         padding_side: str | None = None,
-        return_tensors: str = "pt",
+        return_tensors: str | None = "pt",
         add_special_tokens: bool | None = None,
         return_visual_tensors: bool = True,
-        **_: Any,
+        *,
+        images: Any = None,
+        videos: Any = None,
+        depth: Any = None,
+        intrinsics: Any = None,
+        poses: Any = None,
+        points: Any = None,
+        regions: Any = None,
+        depth_model: str | None = None,
+        num_frames: int | None = None,
+        padding: bool | str | None = None,
+        **kwargs: Any,
     ) -> BatchFeature:
-        """Build a batch.
+        """Build a batch, from :class:`VisualInput` objects or transformers-style ``images`` / ``videos``.
 
         Args:
             text: prompt(s) containing ``<image>`` markers (one per image/frame) and ``<mask>`` or
-                ``<regionK>`` references.
-            visuals: one :class:`VisualInput` per prompt (or None for text-only prompts).
+                ``<regionK>`` references. With ``images`` / ``videos``, a text holding no ``<image>``
+                marker is a bare question and becomes :meth:`build_prompt` ``(text, visual)`` (chat
+                template, markers, default system); one with markers is used as given.
+            visuals: one :class:`VisualInput` per prompt (or None for text-only prompts); not together
+                with ``images`` / ``videos``.
             supervised_spans: optional character spans per prompt whose tokens get labels (all other
                 positions get -100); returns ``labels`` when given.
             padding_side: ``"left"`` (generation) or ``"right"``; defaults to the tokenizer's.
+            return_tensors: ``"pt"`` or None (tensors are always PyTorch).
             return_visual_tensors: with False, leave out ``pixel_values``, ``tile_xyz`` and ``image_sizes``
                 (the question-independent tensors, for visual features computed once and reused:
                 :meth:`SR3DForConditionalGeneration.encode_visual`); ids, masks, ``num_tiles`` and
                 ``region_weights`` are the same as with True.
+            images: per prompt one image (PIL, path or ``[H, W, 3]`` uint8 array; tiled dynamically) or a
+                list of frames of one scene (one tile each); for a single prompt, the image or its list.
+            videos: per prompt a video file or a list of frames (sampled to ``num_frames``, default 32).
+            depth, intrinsics, poses: per prompt the images' depth (metres; files or arrays ``[H, W]`` /
+                ``[N, H, W]``), ``[3, 3]`` pinhole matrix and ``[N, 4, 4]`` camera-to-world poses (as
+                :func:`sr3d_plugin.visual_inputs.read_frames`).
+            points: per prompt reconstruction point maps (``[V, H, W, 3]`` array or ``.npz`` / ``.npy``).
+            regions: per prompt a list of regions in ``<mask>`` order: :class:`Region` objects or dicts
+                ``{"frame": k, "box": [x0, y0, x1, y1]}`` (pixels) / ``{"frame": k, "mask": [H, W]}``.
+            depth_model: Depth Anything V2 folder or id estimating depth for images without depth or
+                points (default: the processor's ``depth_model``).
+            padding: accepted for transformers' pipelines; batches are always padded to the longest.
+
+        Unknown keyword arguments raise :class:`SR3DInputError` naming them.
 
         Returns:
             ``input_ids [B, L]``, ``attention_mask [B, L]``, ``num_tiles [B]`` and, when images are
             present, ``pixel_values [T, 3, S, S]``, ``tile_xyz [T, g, g, 3]`` (if point maps were
             given) and ``region_weights [R, T, g²]`` (if regions were given), ``labels`` on request.
         """
+        if kwargs:
+            raise SR3DInputError(
+                f"SR3DProcessor got unknown keyword argument(s) {', '.join(sorted(kwargs))}; it takes text, images, "
+                "videos, visuals, depth, intrinsics, poses, points, regions, depth_model, num_frames, "
+                "supervised_spans, padding_side, return_tensors, add_special_tokens, return_visual_tensors"
+            )
+        if return_tensors not in ("pt", None):
+            raise SR3DInputError(f"return_tensors={return_tensors!r}; SR3DProcessor returns PyTorch tensors ('pt')")
+        if padding not in (None, True, False, "longest"):
+            raise SR3DInputError(f"padding={padding!r}; batches are padded to the longest prompt (True or 'longest')")
+        if _looks_visual(text) and (visuals is None or isinstance(visuals, str)) and images is None:
+            text, visuals, images = visuals, None, text  # transformers' positional order: (images, text)
+        if text is None:
+            raise SR3DInputError("text is required: a prompt or a list of prompts")
+        media = {"depth": depth, "intrinsics": intrinsics, "poses": poses, "points": points, "regions": regions}
+        if images is not None or videos is not None:
+            if visuals is not None:
+                raise SR3DInputError("give either visuals (VisualInput objects) or images / videos, not both")
+            text, visuals = self._visuals_from_media(text, images, videos, media, depth_model, num_frames)
+        else:
+            given = [k for k, v in media.items() if v is not None]
+            if given:
+                raise SR3DInputError(
+                    f"{', '.join(given)} given without images or videos; pass the images they belong to"
+                )
+        return self._encode(text, visuals, supervised_spans, padding_side, add_special_tokens, return_visual_tensors)
+
+    def _encode(
+        self,
+        text: str | Sequence[str],
+        visuals: VisualInput | Sequence[VisualInput | None] | None,
+        supervised_spans: Sequence[Sequence[tuple[int, int]]] | None,
+        padding_side: str | None,
+        add_special_tokens: bool | None,
+        return_visual_tensors: bool,
+    ) -> BatchFeature:
+        """The batch of prompts and their :class:`VisualInput` objects (see :meth:`__call__`)."""
         if add_special_tokens is None:
             add_special_tokens = self.call_adds_special_tokens
         texts = [text] if isinstance(text, str) else list(text)
@@ -450,6 +532,180 @@ class SR3DProcessor(ProcessorMixin):
                 r += block.shape[0]
             data["region_weights"] = weights
         return BatchFeature(data=data, tensor_type=None)
+
+    # ------------------------------------------------------------------------------------------
+    # transformers-style inputs: images / videos / 3D keyword arguments, chat messages
+    # ------------------------------------------------------------------------------------------
+
+    def _visuals_from_media(
+        self,
+        text: Any,
+        images: Any,
+        videos: Any,
+        media: dict[str, Any],
+        depth_model: str | None,
+        num_frames: int | None,
+    ) -> tuple[list[str], list[VisualInput | None]]:
+        """Prompts and one :class:`VisualInput` per prompt from ``images`` / ``videos`` and the 3D keywords."""
+        from sr3d_plugin.visual_inputs import positions, read_frames
+
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise SR3DInputError("text must be a prompt string or a list of them (chat messages: apply_chat_template)")
+        b = len(texts)
+        per_image = _per_prompt(images, b, "images", lambda v: not isinstance(v, (list, tuple)))
+        per_video = _per_prompt(videos, b, "videos", lambda v: isinstance(v, (str, os.PathLike)))
+        per = {k: _per_prompt(v, b, k, lambda _v: False) for k, v in media.items()}
+        estimator = depth_model if depth_model is not None else self.depth_model
+        prompts: list[str] = []
+        visuals: list[VisualInput | None] = []
+        for i in range(b):
+            image, video = per_image[i], per_video[i]
+            if image is not None and video is not None:
+                raise SR3DInputError(f"prompt {i} has both images and a video; give one")
+            if image is None and video is None:
+                prompts.append(texts[i])
+                visuals.append(None)
+                continue
+            geo = {k: per[k][i] for k in ("depth", "intrinsics", "poses")}
+            if video is not None and not isinstance(video, (str, os.PathLike)):
+                frames = read_frames(frames=list(video), num_frames=num_frames or 32, **geo)
+            elif video is not None:
+                if any(v is not None for v in geo.values()):
+                    raise SR3DInputError(f"prompt {i}: a video takes points or a depth model, not depth / poses")
+                frames = read_frames(video=video, num_frames=num_frames or 32)
+            elif isinstance(image, (list, tuple)):
+                frames = read_frames(frames=list(image), num_frames=len(image), **geo)
+            else:
+                frames = read_frames(image=image, **geo)
+            pts = valid = None
+            if self.use_position_encoding:
+                if per["points"][i] is None and frames.depth is None and estimator is None:
+                    raise SR3DInputError(
+                        f"prompt {i}: this model adds a 3D positional encoding but its images have no depth, points "
+                        "or depth model; pass depth= (with intrinsics=, and poses= for several frames), points=, "
+                        "depth_model= (a Depth Anything V2 folder), or set the processor's depth_model"
+                    )
+                pts, valid, _ = positions(
+                    frames,
+                    "auto",
+                    points=per["points"][i],
+                    fallback_depth_model=estimator,
+                    canonical_mode=self.canonical_mode,
+                )
+            region_list = [_region(r, frames.images, i) for r in (per["regions"][i] or [])]
+            multi = len(frames.images) > 1 or video is not None
+            visual = VisualInput(list(frames.images), pts, valid, region_list, multi_view=multi)
+            prompt = texts[i]
+            if self.image_token not in prompt:
+                prompt = self.build_prompt(prompt, visual)
+            prompts.append(prompt)
+            visuals.append(visual)
+        return prompts, visuals
+
+    def apply_chat_template(  # type: ignore[override]
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        chat_template: str | None = None,
+        *,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        return_tensors: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        num_frames: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Render chat messages whose content may be a string or transformers' list of parts.
+
+        Parts: ``{"type": "text", "text": ...}``; ``{"type": "image", "image" | "path" | "url": ...}``
+        (PIL image, local file or array; ``{"type": "image"}`` alone is a marker for an image passed
+        separately); ``{"type": "video", "video" | "path" | "url": file or list of frames}``; ``{"type":
+        "region", "frame": k, "box": [x0, y0, x1, y1]}`` (pixels, or ``"mask": [H, W]``) → ``<mask>`` in the
+        prompt and a region in the batch. Parts are written in order (image → ``<image>``, one per video
+        frame); a conversation without a system message gets the processor's ``default_system``, as
+        :meth:`build_prompt`. ``chat_template`` overrides the processor's.
+
+        Returns the prompt (a list for a batch of conversations) or, with ``tokenize=True``, the batch of
+        :meth:`__call__` with the images, videos and regions of the messages (``processor_kwargs`` and the
+        remaining keyword arguments — depth, intrinsics, poses, points, depth_model, padding_side —
+        go to :meth:`__call__`; ``return_dict=False`` gives ``input_ids`` only).
+        """
+        from sr3d_plugin.visual_inputs import read_frames
+
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        convs = list(conversation) if batched else [conversation]
+        prompts: list[str] = []
+        media: list[Any] = []
+        regions: list[list[Any]] = []
+        for c, conv in enumerate(convs):
+            frames: list[Any] = []
+            conv_regions: list[Any] = []
+            messages: list[dict[str, str]] = []
+            for message in conv:
+                if not isinstance(message, dict) or "role" not in message:
+                    raise SR3DInputError(f"conversation {c}: every message must be a dict with 'role' and 'content'")
+                content = message.get("content", "")
+                if isinstance(content, str):
+                    messages.append({"role": message["role"], "content": content})
+                    continue
+                pieces: list[str] = []
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text":
+                        pieces.append(str(part.get("text", "")))
+                    elif kind == "image":
+                        source = _part_source(part, "image")
+                        if source is not None:
+                            frames.append(source)
+                        pieces.append(self.image_token + self.image_marker_suffix)
+                    elif kind == "video":
+                        source = _part_source(part, "video")
+                        if source is None:
+                            raise SR3DInputError(f"conversation {c}: a video part needs 'video', 'path' or 'url'")
+                        if isinstance(source, (list, tuple)):
+                            video_frames = list(source)
+                        else:
+                            video_frames = list(read_frames(video=source, num_frames=num_frames or 32).images)
+                        frames.extend(video_frames)
+                        pieces.append((self.image_token + self.image_marker_suffix) * len(video_frames))
+                    elif kind == "region":
+                        conv_regions.append(part)
+                        pieces.append(self.mask_token)
+                    else:
+                        raise SR3DInputError(
+                            f"conversation {c}: content part {part!r}; expected type 'text', 'image', 'video' or 'region'"
+                        )
+                text = "".join(pieces)
+                if message["role"] == "user" and not self.host_convention:
+                    text = text.strip()  # as user_content: SR-REAL strips every message
+                messages.append({"role": message["role"], "content": text})
+            if self.default_system is not None and not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": self.default_system})
+            if chat_template is not None:
+                saved, self.chat_template = self.chat_template, chat_template
+            try:
+                prompts.append(self.render_chat(messages, add_generation_prompt, continue_final_message))
+            finally:
+                if chat_template is not None:
+                    self.chat_template = saved
+            media.append(frames[0] if len(frames) == 1 else (frames or None))
+            regions.append(conv_regions)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        options = {**(processor_kwargs or {}), **kwargs}
+        if return_tensors is not None:
+            options["return_tensors"] = return_tensors
+        if any(m is not None for m in media):
+            if not batched:
+                options.update(images=media[0], regions=regions[0] or None)
+            else:
+                options.update(images=media, regions=regions)
+        elif any(regions):
+            raise SR3DInputError("region parts need an image or video in the conversation")
+        out = self(text=prompts if batched else prompts[0], **options)
+        return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------------------------------
     # pieces
@@ -647,6 +903,61 @@ class SR3DProcessor(ProcessorMixin):
     def decode_answer(self, generated: torch.Tensor, prompt_length: int) -> list[str]:
         """Decode the new tokens of ``generate`` output (``[B, prompt + new]``)."""
         return self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+
+
+def _looks_visual(value: Any) -> bool:
+    """Whether ``value`` is an image (or a list starting with one) rather than prompt text."""
+    import numpy as np
+
+    first = value[0] if isinstance(value, (list, tuple)) and value else value
+    return isinstance(first, (Image.Image, np.ndarray, torch.Tensor))
+
+
+def _per_prompt(value: Any, batch: int, name: str, is_single: Any) -> list[Any]:
+    """``value`` split into one entry per prompt: as given for one prompt, else a list of ``batch`` entries."""
+    if value is None:
+        return [None] * batch
+    if batch == 1:
+        return [value]
+    if not isinstance(value, (list, tuple)) or is_single(value) or len(value) != batch:
+        raise SR3DInputError(
+            f"{name} for {batch} prompts must be a list with one entry per prompt (None for none), "
+            f"got {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple)) else "")
+        )
+    return list(value)
+
+
+def _part_source(part: dict[str, Any], kind: str) -> Any:
+    """The media of a chat content part: its ``kind`` key, ``path`` or ``url`` (None for a bare marker)."""
+    for key in (kind, "path", "url"):
+        if part.get(key) is not None:
+            value = part[key]
+            if isinstance(value, str) and value.startswith(("http://", "https://")):
+                raise SR3DInputError(f"{kind} part {key}={value!r}: only local files and in-memory images are read")
+            return value
+    return None
+
+
+def _region(spec: Any, images: Sequence[Image.Image], index: int) -> Region:
+    """A :class:`Region` from a Region or a ``{"frame", "box" | "mask"}`` dict on ``images``."""
+    if isinstance(spec, Region):
+        return spec
+    if not isinstance(spec, dict):
+        raise SR3DInputError(f"prompt {index}: region {spec!r}; expected a Region or a dict with 'box' or 'mask'")
+    frame = spec.get("frame", 0)
+    if not isinstance(frame, int) or not 0 <= frame < len(images):
+        raise SR3DInputError(
+            f"prompt {index}: region frame={frame!r}; expected an integer frame index in 0..{len(images) - 1}"
+        )
+    label = spec.get("label")
+    if spec.get("box") is not None:
+        box = spec["box"]
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            raise SR3DInputError(f"prompt {index}: region box={box!r}; expected [x0, y0, x1, y1] in pixels")
+        return Region.from_box(frame, tuple(box), images[frame].size, label=label)
+    if spec.get("mask") is not None:
+        return Region({frame: spec["mask"]}, label=label)
+    raise SR3DInputError(f"prompt {index}: region {spec!r} has neither 'box' nor 'mask'")
 
 
 def _register_with_auto_processor() -> None:
