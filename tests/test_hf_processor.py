@@ -205,3 +205,14 @@ def test_depth_model_survives_save_and_load(tiny, tmp_path):
     loaded = SR3DProcessor.from_pretrained(tmp_path)
     assert loaded.depth_model == proc.depth_model
     assert loaded.canonical_mode == proc.canonical_mode
+
+
+def test_chat_parts_under_a_llava_folder_match_build_prompt(tmp_path):
+    from sr3d_plugin.builders import load_model
+    from sr3d_plugin.testing import write_tiny_llava_hf
+
+    _, proc = load_model(write_tiny_llava_hf(tmp_path / "llava"))
+    image = Image.new("RGB", (80, 64), (0, 128, 0))
+    visual = VisualInput([image], points=torch.zeros(1, 64, 80, 3))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    assert proc.apply_chat_template(messages, add_generation_prompt=True) == proc.build_prompt("What?", visual)

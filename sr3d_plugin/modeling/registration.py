@@ -5,7 +5,10 @@ Each class module registers itself when it is imported (``configuration_sr3d`` w
 ``AutoModelForImageTextToText`` and ``AutoModelForCausalLM``), so registering means importing it. That
 also makes re-entry harmless: when loading a class module itself makes transformers load an Auto module,
 the hook's import finds the module half-initialised, does nothing, and the module registers as it
-finishes. The functions are called by the import hook that ``import sr3d_plugin`` installs
+finishes. The ``AutoModelForImageTextToText`` entry is also what lets transformers'
+``pipeline("image-text-to-text", model=..., processor=...)`` accept our model; the processor side of
+that pipeline (``images=`` / chat messages) is :meth:`SR3DProcessor.__call__` and
+:meth:`SR3DProcessor.apply_chat_template`. The functions are called by the import hook that ``import sr3d_plugin`` installs
 (:mod:`sr3d_plugin._compat` explains when), or all at once by :func:`register_auto_classes`.
 """
 
