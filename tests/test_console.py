@@ -287,3 +287,16 @@ def test_pointmap_and_ask_run_on_the_synthetic_scan(synthetic_scene: Path, capsy
     assert answer["regions"][0]["bbox"][0] == b["box"]
     for noise in KNOWN_NOISE:
         assert noise not in res.stderr, noise
+
+
+def test_drop_log_entries_after(tmp_path: Path) -> None:
+    from sr3d_plugin.training.trainer import drop_log_entries_after
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"event": "start"}, {"event": "log", "step": 1}, {"event": "checkpoint", "step": 2}]
+    rows += [{"event": "log", "step": 3}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n" + '{"event": "log", "st')
+    assert drop_log_entries_after(log, 2) == 2
+    assert log.read_text().splitlines() == [*(json.dumps(r) for r in rows[:3]), "not json"]
+    assert drop_log_entries_after(log, 2) == 0
+    assert drop_log_entries_after(tmp_path / "absent.jsonl", 0) == 0

@@ -158,17 +158,23 @@ def train(
 def drop_log_entries_after(log_file: Path, step: int) -> int:
     """Rewrite ``log_file`` (JSONL events) without the entries of steps after ``step``; returns how many went.
 
-    Entries without a ``step`` (start, resume, warnings, end) are kept; unreadable lines are kept as they are.
+    Entries without a ``step`` (start, resume, warnings, end) are kept; unreadable lines are kept as they are,
+    except a last line cut short (no newline) by a killed process, which goes too.
     """
     if not log_file.is_file():
         return 0
     kept: list[str] = []
     dropped = 0
-    for line in log_file.read_text(encoding="utf-8").splitlines():
+    text = log_file.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         try:
             row = json.loads(line)
         except ValueError:
-            kept.append(line)
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                dropped += 1  # the half-written last line of a killed run
+            else:
+                kept.append(line)
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
             dropped += 1
