@@ -241,6 +241,17 @@ def synthetic_scene(tmp_path_factory) -> Path:
     return root / "scene0000_00"
 
 
+def test_json_of_synthetic_and_validate_data_parse_line_by_line(synthetic_scene: Path, tmp_path: Path, capsys) -> None:
+    assert main(["synthetic", str(tmp_path), "--frames", "2", "--width", "48", "--height", "48", "--json"]) == 0
+    (info,) = _json_lines(capsys.readouterr().out)
+    assert info["frames"] == 2 and Path(info["scene"]).is_dir()
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"id": "a", "conversations": []}) + "\n")
+    main(["validate-data", str(records), "--no-files", "--json"])  # valid or not: the report is one object
+    (report,) = _json_lines(capsys.readouterr().out)
+    assert report
+
+
 def test_synthetic_writes_a_scannet_style_scan(synthetic_scene: Path) -> None:
     d = synthetic_scene
     for sub in ("color", "depth", "pose"):
