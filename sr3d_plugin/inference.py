@@ -108,7 +108,8 @@ class SR3DPipeline:
         """Load a model folder with :func:`sr3d_plugin.builders.load_model` and wrap it.
 
         Args:
-            path: model folder (ours, VILA/NVILA/SR-3D layout, or anything a registered builder reads).
+            path: model folder (ours, VILA/NVILA/SR-3D layout, or anything a registered builder reads), or
+                ``"tiny"`` for the tiny random model bundled with the package.
             builder: builder name (default: detected from the folder).
             dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"`` or a torch dtype (default: the checkpoint's).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (default: CUDA when available).
@@ -131,7 +132,9 @@ class SR3DPipeline:
             kwargs.setdefault("device_map", {"": dev.index or 0} if dev.type == "cuda" else None)
         placed = quantized or kwargs.get("device_map") is not None
         from sr3d_plugin.builders import load_model
+        from sr3d_plugin.resources import resolve_model_name
 
+        path = resolve_model_name(path)
         try:
             model, processor = load_model(path, builder=builder, **kwargs)
         except (SR3DInputError, SR3DConfigError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["eval_tasks_dir", "package_dir", "recipes_dir"]
+__all__ = ["BUNDLED_MODELS", "eval_tasks_dir", "package_dir", "recipes_dir", "resolve_model_name"]
 
 
 def package_dir() -> Path:
@@ -33,3 +33,18 @@ def recipes_dir() -> Path:
 def eval_tasks_dir() -> Path:
     """Folder to pass to ``lmms-eval --include_path``."""
     return _shipped("eval_tasks")
+
+
+#: short model names resolved to folders shipped inside the package
+BUNDLED_MODELS: dict[str, str] = {"tiny": "assets/tiny-sr3d"}
+
+
+def resolve_model_name(path: str | Path) -> str | Path:
+    """A bundled model's short name (``"tiny"``) -> its folder; anything else is returned unchanged.
+
+    An existing folder of that name in the working directory wins over the bundled model.
+    """
+    name = str(path)
+    if name in BUNDLED_MODELS and not Path(name).exists():
+        return package_dir() / BUNDLED_MODELS[name]
+    return path

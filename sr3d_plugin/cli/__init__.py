@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "sr3d_plugin.cli.recipes_cmd",
     "sr3d_plugin.cli.validate_data_cmd",
     "sr3d_plugin.cli.conformance_cmd",
+    "sr3d_plugin.cli.synthetic_cmd",
 ]
 
 
@@ -113,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from sr3d_plugin import _quiet
+
+    _quiet.install()  # known third-party noise only (see sr3d_plugin/_quiet.py)
     try:
         result = args.func(args)
     except SR3DError as exc:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         export_demo=args.export_demo,
     )
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results))
     else:
         from pathlib import Path
 

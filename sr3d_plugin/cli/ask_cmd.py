@@ -40,7 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Load a model, read the visual input and its geometry, resolve region prompts and generate "
         "an answer. Frame indices in --region count the frames after sampling.",
     )
-    p.add_argument("--model", required=True, metavar="PATH", help="model folder (ours, VILA/NVILA/SR-3D layout, …)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="model folder (ours, VILA/NVILA/SR-3D layout, …), or tiny for the bundled tiny model",
+    )
     p.add_argument("--builder", help="model builder name (default: detected from the folder)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", metavar="F", help="a single image (tiled dynamically)")
@@ -178,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         raise SR3DInputError(f"cannot read input: {exc}") from exc
     result["timings"]["total"] = round(time.perf_counter() - t0, 4)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result))
     else:
         print(result["answer"])
         print(_summary_line(result), file=sys.stderr)

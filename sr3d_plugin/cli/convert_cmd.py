@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.destination, builder=args.builder, overwrite=args.overwrite, **kwargs
     )
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
         return 0
     print(
         f"wrote {summary['destination']} ({summary['parameters']:,} parameters, {summary['dtype']}) "

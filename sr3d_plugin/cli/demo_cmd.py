@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_demo(args.model, seed=args.seed, png=None if args.no_png else args.out)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result))
         return 0
     for i, r in enumerate(result["questions"], 1):
         mark = "right" if r["correct"] else "wrong"

@@ -122,7 +122,9 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     model_args = [a for a in (args.model_args or "").split(",") if a.strip()]
     if args.model:
-        model_path = Path(args.model).expanduser()
+        from sr3d_plugin.resources import resolve_model_name
+
+        model_path = Path(resolve_model_name(args.model)).expanduser()
         if not model_path.exists():
             raise SR3DConfigError(f"--model {args.model!r} does not exist (expected a model folder)")
         if any(a.strip().startswith("pretrained=") for a in model_args):

@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
 
     info = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info))
     else:
         print(f"merged {info['adapter']} into {info['base']} -> {info['output']} ({info['parameters']:,} parameters)")
+        if info.get("trained_modules"):
+            print(f"trained modules (from the adapter): {', '.join(info['trained_modules'])}")
     return 0

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_json(args.out, result)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result))
     else:
         print(_table(result))
     return 0

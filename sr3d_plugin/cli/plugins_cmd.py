@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             ],
             "load_errors": errors,
         }
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out))
         return 0
     width = max((len(r.name) for r in rows), default=4)
     current = None

@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
     else:
         lo = ", ".join(f"{x:+.3f}" for x in summary["canonical_bounds"]["min"])
         hi = ", ".join(f"{x:+.3f}" for x in summary["canonical_bounds"]["max"])

@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
                     {
                         n: {"description": c.description, "default_split": c.default_split, "options": c.options}
                         for n, c in converters.items()
-                    },
-                    indent=2,
+                    }
                 )
             )
         else:
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         args.raw, args.out, args.split, overwrite=args.overwrite, progress=not args.no_progress, **options
     )
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
     else:
         for key, value in summary.items():
             print(f"{key}: {value}")

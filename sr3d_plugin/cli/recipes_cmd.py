@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
         recipe, warnings = load_recipe(args.show, check_files=False)
         if args.json:
-            print(json.dumps({"recipe": recipe.source, "warnings": warnings, **recipe.to_dict()}, indent=2))
+            print(json.dumps({"recipe": recipe.source, "warnings": warnings, **recipe.to_dict()}))
         else:
             print(f"# {recipe.source}")
             for w in warnings:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = bundled_recipes()
     if args.json:
-        print(json.dumps([{"name": n, "description": d, "path": str(p)} for n, d, p in rows], indent=2))
+        print(json.dumps([{"name": n, "description": d, "path": str(p)} for n, d, p in rows]))
         return 0
     width = max((len(n) for n, _, _ in rows), default=4)
     for name, desc, _ in rows:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = eval_tasks_dir()
     if args.json:
-        print(json.dumps({"path": str(path), "tasks": [f"sr3d_{t}" for t in TASKS], "group": "sr3d_3d"}, indent=2))
+        print(json.dumps({"path": str(path), "tasks": [f"sr3d_{t}" for t in TASKS], "group": "sr3d_3d"}))
     else:
         print(path)
     return 0

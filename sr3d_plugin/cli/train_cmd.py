@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def _add_parser(sub: argparse._SubParsersAction, keys_help: str) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="print the memory plan without loading any weights")
     p.add_argument("--json", action="store_true", help="machine-readable output (one JSON object per line)")
+    p.add_argument("--verbose", action="store_true", help="list every trainable tensor at start (default: per group)")
     p.add_argument("--tiles", type=int, default=None, help="dry run: tiles per sample (default data.num_frames)")
     p.add_argument("--text-tokens", type=int, default=256, help="dry run: text tokens per sample (default 256)")
     p.add_argument("--answer-tokens", type=int, default=64, help="dry run: supervised tokens per sample (default 64)")
@@ -64,18 +66,21 @@ def _add_parser(sub: argparse._SubParsersAction, keys_help: str) -> None:
     p.set_defaults(func=run)
 
 
-def _print_event(event: dict[str, Any]) -> None:
+def _print_event(event: dict[str, Any], verbose: bool = False) -> None:
     kind = event.get("event")
     if kind == "start":
+        from sr3d_plugin.training.model_setup import format_trainable
+
         print(
             f"training on {event['device']} ({event['processes']} process(es)): {event['samples']} samples, "
-            f"{event['total_steps']} steps -> {event['output_dir']}"
+            f"{event['total_steps']} steps"
         )
-        print(f"trainable parameters: {event['trainable_params']:,} (frozen: {event['frozen_params']:,})")
-        for group, count in event["groups"].items():
-            print(f"  {group:<20} {count:>14,}")
-        for row in event["trainable"]:
-            print(f"    {row['name']}  {row['numel']:,}")
+        print(f"run folder: {event['output_dir']}")
+        if event.get("log_dir"):
+            print(f"log folder: {event['log_dir']}  (every event: {event.get('log_file')})")
+        if "tensorboard" in (event.get("trackers") or []):
+            print(f"watch it:   tensorboard --logdir {shlex.quote(str(event['log_dir']))}")
+        print(format_trainable(event, verbose))
     elif kind == "log":
         extra = f"  grad_norm {event['grad_norm']:.3f}" if "grad_norm" in event else ""
         print(
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and "=" in args.resume and not Path(args.resume).exists():
         overrides.append(args.resume)  # `--resume KEY=VALUE`: the value is an override, not a checkpoint
         args.resume = "latest"
+    args.overrides = overrides
     recipe, warnings = load_recipe(args.recipe, overrides, check_files=not args.dry_run)
     if args.dry_run:
         from sr3d_plugin.training.memory import plan_memory
@@ -112,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             num_processes=args.num_processes,
         )
         if args.json:
-            print(json.dumps({"recipe": recipe.source, "warnings": warnings, **plan.to_dict()}, indent=2))
+            print(json.dumps({"recipe": recipe.source, "warnings": warnings, **plan.to_dict()}, default=str))
         else:
             print(f"recipe: {recipe.source or '(mapping)'}")
             for w in warnings:
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(event, default=str), flush=True)
         else:
-            _print_event(event)
+            _print_event(event, verbose=args.verbose)
             sys.stdout.flush()
 
     from safetensors import SafetensorError
@@ -139,8 +145,37 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(recipe, resume=args.resume, emit=emit, progress=False if args.json else None)
+    except KeyboardInterrupt:
+        _interrupted(args, recipe.training.output_dir)
+        return 130
     except SR3DError:
         raise
     except (OSError, SafetensorError) as exc:  # a disk fault the trainer did not name itself: still one line
         raise describe_os_error(exc, recipe.training.output_dir, "training into") from None
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``sr3d train`` line that continues this run from its newest complete checkpoint."""
+    words = ["sr3d", "train", args.recipe, *args.overrides, "--resume"]
+    return shlex.join(words)
+
+
+def _interrupted(args: argparse.Namespace, output_dir: str) -> None:
+    """Ctrl-C: name the last complete checkpoint and the exact command that resumes from it."""
+    from sr3d_plugin.training.trainer import find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(output_dir, True)
+    except Exception:  # a half-written folder must not hide the hint
+        ckpt = None
+    command = resume_command(args) if ckpt is not None else None
+    if args.json:
+        event = {"event": "interrupted", "checkpoint": str(ckpt) if ckpt else None, "resume_command": command}
+        print(json.dumps(event), flush=True)
+        return
+    if ckpt is None:
+        print(f"interrupted: no complete checkpoint in {output_dir} yet; start again to train", file=sys.stderr)
+    else:
+        print(f"interrupted; last complete checkpoint: {ckpt}", file=sys.stderr)
+        print(f"continue with: {command}", file=sys.stderr)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         check_files=not args.no_files,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict()))
     else:
         # record fields keep their own names (a record's num_frames= is not --num-frames): no flag wording
         print(report.message(shown=len(report.problems)))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,9 @@ def merge_adapter(
     adapter (same tokenizer and tiling) is written beside the weights.
 
     Returns:
-        ``{"adapter", "base", "output", "parameters"}``.
+        ``{"adapter", "base", "output", "parameters", "trained_modules", "notes"}``: ``trained_modules``
+        are the SR-3D modules the adapter brings (their base "created fresh" notes are dropped), ``notes``
+        the remaining load notes of the base model.
     """
     from peft import PeftModel
 
@@ -47,7 +52,12 @@ def merge_adapter(
         raise SR3DInputError(
             f"base model {str(base_path)!r} of adapter {folder} is not a folder on this machine; pass base= (the base model folder)"
         )
-    model, processor = load_model(base_path, dtype=dtype)
+    trained = [str(m) for m in (cfg.get("modules_to_save") or [])]
+    with _quiet_about(trained):  # the base lacks them, the adapter brings them: not "created fresh"
+        model, processor = load_model(base_path, dtype=dtype)
+    notes = [n for n in getattr(model, "load_notes", []) if not _about(n, trained)]
+    for note in notes:
+        logging.getLogger("sr3d_plugin.builders").warning(note)
     merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
         processor = SR3DProcessor.from_pretrained(str(folder))
@@ -59,4 +69,26 @@ def merge_adapter(
         "base": str(base_path),
         "output": str(Path(out)),
         "parameters": sum(p.numel() for p in merged.parameters()),
+        "trained_modules": trained,
+        "notes": notes,
     }
+
+
+def _about(message: str, parts: list[str]) -> bool:
+    """Whether a load note is the "created fresh" note of one of ``parts``."""
+    return any(message.startswith(f"{part} has no weights") for part in parts)
+
+
+@contextlib.contextmanager
+def _quiet_about(parts: list[str]) -> Iterator[None]:
+    """Drop the builders' "created fresh" warnings for ``parts`` while the base model loads."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not _about(record.getMessage(), parts)
+
+    log = logging.getLogger("sr3d_plugin.builders")
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)

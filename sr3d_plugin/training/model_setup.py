@@ -33,6 +33,7 @@ __all__ = [
     "TrainableReport",
     "bnb_config",
     "build_model",
+    "format_trainable",
     "lora_target_regex",
     "model_config_for",
     "optimizer_groups",
@@ -193,6 +194,7 @@ class TrainableReport:
     trainable_params: int = 0
     frozen_params: int = 0
     groups: dict[str, int] = field(default_factory=dict)
+    group_tensors: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,16 +202,28 @@ class TrainableReport:
             "trainable_params": self.trainable_params,
             "frozen_params": self.frozen_params,
             "groups": self.groups,
+            "group_tensors": self.group_tensors,
             "trainable": [{"name": n, "numel": c} for n, c in self.trainable],
         }
 
-    def format(self) -> str:
-        lines = [f"trainable parameters: {self.trainable_params:,} (frozen: {self.frozen_params:,})"]
-        for g, c in self.groups.items():
-            lines.append(f"  {g:<20} {c:>14,}")
-        for n, c in self.trainable:
-            lines.append(f"    {n}  {c:,}")
-        return "\n".join(lines)
+    def format(self, verbose: bool = False) -> str:
+        """The grouped summary (group, tensors, parameters); every tensor too when ``verbose``."""
+        return format_trainable(self.to_dict(), verbose)
+
+
+def format_trainable(report: dict[str, Any], verbose: bool = False) -> str:
+    """Console summary of a :meth:`TrainableReport.to_dict` (as in the ``start`` event): one line per group."""
+    lines = [f"trainable parameters: {report['trainable_params']:,} (frozen: {report['frozen_params']:,})"]
+    tensors = report.get("group_tensors") or {}
+    for g, c in report["groups"].items():
+        count = f"{tensors[g]:>6,} tensors" if g in tensors else ""
+        lines.append(f"  {g:<20} {count} {c:>14,} params")
+    if verbose:
+        for row in report["trainable"]:
+            lines.append(f"    {row['name']}  {row['numel']:,}")
+    elif report["trainable"]:
+        lines.append("  (every trainable tensor: --verbose, or the start event of log.jsonl)")
+    return "\n".join(lines)
 
 
 def _group(name: str) -> str:
@@ -240,6 +254,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
             rep.trainable_params += n
             g = _group(short)
             rep.groups[g] = rep.groups.get(g, 0) + n
+            rep.group_tensors[g] = rep.group_tensors.get(g, 0) + 1
         else:
             rep.frozen_params += n
     return rep

@@ -782,6 +782,21 @@ def _resolve_paths(obj: Any, base: Path | None) -> None:
             setattr(obj, f.name, resolve_path(value, base))
 
 
+def _one_data_source(raw: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Overrides where naming one data source (``data.train_file`` / ``data.generator``) replaces the recipe's other.
+
+    A recipe with a generator overridden by ``data.train_file=...`` (and nothing said about the generator)
+    trains on the file; naming both in the overrides is left to validation.
+    """
+    data = extra.get("data")
+    if not isinstance(data, dict) or not isinstance(raw.get("data"), dict):
+        return extra
+    for given, other in (("train_file", "generator"), ("generator", "train_file")):
+        if data.get(given) is not None and other not in data and raw["data"].get(other) is not None:
+            return {**extra, "data": {**data, other: None}}
+    return extra
+
+
 def load_recipe(
     source: str | Path | dict[str, Any],
     overrides: list[str] | dict[str, Any] | None = None,
@@ -803,7 +818,7 @@ def load_recipe(
         path = find_recipe(source)
         raw = _load_raw(path)
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
-    raw = _merge(raw, extra)
+    raw = _merge(raw, _one_data_source(raw, extra))
     raw.pop("extends", None)
     recipe = _build(Recipe, raw, "")
     recipe.source = str(path) if path is not None else None

@@ -139,13 +139,58 @@ def train(
 ) -> dict[str, Any]:
     """Train ``recipe``; returns the final summary (also emitted as the ``end`` event).
 
+    Known third-party warnings (:mod:`sr3d_plugin._quiet`) are silenced for the duration of the run.
+
     Args:
         recipe: a validated :class:`~sr3d_plugin.training.recipe.Recipe`.
         resume: True / ``"latest"`` for the newest checkpoint in the output folder, a checkpoint path,
-            or None to start fresh (an output folder with checkpoints then is an error).
+            or None to start fresh (an output folder with checkpoints then is an error). On resume,
+            ``log.jsonl`` entries of steps after the checkpoint's are dropped (they are run again).
         emit: called on the main process with each event (``start``, ``log``, ``checkpoint``, ``end``).
         progress: show a progress bar (default ``logging.progress_bar``).
     """
+    from sr3d_plugin._quiet import known_warnings_silenced
+
+    with known_warnings_silenced():
+        return _train(recipe, resume, emit, progress)
+
+
+def drop_log_entries_after(log_file: Path, step: int) -> int:
+    """Rewrite ``log_file`` (JSONL events) without the entries of steps after ``step``; returns how many went.
+
+    Entries without a ``step`` (start, resume, warnings, end) are kept; unreadable lines are kept as they are,
+    except a last line cut short (no newline) by a killed process, which goes too.
+    """
+    if not log_file.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    text = log_file.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                dropped += 1  # the half-written last line of a killed run
+            else:
+                kept.append(line)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(log_file, "".join(k + "\n" for k in kept))
+    return dropped
+
+
+def _train(
+    recipe: Any,
+    resume: str | bool | None,
+    emit: Callable[[dict[str, Any]], None] | None,
+    progress: bool | None,
+) -> dict[str, Any]:
     from sr3d_plugin.training.data import EpochSampler, SR3DCollator, SR3DTrainDataset, load_training_source
     from sr3d_plugin.training.recipe import check_ranges
 
@@ -302,6 +347,11 @@ def train(
         warnings: list[str] = []
         counters = load_training_state(acc, ckpt, manifest, model, optimizer, scheduler, deepspeed, warnings.append)
         state.load_state_dict(counters)
+        if main:
+            try:
+                drop_log_entries_after(out / "log.jsonl", state.global_step)
+            except OSError as exc:
+                raise describe_os_error(exc, out / "log.jsonl", "rewriting") from None
         send({"event": "resume", "checkpoint": str(ckpt), **state.state_dict()})
         for message in warnings:
             send({"event": "warning", "message": message})
@@ -324,6 +374,9 @@ def train(
             "samples": len(dataset),
             "batches_per_epoch": batches_per_epoch,
             "total_steps": total,
+            "log_dir": str(out / "logs"),
+            "log_file": str(out / "log.jsonl"),
+            "trackers": trackers,
             **report.to_dict(),
         }
     )
