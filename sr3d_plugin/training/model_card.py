@@ -142,7 +142,9 @@ def render_card(facts: dict[str, Any], kind: str, folder_name: str = "adapter") 
         lines.append(f"- `{name}`: {_MODULE_TEXT.get(name, 'SR-3D module')}")
     if not lora and not modules:
         lines.append("- nothing recorded")
-    lines.append("- The vision tower stays frozen; the tokenizer (with `<mask>`) and tiling are saved in this folder.")
+    if "vision_tower" not in modules:
+        lines.append("- The vision tower stays frozen.")
+    lines.append("- The processor (tokenizer with `<mask>`, tiling, chat template) is saved in this folder.")
     lines += ["", "## How to load", ""]
     if kind == "adapter":
         lines += [
@@ -152,11 +154,13 @@ def render_card(facts: dict[str, Any], kind: str, folder_name: str = "adapter") 
             "from sr3d_plugin.inference import SR3DPipeline",
             "",
             f'pipe = SR3DPipeline.from_pretrained("{folder_name}")  # base from adapter_config.json; base="..." overrides it',
-            'print(pipe.ask("What is <region0>?", image="photo.jpg", regions=["box=10,20,110,140"])["answer"])',
+            'out = pipe.ask("What is <region0>?", scene="scans/scene0000_00", regions=["frame=3 box=10,20,110,140"])',
+            'print(out["answer"])',
             "```",
             "",
             "```bash",
-            f"sr3d ask --adapter {folder_name} --image photo.jpg --question 'What is <mask>?' --region 'box=10,20,110,140'",
+            f"sr3d ask --adapter {folder_name} --scene scans/scene0000_00 --region 'frame=3 box=10,20,110,140' "
+            "--question 'What is <mask>?'",
             f"sr3d eval --adapter {folder_name} --data data/sr3d",
             f"sr3d merge {folder_name} merged/   # a standalone model folder",
             "```",
@@ -170,7 +174,8 @@ def render_card(facts: dict[str, Any], kind: str, folder_name: str = "adapter") 
             "```",
             "",
             "```bash",
-            f"sr3d ask --model {folder_name} --image photo.jpg --question 'What is <mask>?' --region 'box=10,20,110,140'",
+            f"sr3d ask --model {folder_name} --scene scans/scene0000_00 --region 'frame=3 box=10,20,110,140' "
+            "--question 'What is <mask>?'",
             "```",
         ]
     return "\n".join(lines) + "\n"
