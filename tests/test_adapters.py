@@ -134,9 +134,11 @@ def test_ask_cli_with_adapter(run: Path, merged: Path, scene: Path, capsys: pyte
         shutil.copytree(run / "base-model", base_copy)
     assert main(["ask", "--adapter", str(run), "--model", str(base_copy), *args]) == 0
     via_override = json.loads(capsys.readouterr().out)
+    assert main(["ask", "--model", str(run / "adapter"), *args]) == 0  # an adapter folder given as the model
+    via_model = json.loads(capsys.readouterr().out)
     assert main(["ask", "--model", str(merged), *args]) == 0
     via_merged = json.loads(capsys.readouterr().out)
-    assert via_adapter["answer"] == via_override["answer"] == via_merged["answer"]
+    assert via_adapter["answer"] == via_override["answer"] == via_model["answer"] == via_merged["answer"]
     # a folder without an adapter is refused naming the flag
     assert main(["ask", "--adapter", str(scene), *args]) == 2
     assert "--adapter" in capsys.readouterr().err
