@@ -185,3 +185,33 @@ def test_eval_command_line_and_lmms_model_take_an_adapter(run: Path, tmp_path: P
     assert isinstance(lm.pipeline.model, PeftModel)
     with pytest.raises(SR3DError, match="adapter="):
         SR3DLmms(adapter=str(data), device="cpu")
+
+
+def test_lmms_eval_with_the_adapter_equals_the_merged_model(
+    run: Path, merged: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through lmms-eval's own evaluator: model argument adapter= gives the merged model's answers."""
+    pytest.importorskip("lmms_eval")
+    from _eval_data import prepare_all, raw_releases
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from sr3d_plugin.resources import eval_tasks_dir
+
+    raw = raw_releases(tmp_path_factory)
+    data = tmp_path_factory.mktemp("adapter-eval-data")
+    prepare_all(raw, data)
+    monkeypatch.setenv("SR3D_DATA", str(data))
+    common = f"num_frames=4,pointmap_dir={raw['pointmaps']},device=cpu,max_new_tokens=6,scene_cache=0"
+    answers = {}
+    models = {"adapter": f"adapter={run / 'adapter'}", "merged": f"pretrained={merged}"}
+    models["base"] = f"pretrained={run / 'base-model'}"
+    for name, model in models.items():
+        tm = TaskManager("WARNING", include_path=str(eval_tasks_dir()), include_defaults=False)
+        res = simple_evaluate(
+            model="sr3d", model_args=f"{model},{common}", tasks=["sr3d_sqa3d"], task_manager=tm, limit=4,
+            log_samples=True, bootstrap_iters=0, verbosity="WARNING",
+        )  # fmt: skip
+        answers[name] = [s["filtered_resps"] for s in res["samples"]["sr3d_sqa3d"]]
+    assert len(answers["adapter"]) == 4 and answers["adapter"] == answers["merged"]
+    assert answers["adapter"] != answers["base"]  # the adapter was applied (the base alone answers otherwise)
