@@ -107,6 +107,13 @@ def test_adapter_answers_without_merging_like_the_merged_model(run: Path, merged
     answers = {k: p.ask("What is <region0>?", score_answer="A red box.", **kwargs) for k, p in pipes.items()}
     assert answers["adapter"]["answer"] == answers["merged"]["answer"] == answers["run folder"]["answer"]
     assert answers["adapter"]["answer_logprob"] == pytest.approx(answers["merged"]["answer_logprob"], abs=1e-4)
+    # scene reuse (cached features and prompt prefix) on the unmerged adapter: the second question is a cache hit
+    reusing = SR3DPipeline.from_pretrained(run / "adapter", device="cpu")
+    for _ in range(2):
+        again = reusing.ask("What is <region0>?", score_answer="A red box.", **kwargs)
+        assert again["answer"] == answers["merged"]["answer"]
+        assert again["answer_logprob"] == pytest.approx(answers["merged"]["answer_logprob"], abs=1e-4)
+    assert reusing.scene_cache is not None and reusing.scene_cache.stats.hits > 0
     # logits of one teacher-forced batch: the same visual input and prompt through each model
     from sr3d_plugin.visual_inputs import visual_input
 
