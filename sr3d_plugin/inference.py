@@ -103,19 +103,26 @@ class SR3DPipeline:
         depth_model: str | PathLike | None = None,
         reuse: bool = True,
         scene_cache_mib: float = DEFAULT_SCENE_CACHE_MIB,
+        base: PathLike | None = None,
         **load_kwargs: Any,
     ) -> SR3DPipeline:
         """Load a model folder with :func:`sr3d_plugin.builders.load_model` and wrap it.
 
+        A peft adapter folder (``adapter_config.json``; also a run or checkpoint folder holding one in
+        ``adapter/``) loads like peft's ``AutoPeftModel``: its base model (``base_model_name_or_path``,
+        or ``base``) through the builders, the LoRA applied with peft without merging, the trained
+        SR-3D modules and the processor saved with the adapter (:func:`sr3d_plugin.training.merge.load_adapter`).
+
         Args:
-            path: model folder (ours, VILA/NVILA/SR-3D layout, or anything a registered builder reads), or
-                ``"tiny"`` for the tiny random model bundled with the package.
-            builder: builder name (default: detected from the folder).
+            path: model folder (ours, VILA/NVILA/SR-3D layout, or anything a registered builder reads),
+                an adapter folder, or ``"tiny"`` for the tiny random model bundled with the package.
+            builder: builder name (default: detected from the folder; of the base for an adapter).
             dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"`` or a torch dtype (default: the checkpoint's).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` (default: CUDA when available).
             load_in_4bit: quantise the language model to 4 bits (bitsandbytes; placed by the builder).
             depth_model: default depth estimator for inputs without geometry (see the class).
             reuse, scene_cache_mib: scene-level reuse and its budget (see the class).
+            base: base model folder of an adapter ``path`` (default: the one recorded in the adapter).
             **load_kwargs: passed on to the builder (e.g. ``device_map="auto"`` to spread a large model
                 over several GPUs, ``load_in_8bit``, ``attn_implementation``); with a ``device_map`` or
                 quantisation the model is not moved to ``device`` afterwards.
@@ -135,8 +142,19 @@ class SR3DPipeline:
         from sr3d_plugin.resources import resolve_model_name
 
         path = resolve_model_name(path)
+
+        from sr3d_plugin.training.merge import is_adapter, load_adapter
+
+        adapter = is_adapter(path)
+        if base is not None and not adapter:
+            raise SR3DInputError(
+                f"base={str(base)!r} is given but {str(path)!r} is not an adapter folder (no adapter_config.json)"
+            )
         try:
-            model, processor = load_model(path, builder=builder, **kwargs)
+            if adapter:
+                model, processor, _, _ = load_adapter(path, base, builder=builder, **kwargs)
+            else:
+                model, processor = load_model(path, builder=builder, **kwargs)
         except (SR3DInputError, SR3DConfigError):
             raise
         except (OSError, ValueError, KeyError) as exc:

@@ -8,6 +8,7 @@ Examples::
         --region "box3d=1.2,0.4,0.5,0.6,0.6,1.0" --question "Is <region0> closer than <region1>?" --json
     sr3d ask --model ckpt --video clip.mp4 --points cut3r.npz --question "How many chairs?" \\
         --score-answer "Two." --json
+    sr3d ask --adapter runs/x/adapter --image photo.jpg --region "box=40,60,200,220" --question "What is <mask>?"
 
 Regions (``--region``, repeatable, in the order ``<mask>`` tokens use them): ``frame=K box=x0,y0,x1,y1``,
 ``frame=K mask=F.png``, ``frame=K rle=F.json`` (COCO RLE), ``frame=K polygon=x0,y0,x1,y1,…`` or
@@ -42,9 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
         metavar="PATH",
-        help="model folder (ours, VILA/NVILA/SR-3D layout, …), or tiny for the bundled tiny model",
+        help="model folder (ours, VILA/NVILA/SR-3D layout, …; an adapter folder works too), or tiny for the bundled tiny model; with --adapter: its base",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a trained LoRA adapter (adapter, checkpoint or run folder from `sr3d train`), applied without merging "
+        "to its recorded base model (or --model)",
     )
     p.add_argument("--builder", help="model builder name (default: detected from the folder)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -106,6 +112,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.model is None and args.adapter is None:
+        raise SR3DInputError("give the model folder with --model PATH (or a trained adapter with --adapter DIR)")
+    if args.adapter is not None:
+        from sr3d_plugin.training.merge import is_adapter
+
+        if not is_adapter(args.adapter):
+            raise SR3DInputError(
+                f"--adapter {args.adapter!r} holds no adapter_config.json (expected an adapter, checkpoint or run "
+                "folder written by `sr3d train`)"
+            )
     if args.image is not None:
         for flag, values in (("--depth", args.depth), ("--poses", args.poses)):
             if values and len(values) > 1:
@@ -148,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         pipe = SR3DPipeline.from_pretrained(
-            args.model,
+            args.adapter if args.adapter is not None else args.model,
+            base=args.model if args.adapter is not None else None,
             builder=args.builder,
             dtype=args.dtype,
             device=args.device,

@@ -68,7 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--data", metavar="DIR", help="prepared data folder (sets SR3D_DATA; default: $SR3D_DATA)")
-    p.add_argument("--model", metavar="PATH", help="model folder (pretrained=…)")
+    p.add_argument("--model", metavar="PATH", help="model folder (pretrained=…); with --adapter: its base")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a trained LoRA adapter (adapter=…), applied without merging to its recorded base model (or --model)",
+    )
     p.add_argument("--model-args", default="", metavar="K=V,…", help="more sr3d model arguments (see docs)")
     p.add_argument("--tasks", default="sr3d_3d", help="comma-separated tasks or the group sr3d_3d (default)")
     p.add_argument("--output-path", default="sr3d-eval-results", metavar="DIR", help="lmms-eval --output_path")
@@ -130,8 +135,21 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if any(a.strip().startswith("pretrained=") for a in model_args):
             raise SR3DConfigError("give the model either with --model or as pretrained= in --model-args, not both")
         model_args.insert(0, f"pretrained={model_path.resolve()}")
-    elif not any(a.strip().startswith("pretrained=") for a in model_args):
-        raise SR3DConfigError("give the model folder with --model PATH")
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        from sr3d_plugin.training.merge import is_adapter
+
+        if any(a.strip().startswith("adapter=") for a in model_args):
+            raise SR3DConfigError("give the adapter either with --adapter or as adapter= in --model-args, not both")
+        if not is_adapter(adapter):
+            raise SR3DConfigError(
+                f"--adapter {adapter!r} holds no adapter_config.json (expected an adapter, checkpoint or run folder)"
+            )
+        if "," in str(Path(adapter).expanduser().resolve()):
+            raise SR3DConfigError(f"--adapter {adapter!r} must not contain ',' (lmms-eval splits model_args on it)")
+        model_args.insert(0, f"adapter={Path(adapter).expanduser().resolve()}")
+    elif not args.model and not any(a.strip().startswith(("pretrained=", "adapter=")) for a in model_args):
+        raise SR3DConfigError("give the model folder with --model PATH (or a trained adapter with --adapter DIR)")
     given_store = any(a.strip().startswith("answers_dir=") for a in model_args)
     if getattr(args, "no_resume", False):
         if given_store or getattr(args, "answers_dir", None):
@@ -214,6 +232,11 @@ def preflight_tasks(args: argparse.Namespace, data_dir: str) -> str:
 
     margs = _model_arguments(args.model_args)
     model_dir = args.model or margs.get("pretrained")
+    adapter = getattr(args, "adapter", None) or margs.get("adapter")
+    if model_dir is None and adapter:  # the base's config decides what the inputs need
+        from sr3d_plugin.training.merge import adapter_base
+
+        model_dir = str(adapter_base(adapter))
 
     def opt(name: str) -> str | None:
         value = margs.get(name)

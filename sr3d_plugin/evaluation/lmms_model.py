@@ -10,6 +10,8 @@ Model arguments (``--model_args key=value,…``):
 
 =================  ==========================================================================
 ``pretrained``     model folder (ours, VILA/NVILA/SR-3D, LLaVA; see :func:`sr3d_plugin.builders.load_model`)
+``adapter``        a trained LoRA adapter folder (``sr3d train``), applied without merging to
+                   ``pretrained`` or, without it, to the base recorded in ``adapter_config.json``
 ``builder``        builder name (default: detected from the folder)
 ``depth_source``   ``auto`` | ``gt_depth`` (``gt``) | ``relative_depth`` | ``depth_anything`` |
                    ``reconstruction`` (:data:`sr3d_plugin.visual_inputs.DEPTH_SOURCES`, see
@@ -142,6 +144,7 @@ class SR3DLmms(lmms):
         cache_size: int | str = 2,
         scene_cache: float | str = DEFAULT_SCENE_CACHE_MIB,
         answers_dir: str | None = None,
+        adapter: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -150,11 +153,19 @@ class SR3DLmms(lmms):
             raise SR3DConfigError(
                 f"unknown sr3d model argument(s) {unknown}; expected pretrained, builder, depth_source, depth_model, "
                 "pointmap_dir, num_frames, dtype, device, device_map, load_in_4bit, max_new_tokens, batch_size, "
-                "system_prompt, on_error, cache_size, scene_cache, answers_dir"
+                "system_prompt, on_error, cache_size, scene_cache, answers_dir, adapter"
             )
         pretrained = _opt_str(pretrained)
-        if pretrained is None:
-            raise SR3DConfigError("the sr3d model needs pretrained=<model folder> (a model argument)")
+        adapter = _opt_str(adapter)
+        if pretrained is None and adapter is None:
+            raise SR3DConfigError(
+                "the sr3d model needs pretrained=<model folder> or adapter=<adapter folder> (a model argument)"
+            )
+        if adapter is not None:
+            from sr3d_plugin.training.merge import is_adapter
+
+            if not is_adapter(adapter):
+                raise SR3DConfigError(f"adapter={adapter!r} holds no adapter_config.json (expected an adapter folder)")
         try:
             depth_source = depth_source_name(depth_source)
         except SR3DInputError as exc:
@@ -192,7 +203,8 @@ class SR3DLmms(lmms):
         if device_map is not None:
             load["device_map"] = device_map
         self.pipeline = SR3DPipeline.from_pretrained(
-            pretrained,
+            adapter if adapter is not None else pretrained,
+            base=pretrained if adapter is not None else None,
             builder=_opt_str(builder),
             dtype=_opt_str(dtype),
             device=dev,
@@ -214,11 +226,18 @@ class SR3DLmms(lmms):
         #: requests whose inputs could not be built: (task, doc_id, question_id, error text)
         self.failures: list[tuple[str, int, str | None, str]] = []
         self.answer_store = self._open_answer_store(
-            answers_dir, pretrained, builder=_opt_str(builder), dtype=_opt_str(dtype), load_in_4bit=load_in_4bit
+            answers_dir,
+            adapter if adapter is not None else pretrained,  # an adapter's weights are what its answers depend on
+            builder=_opt_str(builder),
+            dtype=_opt_str(dtype),
+            load_in_4bit=load_in_4bit,
+            **({"adapter_base": pretrained} if adapter is not None else {}),
         )
         if self.rank == 0:
+            base_text = pretrained or "its recorded base"
+            loaded_what = pretrained if adapter is None else f"adapter {adapter} on {base_text}"
             eval_logger.info(
-                f"sr3d: loaded {pretrained} in {self.pipeline.load_seconds:.1f}s on {self._device} "
+                f"sr3d: loaded {loaded_what} in {self.pipeline.load_seconds:.1f}s on {self._device} "
                 f"(num_frames={self.inputs.num_frames}, depth_source={depth_source}, world_size={self.world_size})"
             )
 

@@ -1,4 +1,4 @@
-"""Merge a trained adapter into its base model (``sr3d merge``)."""
+"""Adapters as models: load a trained adapter on its base without merging, or merge it (``sr3d merge``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from typing import Any
 
 from sr3d_plugin.errors import SR3DInputError
 
-__all__ = ["find_adapter", "merge_adapter"]
+__all__ = ["adapter_base", "find_adapter", "is_adapter", "load_adapter", "merge_adapter"]
+
+
+def is_adapter(path: str | Path) -> bool:
+    """Whether ``path`` is a peft adapter folder, or a run / checkpoint folder holding one in ``adapter/``."""
+    p = Path(path)
+    return any((cand / "adapter_config.json").is_file() for cand in (p, p / "adapter"))
 
 
 def find_adapter(path: str | Path) -> Path:
@@ -25,6 +31,73 @@ def find_adapter(path: str | Path) -> Path:
     )
 
 
+def adapter_base(adapter: str | Path, base: str | Path | None = None) -> Path:
+    """The base model folder of ``adapter``: ``base`` when given, else the adapter's ``base_model_name_or_path``.
+
+    Raises:
+        SR3DInputError: no adapter there, an unreadable adapter_config.json, or a base that is not a
+            folder on this machine.
+    """
+    folder = find_adapter(adapter)
+    if base is None:
+        try:
+            cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SR3DInputError(f"cannot read {folder / 'adapter_config.json'}: {exc}") from None
+        recorded = str((cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None) or "")
+        if not recorded:
+            raise SR3DInputError(
+                f"adapter {folder} records no base_model_name_or_path; pass base= (the base model folder)"
+            )
+        base_path = Path(recorded).expanduser()
+        if not base_path.is_dir():
+            raise SR3DInputError(
+                f"base model {recorded!r} of adapter {folder} is not a folder on this machine; "
+                "pass base= (the base model folder)"
+            )
+        return base_path
+    base_path = Path(base).expanduser()
+    if not base_path.is_dir():
+        raise SR3DInputError(f"base={str(base)!r} is not a folder; expected the base model folder of adapter {folder}")
+    return base_path
+
+
+def load_adapter(
+    adapter: str | Path, base: str | Path | None = None, builder: str | None = None, **load_kwargs: Any
+) -> tuple[Any, Any, Path, Path]:
+    """Load an adapter like peft's ``AutoPeftModel``, without merging.
+
+    The base loads through :func:`sr3d_plugin.builders.load_model` (any builder; ``load_kwargs`` such as
+    ``dtype`` or ``load_in_4bit`` go to it), the LoRA is applied with peft's ``PeftModel`` and the
+    trained SR-3D modules saved beside it (perception encoder, projector, region extractor: peft
+    ``modules_to_save``) replace the base ones; the processor saved with the adapter (tokenizer with
+    ``<mask>``, tiling) is used.
+
+    Args:
+        adapter: adapter folder, checkpoint folder or run folder (its ``adapter/``).
+        base: base model folder (default: the adapter's ``base_model_name_or_path``).
+        builder: builder of the base folder (default: detected).
+
+    Returns:
+        ``(peft model in eval mode, processor, adapter folder, base folder)``.
+    """
+    from peft import PeftModel
+
+    from sr3d_plugin.builders import load_model
+    from sr3d_plugin.modeling import SR3DProcessor
+
+    folder = find_adapter(adapter)
+    base_path = adapter_base(folder, base)
+    # the base lacks the SR-3D modules the adapter brings: no "created fresh" warnings for those
+    with _quiet_about(_trained_modules(folder)):
+        model, processor = load_model(base_path, builder=builder, **load_kwargs)
+    model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        processor = SR3DProcessor.from_pretrained(str(folder))
+    model.eval()
+    return model, processor, folder, base_path
+
+
 def merge_adapter(
     adapter: str | Path, out: str | Path, base: str | Path | None = None, dtype: Any = None
 ) -> dict[str, Any]:
@@ -32,38 +105,28 @@ def merge_adapter(
 
     The LoRA deltas are added into the LLM weights; the trained perception encoder, projector and
     region extractor (peft ``modules_to_save``) replace the base ones. The processor saved with the
-    adapter (same tokenizer and tiling) is written beside the weights.
+    adapter (same tokenizer and tiling) is written beside the weights, and a model card (README.md:
+    the training facts of the adapter's card, the base and the adapter it came from).
 
     Returns:
         ``{"adapter", "base", "output", "parameters", "trained_modules", "notes"}``: ``trained_modules``
         are the SR-3D modules the adapter brings (their base "created fresh" notes are dropped), ``notes``
         the remaining load notes of the base model.
     """
-    from peft import PeftModel
-
-    from sr3d_plugin.builders import load_model
     from sr3d_plugin.io_utils import atomic_dir
-    from sr3d_plugin.modeling import SR3DProcessor
+    from sr3d_plugin.training.model_card import read_card_facts, write_card
 
-    folder = find_adapter(adapter)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    base_path = Path(base) if base is not None else Path(str(cfg.get("base_model_name_or_path") or ""))
-    if not str(base_path) or not base_path.is_dir():
-        raise SR3DInputError(
-            f"base model {str(base_path)!r} of adapter {folder} is not a folder on this machine; pass base= (the base model folder)"
-        )
-    trained = [str(m) for m in (cfg.get("modules_to_save") or [])]
-    with _quiet_about(trained):  # the base lacks them, the adapter brings them: not "created fresh"
-        model, processor = load_model(base_path, dtype=dtype)
+    model, processor, folder, base_path = load_adapter(adapter, base, dtype=dtype)
+    trained = _trained_modules(folder)
     notes = [n for n in getattr(model, "load_notes", []) if not _about(n, trained)]
-    for note in notes:
-        logging.getLogger("sr3d_plugin.builders").warning(note)
-    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    if (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        processor = SR3DProcessor.from_pretrained(str(folder))
+    merged = model.merge_and_unload()
+    facts = read_card_facts(folder) or {}
+    facts = {**facts, "base_model": str(base_path.resolve()), "adapter": str(folder.resolve())}
+    facts.pop("kind", None)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        write_card(tmp, facts, "merged", folder_name=str(out))
     return {
         "adapter": str(folder),
         "base": str(base_path),
@@ -72,6 +135,15 @@ def merge_adapter(
         "trained_modules": trained,
         "notes": notes,
     }
+
+
+def _trained_modules(folder: Path) -> list[str]:
+    """The modules an adapter folder saves in full (peft ``modules_to_save``: the trained SR-3D modules)."""
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(m) for m in ((cfg.get("modules_to_save") if isinstance(cfg, dict) else None) or [])]
 
 
 def _about(message: str, parts: list[str]) -> bool:

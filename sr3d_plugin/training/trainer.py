@@ -203,6 +203,7 @@ def _train(
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
+    from sr3d_plugin.training.model_card import card_facts
     from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
 
     t_start = time.perf_counter()
@@ -457,17 +458,21 @@ def _train(
                 if trackers:
                     acc.log({k: v for k, v in row.items() if k not in ("event", "step")}, step=state.global_step)
             if tr.save_steps and state.global_step % tr.save_steps == 0:
-                path = _save_checkpoint(acc, model, optimizer, scheduler, processor, state, out, recipe, deepspeed)
+                facts = card_facts(recipe, base_path, state.global_step, last_loss)
+                path = _save_checkpoint(
+                    acc, model, optimizer, scheduler, processor, state, out, recipe, deepspeed, facts
+                )
                 saved_at = state.global_step
                 send({"event": "checkpoint", "step": state.global_step, "path": str(path)})
     if bar is not None:
         bar.close()
 
     # ---- final export ---------------------------------------------------------------------------
+    facts = card_facts(recipe, base_path, state.global_step, last_loss if losses else None)
     if saved_at != state.global_step:
-        path = _save_checkpoint(acc, model, optimizer, scheduler, processor, state, out, recipe, deepspeed)
+        path = _save_checkpoint(acc, model, optimizer, scheduler, processor, state, out, recipe, deepspeed, facts)
         send({"event": "checkpoint", "step": state.global_step, "path": str(path)})
-    final = _export_final(acc, model, processor, out)
+    final = _export_final(acc, model, processor, out, facts)
     if trackers:
         acc.end_training()
     summary = {
@@ -549,10 +554,18 @@ def trained_weights_only(models: list[Any], weights: list[dict[str, Any]], outpu
                 del w[k]
 
 
-def _save_trained(model: Any, folder: Path, state_dict: dict[str, Any], processor: Any) -> None:
-    """peft adapter (LoRA + modules_to_save) or, without LoRA, the whole model; plus the processor."""
+def _save_trained(
+    model: Any, folder: Path, state_dict: dict[str, Any], processor: Any, card: dict[str, Any] | None = None
+) -> None:
+    """peft adapter (LoRA + modules_to_save) or, without LoRA, the whole model; plus the processor and,
+    with ``card`` (``{"facts", "name"}``), the model card README.md (replacing peft's template)."""
     model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(str(folder))
+    if card is not None:
+        from sr3d_plugin.training.model_card import write_card
+
+        kind = "adapter" if hasattr(model, "peft_config") else "model"
+        write_card(folder, card["facts"], kind, folder_name=card["name"])
 
 
 def _any_failed(acc: Any, error: BaseException | None) -> bool:
@@ -573,6 +586,7 @@ def _save_checkpoint(
     out: Path,
     recipe: Any,
     deepspeed: bool,
+    card_facts: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` (no pickles; manifest last) via a temporary folder renamed when complete.
 
@@ -614,7 +628,8 @@ def _save_checkpoint(
     try:
         save_training_state(acc, tmp, weights, optim, scheduler, {**state.state_dict(), "saved": sub})
         if main:
-            _save_trained(unwrapped, tmp / sub, state_dict, processor)
+            card = None if card_facts is None else {"facts": card_facts, "name": str(final / sub)}
+            _save_trained(unwrapped, tmp / sub, state_dict, processor, card)
             atomic_write_text(tmp / "recipe.yaml", _recipe_yaml(recipe))
     except (OSError, SafetensorError) as exc:
         error = describe_os_error(exc, final, "writing checkpoint")
@@ -650,7 +665,7 @@ def _rotate(out: Path, limit: int | None) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _export_final(acc: Any, model: Any, processor: Any, out: Path) -> Path:
+def _export_final(acc: Any, model: Any, processor: Any, out: Path, card_facts: dict[str, Any] | None = None) -> Path:
     state_dict = acc.get_state_dict(model)
     unwrapped = acc.unwrap_model(model)
     sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
@@ -660,7 +675,8 @@ def _export_final(acc: Any, model: Any, processor: Any, out: Path) -> Path:
 
         try:
             with atomic_dir(dest) as tmp:
-                _save_trained(unwrapped, tmp, state_dict, processor)
+                card = None if card_facts is None else {"facts": card_facts, "name": str(dest)}
+                _save_trained(unwrapped, tmp, state_dict, processor, card)
         except (OSError, SafetensorError) as exc:
             raise describe_os_error(exc, dest, "writing the trained weights to") from None
     acc.wait_for_everyone()
