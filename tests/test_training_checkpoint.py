@@ -456,20 +456,22 @@ def test_cli_train_stops_on_a_full_disk_at_a_checkpoint(tmp_path, monkeypatch, c
 def test_text_events(capsys) -> None:
     from sr3d_plugin.cli.train_cmd import _print_event
 
-    _print_event(
-        {
-            "event": "start",
-            "device": "cpu",
-            "processes": 1,
-            "samples": 5,
-            "total_steps": 2,
-            "output_dir": "x",
-            "trainable_params": 10,
-            "frozen_params": 20,
-            "groups": {"lora": 10},
-            "trainable": [{"name": "llm.model.layers.0.self_attn.q_proj.lora_A.default.weight", "numel": 10}],
-        }
-    )
+    start = {
+        "event": "start",
+        "device": "cpu",
+        "processes": 1,
+        "samples": 5,
+        "total_steps": 2,
+        "output_dir": "x",
+        "trainable_params": 10,
+        "frozen_params": 20,
+        "groups": {"lora": 10},
+        "trainable": [{"name": "llm.model.layers.0.self_attn.q_proj.lora_A.default.weight", "numel": 10}],
+    }
+    _print_event(start)
     _print_event({"event": "log", "step": 1, "epoch": 0.5, "loss": 2.0, "lr": 1e-3})
     out = capsys.readouterr().out
-    assert "trainable parameters: 10 (frozen: 20)" in out and "q_proj.lora_A" in out and "loss 2.0000" in out
+    assert "trainable parameters: 10 (frozen: 20)" in out and "loss 2.0000" in out
+    assert "q_proj.lora_A" not in out  # grouped by default
+    _print_event(start, verbose=True)
+    assert "q_proj.lora_A" in capsys.readouterr().out
