@@ -52,8 +52,6 @@ __all__ = [
 #: problems listed in full in one error message (the report keeps them all)
 SHOWN_PROBLEMS = 50
 
-_REGION_ALIAS = re.compile(r"<region(\d+)>")
-
 
 # ----------------------------------------------------------------------------------------------
 # report
@@ -438,9 +436,10 @@ def _box3d(value: Any, where: str) -> None:
 def check_mask_count(rec: dict[str, Any], n_regions: int, mask_token: str = "<mask>") -> None:
     """The conversation refers to the regions as the processor will: one ``<mask>`` per region in
     order, or ``<regionK>`` aliases with ``K < n_regions`` (not both)."""
+    from sr3d_plugin.regions import count_region_references
+
     text = "".join(str(t.get("value", "")) for t in rec.get("conversations") or [] if isinstance(t, dict))
-    bare = text.count(mask_token)
-    aliases = [int(m.group(1)) for m in _REGION_ALIAS.finditer(text)]
+    bare, aliases = count_region_references(text, mask_token)
     if bare and aliases:
         raise SR3DInputError(f"the conversation mixes {mask_token} and <regionK> references; use one style")
     if aliases:
