@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sr3d_plugin.cli import main
+from sr3d_plugin.testing import write_tiny_depth_anything
 
 
 @pytest.fixture(scope="module")
@@ -173,39 +174,8 @@ def test_video_with_reconstruction_points(data: dict, capsys: pytest.CaptureFixt
     assert "no depth source was given" in msg and "depth-anything" in msg.lower()
 
 
-def _tiny_depth_anything(folder: Path) -> Path:
-    from transformers import AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config, DPTImageProcessor
-
-    config = DepthAnythingConfig(
-        backbone_config=Dinov2Config(
-            hidden_size=16,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=28,
-            patch_size=14,
-            out_features=["stage1", "stage2", "stage3", "stage4"],
-            reshape_hidden_states=False,
-        ),
-        reassemble_hidden_size=16,
-        neck_hidden_sizes=[8, 8, 16, 16],
-        fusion_hidden_size=8,
-        head_hidden_size=8,
-        patch_size=14,
-    )
-    torch.manual_seed(3)
-    model = AutoModelForDepthEstimation.from_config(config)
-    with torch.no_grad():  # keep the random prediction away from the head's ReLU floor
-        model.head.conv3.bias.fill_(1.0)
-    model.save_pretrained(folder)
-    DPTImageProcessor(
-        size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14, do_pad=False
-    ).save_pretrained(folder)
-    return folder
-
-
 def test_image_with_local_depth_model(data: dict, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    depth_model = _tiny_depth_anything(tmp_path / "tiny-da")
+    depth_model = write_tiny_depth_anything(tmp_path / "tiny-da", seed=3)
     d = data["scene_dir"]
     res = ask_json(
         capsys,

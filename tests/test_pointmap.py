@@ -36,6 +36,7 @@ from sr3d_plugin.sources import (
     RelativeDepthSource,
     ScanNetReader,
 )
+from sr3d_plugin.testing import write_tiny_depth_anything
 from sr3d_plugin.tiling import TileLayout, frame_layout
 
 K = np.array([[20.0, 0.0, 7.5], [0.0, 20.0, 5.5], [0.0, 0.0, 1.0]])
@@ -624,27 +625,8 @@ def test_cli_synthetic(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 def test_cli_video_with_local_depth_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import av
-    from transformers import AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config, DPTImageProcessor
 
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=28,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16
-    )
-    model = AutoModelForDepthEstimation.from_config(config)
-    with torch.no_grad():
-        model.head.conv3.bias.fill_(1.0)
-    model.save_pretrained(tmp_path / "tiny")
-    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(
-        tmp_path / "tiny"
-    )
+    write_tiny_depth_anything(tmp_path / "tiny")
     clip = tmp_path / "clip.mp4"
     with av.open(str(clip), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=5)
