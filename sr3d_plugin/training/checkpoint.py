@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from sr3d_plugin.errors import SR3DCheckpointError, SR3DDiskError
-from sr3d_plugin.io_utils import atomic_write_bytes, atomic_write_json, disk_error
+from sr3d_plugin.io_utils import atomic_write_bytes, disk_error
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -166,12 +166,8 @@ def _put_bytes(path: Path, data: bytes) -> None:
 
 
 def _put_json(path: Path, obj: Any) -> None:
-    try:
-        atomic_write_json(path, obj)
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
+    """:func:`_put_bytes` of ``obj`` as indented JSON with a final newline (as ``atomic_write_json`` writes it)."""
+    _put_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def _write_state(folder: Path, name: str, obj: Any) -> None:
