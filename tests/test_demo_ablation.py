@@ -30,6 +30,9 @@ def test_demo_json_answers_depth_questions_well_above_chance(
     out = json.loads(capsys.readouterr().out)
     assert png.is_file() and png.stat().st_size > 10_000
     assert {"questions", "accuracy", "depth_accuracy", "timings", "png"} <= set(out)
+    for view, key in (("single", "single_view_accuracy"), ("multi", "cross_frame_accuracy")):
+        mine = [q["correct"] for q in out["questions"] if q["view"] == view]
+        assert out[key] == pytest.approx(sum(mine) / len(mine))
     views = {q["view"] for q in out["questions"]}
     assert views == {"single", "multi"}
     for q in out["questions"]:
