@@ -352,6 +352,17 @@ class ReuseGenerator:
         self.cache.put(key, feats)
         return feats
 
+    def scoring_batch(self, prompts: Sequence[str], visuals: Sequence[Any]) -> dict[str, Any]:
+        """The processor batch of ``prompts`` (left padding) on the device with the cached visual features
+        (``visual_features``) in place of pixel tensors: a ``forward`` input for teacher-forced scoring
+        (:func:`sr3d_plugin.decoding.score_continuations`) that runs no vision tower for a cached scene."""
+        from sr3d_plugin.modeling.modeling_sr3d import SR3DVisualFeatures
+
+        batch = self.processor(list(prompts), list(visuals), padding_side="left", return_visual_tensors=False)
+        out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        out["visual_features"] = SR3DVisualFeatures.cat([self.visual_features(v) for v in visuals])
+        return out
+
     def _prefix_cache(self, vkey: str, prefix_ids: tuple[int, ...], prefix_embeds: torch.Tensor) -> Any:
         key = ("prefix", self.cache.model_key(self.model), vkey, hashlib.blake2b(str(prefix_ids).encode()).hexdigest())
         hit = self.cache.get(key)
