@@ -24,10 +24,21 @@ What happens in :meth:`SR3DPipeline.ask` (SR3D-FACTS §2, §3, §6):
    log p(answer | prompt). The answer is tokenised on its own (no special tokens) and appended
    right after the generation prompt (``…<|im_start|>assistant\\n``); the end-of-turn token is not
    included.
+
+**Many questions** (:meth:`SR3DPipeline.ask_iter`, :meth:`~SR3DPipeline.ask_many`, or :meth:`~SR3DPipeline.ask`
+with a list): items with their own scene / image / frames / video, geometry, regions, ``score_answer`` …,
+checked before anything runs (a bad item's error names its index and field), answered in batches of
+``batch_size`` in input order. With the scene cache a scene is read, encoded and prefilled once for
+all its questions; greedy answers equal single calls.
+
+**Streaming** (:meth:`SR3DPipeline.ask_stream`, or ``ask(..., streamer=...)`` with any transformers
+streamer): the answer's text pieces as they are generated (a ``TextIteratorStreamer`` fed by a
+generation thread), then the full result.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import threading
@@ -331,7 +342,7 @@ class SR3DPipeline:
         cache: Any = False,
         batch_size: int = 8,
         streamer: Any = None,
-    ) -> Any:
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """Answer ``question`` about one visual input (or, given a list, every question of it: :meth:`ask_many`).
 
         Args:
@@ -411,6 +422,7 @@ class SR3DPipeline:
         :class:`AnswerStream` for the text pieces (``"".join(pieces).strip() == stream.result["answer"]``);
         ``stream.result`` is the dict :meth:`ask` returns (it waits for the end of the generation and
         re-raises an error of the generation thread).
+        Use the pipeline for nothing else until the stream has ended (the thread uses its model and cache).
 
         Args:
             question: the user text (one question).
@@ -424,6 +436,9 @@ class SR3DPipeline:
         for name in ("streamer", "batch_size"):
             if name in kwargs:
                 raise SR3DInputError(f"ask_stream makes its own streamer and asks one question; drop {name}=")
+        unknown = sorted(set(kwargs) - set(inspect.signature(self.ask).parameters))
+        if unknown:
+            raise TypeError(f"ask_stream() got unexpected keyword argument(s) {', '.join(unknown)} (it takes ask's)")
         seed = kwargs.pop("seed", 0)
         t_start = time.perf_counter()
         job = self._prepare(question, **kwargs)
@@ -833,6 +848,9 @@ def check_item_fields(index: int, item: Any) -> dict[str, Any]:
     for name in item:
         if name not in ASK_ITEM_FIELDS:
             raise _item_error(index, str(name), f"unknown field; expected some of {', '.join(ASK_ITEM_FIELDS)}")
+    item_id = item.get("id")
+    if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
+        raise _item_error(index, "id", f"expected text or an integer, got {describe(item_id)}")
     return {k: v for k, v in item.items() if v is not None}
 
 
@@ -849,9 +867,6 @@ def _check_item(index: int, fields: dict[str, Any], tokens: tuple[str, str]) -> 
             f"expected exactly one visual input ({', '.join(map(json.dumps, VISUAL_FIELDS))}; the item's own "
             f"or a default), got {got}",
         )
-    item_id = fields.get("id")
-    if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
-        raise _item_error(index, "id", f"expected text or an integer, got {describe(item_id)}")
     regions = fields.get("regions", ())
     if isinstance(regions, (str, Region, RegionSpec)):
         regions = [regions]

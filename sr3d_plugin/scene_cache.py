@@ -29,6 +29,10 @@ stream in another order than the uncached batch, so sampled answers of such batc
 Region embeddings still depend on each question's masks: they are pooled from the cached features
 with the question's own ``region_weights``.
 
+Teacher-forced scoring (``SR3DPipeline.ask(..., score_answer=...)``) runs on the cached visual features
+too (:meth:`ReuseGenerator.scoring_batch`), so a scene's vision tower runs once for its questions and
+their scores alike.
+
 Memory is bounded: one LRU over all three kinds of entry with a byte budget (``max_bytes``; entries
 live where the model computed them, so on a GPU the budget is GPU memory). An entry larger than the
 whole budget is used for the call that made it and not kept.

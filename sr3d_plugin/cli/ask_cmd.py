@@ -306,12 +306,17 @@ def _line_error(path: str, line: int, exc: SR3DInputError, note: str = "") -> SR
     return SR3DInputError(f"{path} line {line}{'' if field is None else f', {json.dumps(field)}'}: {detail}{note}")
 
 
-def _run_questions(args: argparse.Namespace, pipe: Any, items: list[tuple[int, dict[str, Any]]], t0: float) -> int:
+def _run_questions(
+    args: argparse.Namespace,
+    pipe: Any,
+    items: list[tuple[int, dict[str, Any]]],
+    done: dict[str, dict[str, Any]],
+    t0: float,
+) -> int:
     from tqdm import tqdm
 
     from sr3d_plugin.evaluation.answer_store import JsonlAppender
 
-    done = _answered(args.out, items) if args.out else {}
     todo = [(n, obj) for n, obj in items if json.dumps(obj["id"]) not in done]
     show = not args.json and sys.stderr.isatty()
     bar = tqdm(total=len(items), initial=len(done), desc="sr3d ask", unit="q", file=sys.stderr, disable=not show)
@@ -387,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    items = _read_questions(args.questions) if args.questions is not None else []  # before the model loads
+    # a bad --questions or --out file fails before the model loads
+    items = _read_questions(args.questions) if args.questions is not None else []
+    done = _answered(args.out, items) if args.out else {}
     from sr3d_plugin.inference import SR3DPipeline
 
     try:
@@ -401,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
             **({"use_position_encoding": False} if args.no_position_encoding else {}),
         )
         if args.questions is not None:
-            return _run_questions(args, pipe, items, t0)
+            return _run_questions(args, pipe, items, done, t0)
         if args.stream:
             result = _run_stream(args, pipe, t0)
         else:
