@@ -597,17 +597,18 @@ class SR3DPipeline:
         if self.scene_cache is None:
             return visual_input(**settings, regions=(), device=self.device, cache=cache), False
         key = SceneCache.input_key(**settings)
-        if key is not None:
+        if key is not None:  # paths: the scene cache
             hit = self.scene_cache.get(key)
             if hit is not None:
                 return hit, True
-        memo_key = key if key is not None else _identity_key(settings)
+            base = visual_input(**settings, regions=(), device=self.device, cache=cache)
+            self.scene_cache.put(key, base, _bundle_bytes(base))
+            return base, False
+        memo_key = _identity_key(settings)  # objects in memory: the same objects earlier in this call
         if memo is not None and memo_key in memo:
             memo.move_to_end(memo_key)
             return memo[memo_key], True
         base = visual_input(**settings, regions=(), device=self.device, cache=cache)
-        if key is not None:
-            self.scene_cache.put(key, base, _bundle_bytes(base))
         if memo is not None:
             memo[memo_key] = base
             while len(memo) > _MEMO_SCENES:

@@ -155,6 +155,36 @@ def test_list_of_questions_shares_the_other_arguments(
     assert batched.ask([], scene=scenes[2]) == []
 
 
+def test_in_memory_inputs_are_read_once_per_call(
+    pipes: tuple[SR3DPipeline, SR3DPipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    import sr3d_plugin.visual_inputs as vi
+    from sr3d_plugin.synthetic import generate_scene
+
+    batched, single = pipes
+    scene = generate_scene(4, num_frames=6, width=160, height=120, num_objects=3)
+    frames = [Image.fromarray(x) for x in scene.rgb]
+    points = np.random.default_rng(0).normal(size=(6, 120, 160, 3)).astype(np.float32)
+    items = [{"question": q, "regions": r} for q, r in QUESTIONS[:4]]
+    reads: list[int] = []
+    real = vi.visual_input
+
+    def counted(**kwargs: object) -> object:
+        reads.append(1)
+        return real(**kwargs)
+
+    monkeypatch.setattr(vi, "visual_input", counted)
+    got = batched.ask_many(items, frames=frames, points=points, batch_size=2, **GEN)
+    assert len(reads) == 1  # arrays and images are not cache keys; within one call the same objects are reused
+    monkeypatch.setattr(vi, "visual_input", real)
+    for g, it in zip(got, items):
+        _same(g, single.ask(it["question"], frames=frames, points=points, regions=it["regions"], **GEN))
+    assert got[0]["geometry"]["source"] == "reconstruction"
+
+
 def test_bad_items_name_their_index_and_field(pipes: tuple[SR3DPipeline, SR3DPipeline], scenes: list[Path]) -> None:
     pipe = pipes[0]
     s = str(scenes[0])
