@@ -527,29 +527,24 @@ class SR3DPipeline:
         self,
         question: str,
         *,
-        image: Any = None,
-        frames: Sequence[Any] | None = None,
-        video: PathLike | None = None,
-        scene: PathLike | None = None,
-        depth: Any = None,
-        depth_model: str | PathLike | None = None,
-        intrinsics: Any = None,
-        poses: Any = None,
-        points: Any = None,
-        regions: Sequence[str | RegionSpec | Region] = (),
-        num_frames: int | None = None,
-        max_new_tokens: int = 64,
-        score_answer: str | None = None,
         do_sample: bool = False,
         temperature: float | None = None,
-        system: str | None = None,
-        depth_scale: float = 1000.0,
         cache: Any = False,
         memo: OrderedDict[Any, Any] | None = None,
+        **given: Any,
     ) -> _Job:
-        """Check one question and read its visual input (from the scene cache when it holds it): a :class:`_Job`."""
+        """Check one question and read its visual input (from the scene cache when it holds it): a :class:`_Job`.
+
+        ``given``: per-question keyword arguments of :meth:`ask` (:data:`_QUESTION_DEFAULTS` for the others).
+        """
         from sr3d_plugin.visual_inputs import default_depth_model
 
+        unknown = sorted(set(given) - set(_QUESTION_DEFAULTS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; see SR3DPipeline.ask")
+        inputs = {**_QUESTION_DEFAULTS, **given}
+        regions, max_new_tokens, score_answer = inputs["regions"], inputs["max_new_tokens"], inputs["score_answer"]
+        depth_model, num_frames, system = inputs["depth_model"], inputs["num_frames"], inputs["system"]
         regions = [regions] if isinstance(regions, (str, Region, RegionSpec)) else list(regions)
         proc = self.processor
         check_question(
@@ -563,18 +558,11 @@ class SR3DPipeline:
             depth_model = default_depth_model(self.config)
         dm = depth_model if depth_model is not None else self.depth_model
         settings: dict[str, Any] = {
-            "image": image,
-            "frames": frames,
-            "video": video,
-            "scene": scene,
-            "depth": depth,
-            "intrinsics": intrinsics,
-            "poses": poses,
-            "points": points,
+            **{name: inputs[name] for name in VISUAL_FIELDS + GEOMETRY_FIELDS},
             "depth_model": depth_model,  # an explicit depth model beats a scene's own depth
             "fallback_depth_model": default_depth_model(self.config) if dm == "auto" else dm,  # only fills gaps
             "num_frames": getattr(self.config, "num_video_frames", 32) if num_frames is None else num_frames,
-            "depth_scale": depth_scale,
+            "depth_scale": inputs["depth_scale"],
             "needs_positions": self.needs_positions,
             "canonical_mode": getattr(self.config, "canonical_mode", "sr3d"),
         }
@@ -827,6 +815,17 @@ ASK_ITEM_FIELDS = (
 VISUAL_FIELDS = ("image", "frames", "video", "scene")
 #: the geometry fields that belong to a visual input
 GEOMETRY_FIELDS = ("depth", "intrinsics", "poses", "points")
+#: what :meth:`SR3DPipeline.ask` takes per question, with its defaults
+_QUESTION_DEFAULTS: dict[str, Any] = {
+    **dict.fromkeys(VISUAL_FIELDS + GEOMETRY_FIELDS),
+    "depth_model": None,
+    "regions": (),
+    "num_frames": None,
+    "max_new_tokens": 64,
+    "score_answer": None,
+    "system": None,
+    "depth_scale": 1000.0,
+}
 _NO_ID = object()
 #: in-memory scene inputs remembered within one ask_iter call
 _MEMO_SCENES = 8
