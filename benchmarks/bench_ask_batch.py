@@ -6,8 +6,9 @@ compare generation alone: 16 single greedy calls (8 new tokens) against
 :meth:`SR3DPipeline.ask_many <sr3d_plugin.inference.SR3DPipeline.ask_many>` with ``batch_size`` 8 and
 16 (the questions of a scene share one prefix prefill and decode together). Figures: questions/s of
 each, the batched/single ratios, whether every answer is identical (it must be) and how many distinct
-answers there are. No speed target on CPU: with narrow matrices on one thread, batching roughly breaks
-even; it pays where a single question leaves the device idle (GPUs). ``--quick``: 4 questions.
+answers there are. No speed target (the gain depends on how idle one question leaves the device; on
+the 2 shared CPU cores of the development machine it measured 1.4–1.7×, noisily). ``--quick``: 4
+questions.
 """
 
 from __future__ import annotations
