@@ -350,8 +350,11 @@ def test_questions_file_round_trip_with_resume(
     assert again[:2] == answers[:2]  # untouched
     assert [a["id"] for a in again] == ["a", 2, "c", 9, "e", "f"]
     assert [a["answer"] for a in again] == [a["answer"] for a in answers]
+    with out.open("a") as fh:  # an answer to a question the file no longer has: kept, not counted
+        fh.write(json.dumps({"id": "gone", "question": "Old?", "answer": "x"}) + "\n")
     rc, stdout, _ = _cli(capsys, *flags, "--json")
-    assert rc == 0 and json.loads(stdout)["answered"] == 0 and len(out.read_text().splitlines()) == 6
+    assert rc == 0 and (json.loads(stdout)["answered"], json.loads(stdout)["resumed"]) == (0, 6)
+    assert len(out.read_text().splitlines()) == 7
 
     # an id of --out answered for another question is refused (before the model loads)
     changed = [dict(x, question="Is it dark?") if isinstance(x, dict) and x.get("id") == "c" else x for x in lines]
@@ -375,6 +378,7 @@ def test_bad_question_lines_name_the_line(scenes: list[Path], tmp_path: Path, ca
         ([good, ["a list"]], "line 2: expected a JSON object"),
         ([good, {"question": "Hi?", "colour": 1}], 'line 2, "colour": unknown field'),
         ([{"id": "x", **good}, {"id": "x", **good}], 'line 2: id "x" is also the id of line 1'),
+        ([good, {"id": [1], **good}], 'line 2, "id": expected text or an integer'),
         ([good, {"question": "What is <mask>?", "regions": 5}], 'line 2, "regions": expected a list'),
         ([good, good, {"question": "Where?", "scene": str(scenes[0]) + "-missing"}], "line 3:"),
     ]
@@ -383,7 +387,7 @@ def test_bad_question_lines_name_the_line(scenes: list[Path], tmp_path: Path, ca
         out = tmp_path / f"out{k}.jsonl"
         message = _cli_error(capsys, *flags, "--questions", str(qfile), "--out", str(out), "--batch-size", "1")
         assert message.startswith(f"sr3d ask: error: {qfile} ") and words in message, message
-        if k < 4:  # caught before the model loads: nothing written
+        if k < 5:  # caught before the model loads: nothing written
             assert not out.exists()
     assert "2 answer(s) before it are in" in message  # the last case failed after two batches
     assert len(out.read_text().splitlines()) == 2

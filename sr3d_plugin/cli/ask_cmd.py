@@ -265,8 +265,6 @@ def _read_questions(path: str) -> list[tuple[int, dict[str, Any]]]:
             raise _line_error(path, n, exc) from exc
         if obj.get("id") is None:
             obj["id"] = n
-        elif isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int)):
-            raise SR3DInputError(f'{where}: "id" must be text or an integer, got {json.dumps(obj["id"])}')
         key = json.dumps(obj["id"])
         if key in seen:
             raise SR3DInputError(f"{where}: id {key} is also the id of line {seen[key]}; expected unique ids")
@@ -290,7 +288,9 @@ def _answered(out: str, items: list[tuple[int, dict[str, Any]]]) -> dict[str, di
         if not isinstance(obj, dict) or "answer" not in obj or "id" not in obj:
             continue
         key = json.dumps(obj["id"])
-        if key in questions and obj.get("question") != questions[key]:
+        if key not in questions:
+            continue
+        if obj.get("question") != questions[key]:
             raise SR3DInputError(
                 f"--out {out} already answers id {key} for another question ({obj.get('question')!r}, not "
                 f"{questions[key]!r}); give another --out file or remove that one"
@@ -363,7 +363,7 @@ def _run_questions(
     return 0
 
 
-def _run_stream(args: argparse.Namespace, pipe: Any, t0: float) -> dict[str, Any]:
+def _run_stream(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     inputs = _inputs(args)
     cache = args.cache_dir if args.cache_dir else False
     sampling = {"seed": args.seed, "do_sample": args.do_sample, "temperature": args.temperature}
@@ -410,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
         if args.questions is not None:
             return _run_questions(args, pipe, items, done, t0)
         if args.stream:
-            result = _run_stream(args, pipe, t0)
+            result = _run_stream(args, pipe)
         else:
             result = pipe.ask(
                 args.question,
