@@ -29,6 +29,10 @@ stream in another order than the uncached batch, so sampled answers of such batc
 Region embeddings still depend on each question's masks: they are pooled from the cached features
 with the question's own ``region_weights``.
 
+Teacher-forced scoring (``SR3DPipeline.ask(..., score_answer=...)``) runs on the cached visual features
+too (:meth:`ReuseGenerator.scoring_batch`), so a scene's vision tower runs once for its questions and
+their scores alike.
+
 Memory is bounded: one LRU over all three kinds of entry with a byte budget (``max_bytes``; entries
 live where the model computed them, so on a GPU the budget is GPU memory). An entry larger than the
 whole budget is used for the call that made it and not kept.
@@ -351,6 +355,17 @@ class ReuseGenerator:
         feats = self.model.encode_visual(tensors["pixel_values"], tensors.get("tile_xyz"), tensors.get("image_sizes"))
         self.cache.put(key, feats)
         return feats
+
+    def scoring_batch(self, prompts: Sequence[str], visuals: Sequence[Any]) -> dict[str, Any]:
+        """The processor batch of ``prompts`` (left padding) on the device with the cached visual features
+        (``visual_features``) in place of pixel tensors: a ``forward`` input for teacher-forced scoring
+        (:func:`sr3d_plugin.decoding.score_continuations`) that runs no vision tower for a cached scene."""
+        from sr3d_plugin.modeling.modeling_sr3d import SR3DVisualFeatures
+
+        batch = self.processor(list(prompts), list(visuals), padding_side="left", return_visual_tensors=False)
+        out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        out["visual_features"] = SR3DVisualFeatures.cat([self.visual_features(v) for v in visuals])
+        return out
 
     def _prefix_cache(self, vkey: str, prefix_ids: tuple[int, ...], prefix_embeds: torch.Tensor) -> Any:
         key = ("prefix", self.cache.model_key(self.model), vkey, hashlib.blake2b(str(prefix_ids).encode()).hexdigest())

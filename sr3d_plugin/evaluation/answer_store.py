@@ -36,7 +36,15 @@ from typing import Any
 
 from sr3d_plugin.errors import SR3DConfigError
 
-__all__ = ["STORE_VERSION", "AnswerStore", "model_fingerprint", "run_settings"]
+__all__ = [
+    "STORE_VERSION",
+    "AnswerStore",
+    "JsonlAppender",
+    "cut_torn_tail",
+    "model_fingerprint",
+    "read_jsonl",
+    "run_settings",
+]
 
 #: bumped when the meaning of a stored answer changes
 STORE_VERSION = 1
@@ -80,6 +88,96 @@ def run_settings(pretrained: str | os.PathLike, **settings: Any) -> dict[str, An
     return {"store_version": STORE_VERSION, "model": model_fingerprint(pretrained), **settings}
 
 
+def read_jsonl(path: str | os.PathLike, what: str = "answer file") -> tuple[list[Any], int]:
+    """The JSON value of every readable line of ``path`` (in order) and the number of unreadable ones.
+
+    Blank lines are skipped; a line that is not JSON (torn by a killed writer, or corrupt) is counted,
+    not raised. A missing file reads as no lines. ``what`` names the file in the error of an unreadable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SR3DConfigError(f"cannot read the {what} {str(path)!r}: {exc}") from exc
+    values: list[Any] = []
+    bad = 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    return values, bad
+
+
+def cut_torn_tail(path: str | os.PathLike) -> bool:
+    """Cut a last line without its newline (a writer killed mid-line) off ``path``; True when one was cut.
+
+    Without this, the next append would glue onto the torn line and spoil both.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        fh.truncate(data.rfind(b"\n") + 1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+class JsonlAppender:
+    """Appends JSON objects to a file, one line each, durable when :meth:`append` returns.
+
+    Each line is one ``write`` followed by ``flush`` and ``os.fsync``: a process killed at any moment
+    leaves at most one torn last line (see :func:`cut_torn_tail`, which runs on open). The file is opened
+    on the first append and kept open until :meth:`close`. Disk faults raise
+    :class:`~sr3d_plugin.errors.SR3DDiskError` naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        cut_torn_tail(self.path)
+        self._fh: Any = None
+
+    def append(self, obj: Any) -> None:
+        """Write ``obj`` as one JSON line (UTF-8, no ASCII escaping) and ``fsync`` it."""
+        from sr3d_plugin.io_utils import disk_error
+
+        line = json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
+        try:
+            if self._fh is None:
+                self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
+            self._fh.write(line)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise disk_error(exc, self.path, "appending to") from exc
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class AnswerStore:
     """Answers of one evaluation run folder, read at start and appended to as they come (module docstring).
 
@@ -108,38 +206,21 @@ class AnswerStore:
         self.written = 0
         for f in sorted(self.folder.glob("answers.rank*.jsonl")):
             self._read(f)
-        self._repair_tail()
-        self._fh: Any = None
+        self._out = JsonlAppender(self.path)  # cuts a torn last line off before the first append
 
     # -- reading
     def _read(self, path: Path) -> None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise SR3DConfigError(f"cannot read the answer file {str(path)!r}: {exc}") from exc
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
+        values, bad = read_jsonl(path)
+        self.bad_lines += bad
+        for obj in values:
             try:
-                obj = json.loads(line)
                 key, answer = obj["key"], obj["answer"]
                 if obj.get("v") != STORE_VERSION or not isinstance(key, str) or not isinstance(answer, str):
                     raise ValueError("unexpected fields")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self.bad_lines += 1
                 continue
             self.answers[key] = answer
-
-    def _repair_tail(self) -> None:
-        # a torn last line (killed mid-write) would glue onto the next append: cut it off
-        if not self.path.is_file():
-            return
-        with open(self.path, "rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
-                fh.flush()
-                os.fsync(fh.fileno())
 
     # -- keys
     def key(
@@ -182,7 +263,7 @@ class AnswerStore:
         """Append one answer (durable when this returns: one write, flush, fsync)."""
         if not isinstance(answer, str):
             raise SR3DConfigError(f"an answer to store must be a string, got {type(answer).__name__}")
-        line = json.dumps(
+        self._out.append(
             {
                 "v": STORE_VERSION,
                 "key": key,
@@ -191,25 +272,11 @@ class AnswerStore:
                 "doc_id": int(doc_id),
                 "question_id": None if question_id is None else str(question_id),
                 "answer": answer,
-            },
-            ensure_ascii=False,
+            }
         )
-        if self._fh is None:
-            self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
-        self._fh.write(line.encode("utf-8") + b"\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self.answers[key] = answer
         self.written += 1
 
     def close(self) -> None:
         """Close the append handle (idempotent)."""
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            fh.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._out.close()
