@@ -1,0 +1,183 @@
+"""``sr3d app`` end to end in a real headless Chromium (Debian's ``chromium``, driven by playwright).
+
+The app serves the bundled tiny model on 127.0.0.1 in this process; the browser loads the page, draws
+a box with two mouse clicks on the frame, types a question, clicks Ask and reads the answer, which
+must equal :meth:`SR3DPipeline.ask` on the same scene and box. Every request the page makes and
+every socket this process opens must stay on the loopback interface.
+
+``SR3D_APP_SCREENSHOTS=DIR`` also saves the screenshots there (``docs/images/app-*.png`` are made so).
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright import sync_api as playwright_api  # the dev extra installs playwright (and gradio)
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("app-browser"), pytest.mark.usefixtures("one_thread")]
+
+
+_TIMEOUT_MS = 60_000
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install -y chromium)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _loopback(address: object) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths and the like
+        return True
+    host = str(address[0])
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Refuse (and record) every socket connection of this process that leaves the loopback interface."""
+    refused: list[object] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(self, address):
+        if not _loopback(address):
+            refused.append(address)
+            raise OSError(f"test: connection to {address!r} refused (the app must stay offline)")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not _loopback(address):
+            refused.append(address)
+            return 111
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    return refused
+
+
+@pytest.fixture
+def served_app(loopback_only, tmp_path):
+    from sr3d_plugin.app.backend import AppBackend
+    from sr3d_plugin.app.ui import launch_app
+
+    backend = AppBackend("tiny", device="cpu", work_dir=tmp_path / "work")
+    port = _free_port()
+    app = launch_app(backend, "127.0.0.1", port, block=False, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", backend
+    finally:
+        app.close()
+        backend.close()
+
+
+def _save(name: str, png: bytes, tmp_path: Path) -> Path:
+    path = tmp_path / name
+    path.write_bytes(png)
+    target = os.environ.get("SR3D_APP_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(target) / name)
+    return path
+
+
+def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp_path):
+    from sr3d_plugin.inference import SR3DPipeline
+
+    url, backend = served_app
+    outside: list[str] = []
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"], timeout=_TIMEOUT_MS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            page.set_default_timeout(_TIMEOUT_MS)
+
+            def route(r):
+                if r.request.url.startswith(url.rstrip("/")):
+                    r.continue_()
+                else:
+                    outside.append(r.request.url)
+                    r.abort()
+
+            page.route("**/*", route)
+            page.goto(url, wait_until="domcontentloaded")
+            # the bundled synthetic scene is the default input: it loads with the page
+            page.wait_for_function(
+                "document.querySelector('#sr3d-status textarea')?.value.startsWith('loaded')", timeout=_TIMEOUT_MS
+            )
+            status = page.locator("#sr3d-status textarea").input_value()
+            assert re.match(r"loaded 8 frame\(s\) of 320×240, geometry gt_depth", status), status
+            canvas = page.locator("#sr3d-canvas img")
+            canvas.wait_for(state="visible")
+            box = canvas.bounding_box()
+            assert box is not None and box["width"] > 100
+            natural = page.evaluate("() => { const i = document.querySelector('#sr3d-canvas img'); "
+                                    "return [i.naturalWidth, i.naturalHeight]; }")  # fmt: skip
+            assert natural == [320, 240]
+            sx, sy = box["width"] / 320, box["height"] / 240
+            corners = [(60, 40), (155, 160)]  # the red cabinet on frame 0 of scene seed 0
+            before = canvas.get_attribute("src")
+            page.mouse.click(box["x"] + (corners[0][0] + 0.5) * sx, box["y"] + (corners[0][1] + 0.5) * sy)
+            page.wait_for_function("document.querySelector('#sr3d-status textarea').value.startsWith('first corner')")
+            # the frame comes back with the first corner marked; click again once that picture is shown
+            page.wait_for_function(
+                "([before]) => { const i = document.querySelector('#sr3d-canvas img'); "
+                "return i && i.complete && i.naturalWidth > 0 && i.getAttribute('src') !== before; }",
+                arg=[before],
+            )
+            page.wait_for_timeout(300)
+            box = canvas.bounding_box()
+            page.mouse.click(box["x"] + (corners[1][0] + 0.5) * sx, box["y"] + (corners[1][1] + 0.5) * sy)
+            page.wait_for_function("document.querySelector('#sr3d-regions textarea').value.includes('box=')")
+            spec = page.locator("#sr3d-regions textarea").input_value().strip()
+            m = re.fullmatch(r"frame=0 box=(\d+),(\d+),(\d+),(\d+)", spec)
+            assert m, spec
+            x0, y0, x1, y1 = (int(g) for g in m.groups())
+            # the clicked pixels are the box's corners (within a pixel of display rounding)
+            assert abs(x0 - 60) <= 1 and abs(y0 - 40) <= 1 and abs(x1 - 156) <= 1 and abs(y1 - 161) <= 1, spec
+            _save("app-box.png", page.screenshot(full_page=True), tmp_path)
+
+            question = "What is <region0>?"
+            page.locator("#sr3d-question textarea").fill(question)
+            page.locator("#sr3d-ask").click()
+            page.wait_for_function("document.querySelector('#sr3d-status textarea').value.startsWith('answered')")
+            answer = page.locator("#sr3d-answer textarea").input_value()
+            reach_items = page.locator("#sr3d-reach img").count()
+            shot = page.screenshot(full_page=True)
+        finally:
+            browser.close()
+
+    assert answer.strip(), "the page showed an empty answer"
+    scene = backend.load("synthetic").ask_kwargs["scene"]
+    direct = SR3DPipeline.from_pretrained("tiny", device="cpu", reuse=False).ask(
+        question, scene=scene, regions=[spec], max_new_tokens=backend.max_new_tokens
+    )
+    assert answer == direct["answer"]
+    assert reach_items >= 8  # one picture per frame (the gallery may repeat the selected one)
+    path = _save("app-answer.png", shot, tmp_path)
+    png = Image.open(io.BytesIO(path.read_bytes()))
+    assert png.format == "PNG" and png.width >= 1000 and png.height >= 800
+    pixels = np.asarray(png.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # a rendered page, not a blank one
+    assert outside == [] and loopback_only == []
