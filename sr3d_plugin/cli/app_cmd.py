@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     backend = AppBackend(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
     try:
-        backend.pipeline  # load the model now, so that its errors come before the server starts
+        _ = backend.pipeline  # load the model now, so that its errors come before the server starts
         print(f"sr3d app: serving {args.model} on http://{args.host}:{args.port} (Ctrl+C stops)")
         launch_app(backend, args.host, args.port, block=True, quiet=True)
     finally:
