@@ -92,6 +92,36 @@ def served_app(loopback_only, tmp_path):
         backend.close()
 
 
+_PICTURE_RECT = """() => {
+  const i = document.querySelector('#sr3d-canvas img');
+  const r = i.getBoundingClientRect(), fit = getComputedStyle(i).objectFit;
+  let sx = r.width / i.naturalWidth, sy = r.height / i.naturalHeight;
+  if (fit !== 'fill') {
+    let s = fit === 'none' ? 1 : Math.min(sx, sy);
+    if (fit === 'scale-down') s = Math.min(s, 1);
+    sx = sy = s;
+  }
+  const w = i.naturalWidth * sx, h = i.naturalHeight * sy;
+  return {x: r.left + (r.width - w) / 2, y: r.top + (r.height - h) / 2, width: w, height: h,
+          natural: [i.naturalWidth, i.naturalHeight]};
+}"""
+
+
+def _picture_rect(page) -> dict:
+    """Where the frame picture is drawn inside its ``<img>`` (object-fit), once loaded and the layout is still."""
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#sr3d-canvas img'); return i && i.complete && i.naturalWidth > 0; }"
+    )
+    rect = page.evaluate(_PICTURE_RECT)
+    for _ in range(50):
+        page.wait_for_timeout(200)
+        again = page.evaluate(_PICTURE_RECT)
+        if again == rect:
+            break
+        rect = again
+    return rect
+
+
 def _save(name: str, png: bytes, tmp_path: Path) -> Path:
     path = tmp_path / name
     path.write_bytes(png)
@@ -130,25 +160,28 @@ def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp
             assert re.match(r"loaded 8 frame\(s\) of 320×240, geometry gt_depth", status), status
             canvas = page.locator("#sr3d-canvas img")
             canvas.wait_for(state="visible")
-            box = canvas.bounding_box()
-            assert box is not None and box["width"] > 100
-            natural = page.evaluate("() => { const i = document.querySelector('#sr3d-canvas img'); "
-                                    "return [i.naturalWidth, i.naturalHeight]; }")  # fmt: skip
-            assert natural == [320, 240]
-            sx, sy = box["width"] / 320, box["height"] / 240
-            corners = [(60, 40), (155, 160)]  # the red cabinet on frame 0 of scene seed 0
+            rect = _picture_rect(page)
+            # the 320×240 frame is shown enlarged a whole number of times (sr3d_plugin.app.views.display_scale)
+            assert rect["natural"][0] % 320 == 0 and rect["natural"][0] * 240 == rect["natural"][1] * 320, rect
+            assert rect["width"] >= 320
+
+            def click(x: int, y: int) -> None:  # the centre of frame pixel (x, y)
+                page.mouse.click(
+                    rect["x"] + (x + 0.5) * rect["width"] / 320, rect["y"] + (y + 0.5) * rect["height"] / 240
+                )
+
+            shown = (
+                "([before]) => { const i = document.querySelector('#sr3d-canvas img'); "
+                "return i && i.complete && i.naturalWidth > 0 && i.getAttribute('src') !== before; }"
+            )
             before = canvas.get_attribute("src")
-            page.mouse.click(box["x"] + (corners[0][0] + 0.5) * sx, box["y"] + (corners[0][1] + 0.5) * sy)
+            click(60, 40)  # the corners of the red cabinet on frame 0 of the bundled scene (seed 0)
             page.wait_for_function("document.querySelector('#sr3d-status textarea').value.startsWith('first corner')")
             # the frame comes back with the first corner marked; click again once that picture is shown
-            page.wait_for_function(
-                "([before]) => { const i = document.querySelector('#sr3d-canvas img'); "
-                "return i && i.complete && i.naturalWidth > 0 && i.getAttribute('src') !== before; }",
-                arg=[before],
-            )
-            page.wait_for_timeout(300)
-            box = canvas.bounding_box()
-            page.mouse.click(box["x"] + (corners[1][0] + 0.5) * sx, box["y"] + (corners[1][1] + 0.5) * sy)
+            page.wait_for_function(shown, arg=[before])
+            rect = _picture_rect(page)
+            before = canvas.get_attribute("src")
+            click(155, 160)
             page.wait_for_function("document.querySelector('#sr3d-regions textarea').value.includes('box=')")
             spec = page.locator("#sr3d-regions textarea").input_value().strip()
             m = re.fullmatch(r"frame=0 box=(\d+),(\d+),(\d+),(\d+)", spec)
@@ -156,6 +189,7 @@ def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp
             x0, y0, x1, y1 = (int(g) for g in m.groups())
             # the clicked pixels are the box's corners (within a pixel of display rounding)
             assert abs(x0 - 60) <= 1 and abs(y0 - 40) <= 1 and abs(x1 - 156) <= 1 and abs(y1 - 161) <= 1, spec
+            page.wait_for_function(shown, arg=[before])  # the frame with the new box drawn on it
             _save("app-box.png", page.screenshot(full_page=True), tmp_path)
 
             question = "What is <region0>?"

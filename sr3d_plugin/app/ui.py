@@ -48,7 +48,9 @@ def _path(file: Any) -> str | None:
 def build_app(backend: Any) -> Any:
     """The page as a ``gradio.Blocks`` (not launched) on an :class:`~sr3d_plugin.app.backend.AppBackend`."""
     gr = require_gradio()
-    from sr3d_plugin.app.views import box_spec_from_corners, draw_corner, draw_regions, region_specs
+    from PIL import Image
+
+    from sr3d_plugin.app.views import box_spec_from_corners, display_scale, draw_corner, draw_regions, region_specs
     from sr3d_plugin.regions import parse_region_spec
 
     def canvas_image(key: str | None, frame: int, text: str, corner: Any = None) -> Any:
@@ -73,7 +75,8 @@ def build_app(backend: Any) -> Any:
         image = draw_regions(image, regions, drawn=[i for i, _ in regions], alpha=0.25)
         if corner is not None:
             image = draw_corner(image, corner, len(specs))
-        return image
+        f = display_scale(image.size)
+        return image.resize((image.width * f, image.height * f), Image.Resampling.NEAREST) if f > 1 else image
 
     def on_load(source: str, seed: float, views: float, image: Any, depth: Any, intr: Any, video: Any, points: Any,
                 scan_file: Any, scan_path: str, state: dict) -> tuple:  # fmt: skip
@@ -87,7 +90,7 @@ def build_app(backend: Any) -> Any:
                 intrinsics=_path(intr),
                 video=_path(video),
                 points=_path(points),
-                scan=_path(scan_file) or (scan_path.strip() or None),
+                scan=_path(scan_file) or ((scan_path or "").strip() or None),
             )
         except SR3DError as exc:
             return (state, gr.update(), gr.update(), gr.update(), f"error: {exc}")
@@ -113,8 +116,9 @@ def build_app(backend: Any) -> Any:
             loaded = backend.get(key)
         except SR3DError as exc:
             return state, text, gr.update(), f"error: {exc}"
-        x, y = evt.index[0], evt.index[1]
         k = int(frame)
+        f = display_scale(loaded.frames.images[k].size)  # the frame is shown enlarged f times
+        x, y = int(evt.index[0]) // f, int(evt.index[1]) // f
         if state.get("corner") is None:
             state = {**state, "corner": [x, y]}
             return (
@@ -150,10 +154,11 @@ def build_app(backend: Any) -> Any:
             result = backend.ask(loaded, question, specs)
         except SR3DError as exc:
             return "", gr.update(), {}, f"error: {exc}"
-        gallery = backend.reach_images(loaded, result.pop("reach"), specs)
-        reached = [len(r["frames"]) for r in result["regions"]]
+        reach = result.pop("reach")
+        gallery = backend.reach_images(loaded, reach, specs)
+        v = loaded.num_frames
         status = f"answered in {result['timings']['total']:.2f} s; " + (
-            ", ".join(f"region {i} drawn on {n} frame(s)" for i, n in enumerate(reached)) or "no regions"
+            ", ".join(f"region {i} reaches {len(r)} of {v} frame(s)" for i, r in enumerate(reach)) or "no regions"
         )
         return result["answer"], gallery, result, status
 
@@ -167,20 +172,26 @@ def build_app(backend: Any) -> Any:
         with gr.Row():
             with gr.Column(scale=1):
                 source = gr.Radio(list(_SOURCES), value="bundled synthetic scene", label="input", elem_id="sr3d-source")
-                with gr.Row():
+                with gr.Group(visible=True) as synthetic_box, gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, label="scene seed", elem_id="sr3d-seed")
-                    views = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="views", elem_id="sr3d-views")
-                image = gr.File(label="image", file_types=["image"], elem_id="sr3d-image")
-                depth = gr.File(label="depth map (optional)", elem_id="sr3d-depth")
-                intr = gr.File(label="intrinsics K.txt (optional, with a depth map)", elem_id="sr3d-intrinsics")
-                video = gr.File(label="video", file_types=["video"], elem_id="sr3d-video")
-                points = gr.File(label="point maps .npz / .npy (optional, with a video)", elem_id="sr3d-points")
-                scan_file = gr.File(label="scan folder as .zip", file_types=[".zip"], elem_id="sr3d-scan-zip")
-                scan_path = gr.Textbox(label="or a scan folder on this machine", elem_id="sr3d-scan-path")
+                    views = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="views",
+                                      elem_id="sr3d-views")  # fmt: skip
+                with gr.Group(visible=False) as image_box:
+                    image = gr.File(label="image", file_types=["image"], height=90, elem_id="sr3d-image")
+                    depth = gr.File(label="depth map (optional)", height=90, elem_id="sr3d-depth")
+                    intr = gr.File(label="intrinsics K.txt (optional, with a depth map)", height=90,
+                                   elem_id="sr3d-intrinsics")  # fmt: skip
+                with gr.Group(visible=False) as video_box:
+                    video = gr.File(label="video", file_types=["video"], height=90, elem_id="sr3d-video")
+                    points = gr.File(label="point maps .npz / .npy (optional)", height=90, elem_id="sr3d-points")
+                with gr.Group(visible=False) as scan_box:
+                    scan_file = gr.File(label="scan folder as .zip", file_types=[".zip"], height=90,
+                                        elem_id="sr3d-scan-zip")  # fmt: skip
+                    scan_path = gr.Textbox(label="or a scan folder on this machine", elem_id="sr3d-scan-path")
                 load = gr.Button("Load", variant="secondary", elem_id="sr3d-load")
             with gr.Column(scale=2):
                 frame = gr.Slider(0, 1, value=0, step=1, label="frame", elem_id="sr3d-frame")
-                canvas = gr.Image(label="click two corners to draw a box", interactive=False, type="pil",
+                canvas = gr.Image(label="click two opposite corners to draw a box", interactive=False, type="pil",
                                   elem_id="sr3d-canvas")  # fmt: skip
                 regions = gr.Textbox(label="regions (one spec per line)", lines=3, elem_id="sr3d-regions")
                 clear = gr.Button("Clear regions", size="sm", elem_id="sr3d-clear")
@@ -188,10 +199,21 @@ def build_app(backend: Any) -> Any:
                 ask = gr.Button("Ask", variant="primary", elem_id="sr3d-ask")
                 answer = gr.Textbox(label="answer", interactive=False, elem_id="sr3d-answer")
                 status = gr.Textbox(label="status", interactive=False, elem_id="sr3d-status")
-        reach = gr.Gallery(label="each region on every frame it reaches", columns=4, elem_id="sr3d-reach")
-        pointmaps = gr.Gallery(label="canonical point map (xyz → RGB)", columns=4, elem_id="sr3d-pointmap")
-        details = gr.JSON(label="details", elem_id="sr3d-details")
+        reach = gr.Gallery(
+            label="each region on every frame it reaches", columns=4, object_fit="contain", elem_id="sr3d-reach"
+        )
+        pointmaps = gr.Gallery(
+            label="canonical point map (xyz → RGB)", columns=4, object_fit="contain", elem_id="sr3d-pointmap"
+        )
+        with gr.Accordion("details (the result of SR3DPipeline.ask)", open=False):
+            details = gr.JSON(label="details", elem_id="sr3d-details")
 
+        boxes = {"synthetic": synthetic_box, "image": image_box, "video": video_box, "scan": scan_box}
+
+        def on_source(choice: str) -> list:
+            return [gr.update(visible=_SOURCES[choice] == kind) for kind in boxes]
+
+        source.change(on_source, [source], list(boxes.values()))
         load_inputs = [source, seed, views, image, depth, intr, video, points, scan_file, scan_path, state]
         load_outputs = [state, frame, canvas, pointmaps, status]
         load.click(on_load, load_inputs, load_outputs)

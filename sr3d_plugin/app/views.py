@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_VOXEL",
     "REGION_RGB",
     "box_spec_from_corners",
+    "display_scale",
     "draw_corner",
     "draw_regions",
     "region_reach",
@@ -45,6 +46,14 @@ REGION_RGB: tuple[tuple[int, int, int], ...] = (
 #: voxel edge used by :func:`region_reach`, in canonical units (the canonical space spans [-1, 1]³,
 #: so 0.04 is 1/50 of the scene's extent along its longest axis: a few centimetres in a room)
 DEFAULT_VOXEL = 0.04
+
+
+def display_scale(image_size: tuple[int, int], target: int = 640) -> int:
+    """Whole-number factor a frame of ``(width, height)`` pixels is enlarged by on the page, so that its longer
+    side is at most ``target`` pixels (at least 1: large frames are shown as they are, the browser shrinks them).
+    A click at display pixel ``(u, v)`` is frame pixel ``(u // factor, v // factor)``."""
+    width, height = (int(v) for v in image_size)
+    return max(1, int(target) // max(width, height, 1))
 
 
 def box_spec_from_corners(
