@@ -15,6 +15,7 @@ from PIL import Image
 from sr3d_plugin.app.views import (
     REGION_RGB,
     box_spec_from_corners,
+    display_scale,
     draw_regions,
     region_reach,
     region_specs,
@@ -50,6 +51,14 @@ def test_corner_outside_the_frame_is_an_error_naming_it():
 def test_two_clicks_on_one_spot_are_not_a_box():
     with pytest.raises(SR3DInputError, match=r"span a box of 1×1 pixels"):
         box_spec_from_corners(0, (5, 5), (5, 5), (64, 48))
+
+
+@pytest.mark.parametrize("size, factor", [((320, 240), 2), ((96, 72), 6), ((640, 480), 1), ((1920, 1080), 1)])
+def test_frames_are_shown_enlarged_a_whole_number_of_times(size, factor):
+    assert display_scale(size) == factor
+    # a click anywhere on the enlarged picture maps back into the frame
+    w, h = size
+    assert (w * factor - 1) // factor == w - 1 and (h * factor - 1) // factor == h - 1
 
 
 def test_region_text_skips_blank_and_comment_lines_and_names_a_bad_line():

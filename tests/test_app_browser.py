@@ -192,7 +192,25 @@ def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp
             page.wait_for_function(shown, arg=[before])  # the frame with the new box drawn on it
             _save("app-box.png", page.screenshot(full_page=True), tmp_path)
 
-            question = "What is <region0>?"
+            # a second box on another frame: frame 1 (the slider's number field), where the cabinet is seen at the right
+            before = canvas.get_attribute("src")
+            number = page.locator("#sr3d-frame input[type=number]")
+            number.fill("1")
+            number.press("Enter")
+            page.wait_for_function(shown, arg=[before])
+            rect = _picture_rect(page)
+            before = canvas.get_attribute("src")
+            click(240, 45)
+            page.wait_for_function("document.querySelector('#sr3d-status textarea').value.startsWith('first corner')")
+            page.wait_for_function(shown, arg=[before])
+            rect = _picture_rect(page)
+            click(300, 180)
+            page.wait_for_function("document.querySelector('#sr3d-regions textarea').value.includes('frame=1')")
+            specs = page.locator("#sr3d-regions textarea").input_value().strip().splitlines()
+            assert specs[0] == spec and len(specs) == 2, specs
+            assert re.fullmatch(r"frame=1 box=2(39|40|41),(44|45|46),30[012],18[012]", specs[1]), specs
+
+            question = "Which is closer to the camera, <region0> or <region1>?"
             page.locator("#sr3d-question textarea").fill(question)
             page.locator("#sr3d-ask").click()
             page.wait_for_function("document.querySelector('#sr3d-status textarea').value.startsWith('answered')")
@@ -205,7 +223,7 @@ def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp
     assert answer.strip(), "the page showed an empty answer"
     scene = backend.load("synthetic").ask_kwargs["scene"]
     direct = SR3DPipeline.from_pretrained("tiny", device="cpu", reuse=False).ask(
-        question, scene=scene, regions=[spec], max_new_tokens=backend.max_new_tokens
+        question, scene=scene, regions=specs, max_new_tokens=backend.max_new_tokens
     )
     assert answer == direct["answer"]
     assert reach_items >= 8  # one picture per frame (the gallery may repeat the selected one)

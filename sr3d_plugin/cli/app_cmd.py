@@ -39,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from sr3d_plugin.app.ui import launch_app, require_gradio
 
     require_gradio()  # before loading the model: a missing extra is reported at once
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     from sr3d_plugin.app.backend import AppBackend
 
     backend = AppBackend(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
