@@ -205,6 +205,28 @@ def test_image_with_depth_answers_as_the_pipeline_does(backend, scene, tmp_path)
     assert len(loaded.pointmap_images()) == 1 and loaded.pointmap_images()[0].dtype == np.uint8
 
 
+def test_video_with_point_maps_answers_as_the_pipeline_does(backend, scene, tmp_path):
+    """The "video (+ point maps)" input: frames from the video, geometry from the reconstruction file."""
+    from _eval_data import _write_video
+
+    video = tmp_path / "walk.mp4"
+    _write_video(video, scene.rgb)
+    xyz, _ = _world_points(scene)
+    npz = tmp_path / "walk.npz"
+    np.savez(npz, xyz=xyz.astype(np.float32), frame_ids=np.array([str(i) for i in range(scene.num_frames)]))
+    loaded = backend.load("video", video=video, points=npz)
+    assert loaded.num_frames == scene.num_frames and loaded.geometry["source"] == "reconstruction"
+    spec = "frame=2 box=5,5,60,50"
+    result = backend.ask(loaded, "What is <region0>?", [spec])
+    direct = backend.pipeline.ask(
+        "What is <region0>?", video=str(video), points=str(npz), regions=[spec], max_new_tokens=8
+    )
+    assert result["answer"] == direct["answer"]
+    assert 2 in result["reach"][0] and len(result["reach"][0]) >= 2  # seen again on other frames
+    with pytest.raises(SR3DInputError, match=r"kind='video' needs video="):
+        backend.load("video", points=npz)
+
+
 def _zip_folder(folder, archive, top):
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(folder.rglob("*")):
