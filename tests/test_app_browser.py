@@ -23,7 +23,13 @@ import pytest
 from PIL import Image
 from playwright import sync_api as playwright_api  # the dev extra installs playwright (and gradio)
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("app-browser"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("app-browser"),
+    pytest.mark.usefixtures("one_thread"),
+    # gradio's queue calls pandas options that pandas 3 deprecates (nothing of ours)
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),
+]
 
 
 _TIMEOUT_MS = 60_000
@@ -34,12 +40,6 @@ def _chromium() -> str:
     if path is None:
         pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install -y chromium)")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _loopback(address: object) -> bool:
@@ -81,6 +81,7 @@ def loopback_only(monkeypatch):
 def served_app(loopback_only, tmp_path):
     from sr3d_plugin.app.backend import AppBackend
     from sr3d_plugin.app.ui import launch_app
+    from sr3d_plugin.cli.eval_cmd import _free_port  # a free TCP port of 127.0.0.1
 
     backend = AppBackend("tiny", device="cpu", work_dir=tmp_path / "work")
     port = _free_port()
@@ -158,6 +159,13 @@ def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp
             )
             status = page.locator("#sr3d-status textarea").input_value()
             assert re.match(r"loaded 8 frame\(s\) of 320×240, geometry gt_depth", status), status
+            # asking about <region0> before drawing it: the status names the problem, no answer
+            page.locator("#sr3d-ask").click()
+            page.wait_for_function("document.querySelector('#sr3d-status textarea').value.startsWith('error')")
+            error = page.locator("#sr3d-status textarea").input_value()
+            assert "refers to <region0> but 0 region(s) were given" in error, error
+            assert page.locator("#sr3d-answer textarea").input_value() == ""
+
             canvas = page.locator("#sr3d-canvas img")
             canvas.wait_for(state="visible")
             rect = _picture_rect(page)
@@ -233,3 +241,11 @@ def test_browser_draws_a_box_and_reads_the_answer(served_app, loopback_only, tmp
     pixels = np.asarray(png.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # a rendered page, not a blank one
     assert outside == [] and loopback_only == []
+
+
+def test_the_loopback_guard_refuses_other_hosts(loopback_only):
+    """The guard the browser test relies on: a connection off 127.0.0.1 fails and is recorded."""
+    with pytest.raises(OSError, match="refused"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1, never routed
+    assert loopback_only and loopback_only[0][0] == "192.0.2.1"
+    loopback_only.clear()
