@@ -227,6 +227,32 @@ def test_video_with_point_maps_answers_as_the_pipeline_does(backend, scene, tmp_
         backend.load("video", points=npz)
 
 
+def test_image_alone_takes_its_depth_from_the_depth_model(scene, tmp_path):
+    """A plain image with a local Depth Anything folder (depth_model=): geometry estimated, the pipeline's answer."""
+    from sr3d_plugin.app.backend import AppBackend
+    from sr3d_plugin.testing import write_tiny_depth_anything
+
+    img = tmp_path / "photo.png"
+    Image.fromarray(scene.rgb[1]).save(img)
+    depth_model = write_tiny_depth_anything(tmp_path / "tiny-da", seed=1)
+    b = AppBackend("tiny", device="cpu", depth_model=depth_model, max_new_tokens=6, work_dir=tmp_path / "work")
+    try:
+        loaded = b.load("image", image=img)
+        assert loaded.geometry["source"] == "depth_anything" and loaded.points.shape[0] == 1
+        result = b.ask(loaded, "What is <mask>?", ["box=4,4,40,30"])
+        direct = b.pipeline.ask("What is <mask>?", image=str(img), regions=["box=4,4,40,30"], max_new_tokens=6)
+        assert result["answer"] == direct["answer"]
+    finally:
+        b.close()
+
+
+def test_image_alone_without_a_depth_model_says_what_is_missing(backend, scene, tmp_path):
+    img = tmp_path / "photo.png"
+    Image.fromarray(scene.rgb[1]).save(img)
+    with pytest.raises(SR3DInputError, match=r"no depth source was given"):
+        backend.load("image", image=img)
+
+
 def _zip_folder(folder, archive, top):
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(folder.rglob("*")):

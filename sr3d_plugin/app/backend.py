@@ -81,6 +81,8 @@ class AppBackend:
     Args:
         model: model folder or ``"tiny"`` (the bundled tiny SR-3D), as :meth:`SR3DPipeline.from_pretrained`.
         device: ``"cpu"``, ``"cuda"`` … (default: CUDA when available).
+        depth_model: Depth Anything V2 id or folder for images and videos without depth or point maps
+            (the pipeline's ``depth_model``; None: such inputs are refused with the pipeline's message).
         max_new_tokens: answer budget of each question.
         pipeline: a ready pipeline (then ``model`` and ``device`` are not used).
         work_dir: folder for the bundled scene and unpacked scan archives (default: a fresh temporary
@@ -92,12 +94,14 @@ class AppBackend:
         model: str | Path = "tiny",
         *,
         device: str | None = None,
+        depth_model: str | Path | None = None,
         max_new_tokens: int = 32,
         pipeline: Any = None,
         work_dir: str | Path | None = None,
     ) -> None:
         self.model = str(model)
         self.device = device
+        self.depth_model = None if depth_model is None else str(depth_model)
         self.max_new_tokens = _checks.integer(max_new_tokens, "max_new_tokens", minimum=1)
         self._pipeline = pipeline
         self._own_dir = work_dir is None
@@ -117,7 +121,9 @@ class AppBackend:
             if self._pipeline is None:
                 from sr3d_plugin.inference import SR3DPipeline
 
-                self._pipeline = SR3DPipeline.from_pretrained(self.model, device=self.device)
+                self._pipeline = SR3DPipeline.from_pretrained(
+                    self.model, device=self.device, depth_model=self.depth_model
+                )
             return self._pipeline
 
     def close(self) -> None:

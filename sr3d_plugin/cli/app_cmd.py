@@ -21,6 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
+    p.add_argument(
+        "--depth-model",
+        default=None,
+        help="Depth Anything V2 id or local folder for images / videos loaded without depth or point maps",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget per question (default 32)")
     p.add_argument(
         "--share",
@@ -47,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         pass
     from sr3d_plugin.app.backend import AppBackend
 
-    backend = AppBackend(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
+    backend = AppBackend(
+        args.model, device=args.device, depth_model=args.depth_model, max_new_tokens=args.max_new_tokens
+    )
     try:
         _ = backend.pipeline  # load the model now, so that its errors come before the server starts
         print(f"sr3d app: serving {args.model} on http://{args.host}:{args.port} (Ctrl+C stops)")
