@@ -51,7 +51,7 @@ def build_app(backend: Any) -> Any:
     from PIL import Image
 
     from sr3d_plugin.app.views import box_spec_from_corners, display_scale, draw_corner, draw_regions, region_specs
-    from sr3d_plugin.regions import parse_region_spec
+    from sr3d_plugin.regions import parse_region_spec, resolve_regions
 
     def canvas_image(key: str | None, frame: int, text: str, corner: Any = None) -> Any:
         loaded = backend.get(key)
@@ -62,8 +62,6 @@ def build_app(backend: Any) -> Any:
             specs = region_specs(text)
         except SR3DError:
             specs = []
-        from sr3d_plugin.regions import resolve_regions
-
         for i, spec in enumerate(specs):
             s = parse_region_spec(spec)
             if s.frame == k or (s.frame is None and loaded.num_frames == 1):
@@ -135,7 +133,10 @@ def build_app(backend: Any) -> Any:
             return state, text, canvas_image(key, k, text), f"error: {exc}"
         lines = [ln for ln in (text or "").splitlines() if ln.strip()]
         text = "\n".join([*lines, spec])
-        n = len(region_specs(text)) - 1
+        try:
+            n = len(region_specs(text)) - 1
+        except SR3DError:  # a hand-edited line above does not parse: Ask will name it
+            n = len(lines)
         return state, text, canvas_image(key, k, text), f"added region {n}: {spec} (refer to it as <region{n}>)"
 
     on_click.__annotations__["evt"] = gr.SelectData  # gradio finds the event argument by its (evaluated) type
