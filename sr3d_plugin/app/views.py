@@ -43,8 +43,9 @@ REGION_RGB: tuple[tuple[int, int, int], ...] = (
     (175, 82, 222),
 )
 
-#: voxel edge used by :func:`region_reach`, in canonical units (the canonical space spans [-1, 1]³,
-#: so 0.04 is 1/50 of the scene's extent along its longest axis: a few centimetres in a room)
+#: voxel edge used by :func:`region_reach`, in canonical units: the canonical space spans [-1, 1] along
+#: each axis (each axis scaled on its own, SR3D-FACTS §3), so 0.04 is 1/50 of the scene's extent along
+#: that axis — a few centimetres to ~10 cm in a room
 DEFAULT_VOXEL = 0.04
 
 
@@ -213,7 +214,7 @@ def draw_regions(
     pen = ImageDraw.Draw(result)
     for k, (x0, y0, x1, y1) in boxes:
         pen.rectangle((x0, y0, x1, y1), outline=_rgb(k), width=3 if k in drawn else 1)
-        pen.text((x0 + 2, max(0, y0 - 11) if y0 >= 11 else y0 + 2), f"R{k}", fill=_rgb(k))
+        pen.text((x0 + 2, y0 - 11 if y0 >= 11 else y0 + 2), f"R{k}", fill=_rgb(k))
     return result
 
 
