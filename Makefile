@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sr3d-installed
 
-.PHONY: setup demo test test-vila lint bench clean
+.PHONY: setup demo test test-vila lint bench clean chromium
 
 $(STAMP): pyproject.toml requirements/cpu-pins.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sr3d demo
 
-test: $(STAMP)
+# tests/test_app_browser.py drives a real headless Chromium: Debian's package (playwright never downloads one)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 

@@ -17,6 +17,7 @@ COMMAND_MODULES: list[str] = [
     "sr3d_plugin.cli.ablation_cmd",
     "sr3d_plugin.cli.plugins_cmd",
     "sr3d_plugin.cli.ask_cmd",
+    "sr3d_plugin.cli.app_cmd",
     "sr3d_plugin.cli.pointmap_cmd",
     "sr3d_plugin.cli.metrics_cmd",
     "sr3d_plugin.cli.prepare_cmd",
