@@ -53,11 +53,13 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "MANIFEST_NAME",
     "READABLE_SUFFIXES",
+    "batch_layout",
     "decode_state",
     "encode_state",
     "load_training_state",
     "read_checkpoint_bytes",
     "read_checkpoint_json",
+    "resume_batch_position",
     "save_training_state",
     "verify_checkpoint",
     "write_manifest",
@@ -568,6 +570,71 @@ def _trainer_state(ckpt: Path, manifest: dict[str, Any]) -> dict[str, int]:
             raise SR3DCheckpointError(f"checkpoint {ckpt}: trainer_state.json {k}={v!r}; expected an integer >= 0")
         out[k] = v
     return out
+
+
+def batch_layout(processes: int, per_device_batch_size: int, gradient_accumulation_steps: int) -> dict[str, int]:
+    """The data layout of a run as saved in ``trainer_state.json`` (``layout``): processes x batch x accumulation."""
+    return {
+        "processes": int(processes),
+        "per_device_batch_size": int(per_device_batch_size),
+        "gradient_accumulation_steps": int(gradient_accumulation_steps),
+    }
+
+
+def _layout_text(layout: dict[str, int]) -> str:
+    p, b, a = layout["processes"], layout["per_device_batch_size"], layout["gradient_accumulation_steps"]
+    return (
+        f"{p} process(es) x per_device_batch_size {b} x gradient_accumulation_steps {a} = {p * b * a} samples per step"
+    )
+
+
+def resume_batch_position(ckpt: Path, manifest: dict[str, Any], layout: dict[str, int]) -> int:
+    """``batch_in_epoch`` of the checkpoint in this run's micro-batches: the same samples, any world size.
+
+    A run's global sample order does not depend on its layout: the epoch permutation
+    (:class:`~sr3d_plugin.training.data.EpochSampler`) is cut into global micro-batches of
+    ``processes x per_device_batch_size`` consecutive samples (process ``r`` takes the ``r``-th
+    ``per_device_batch_size`` of each), and an optimizer step takes ``gradient_accumulation_steps``
+    of them. A checkpoint saved after ``k`` local micro-batches of an epoch has consumed
+    ``k x processes x per_device_batch_size`` samples of it; this run skips as many.
+
+    ``layout`` is :func:`batch_layout` of this run. Checkpoints without a saved layout (older
+    versions) are taken to have this run's batch sizes and the manifest's process count.
+
+    Raises:
+        SR3DCheckpointError: the samples per optimizer step differ (resuming would change the
+            global batch mid-run), naming both layouts and the setting that would keep it.
+    """
+    doc = read_checkpoint_json(ckpt, manifest, "trainer_state.json")
+    counters = _trainer_state(ckpt, manifest)
+    saved = doc.get("layout") if isinstance(doc, dict) else None
+    if not isinstance(saved, dict):
+        saved = {**layout, "processes": int(manifest.get("processes", layout["processes"]))}
+    keys = ("processes", "per_device_batch_size", "gradient_accumulation_steps")
+    if not all(isinstance(saved.get(k), int) and not isinstance(saved.get(k), bool) and saved[k] > 0 for k in keys):
+        raise SR3DCheckpointError(f"checkpoint {ckpt}: trainer_state.json layout={saved!r}; expected positive {keys}")
+    per_step = saved["processes"] * saved["per_device_batch_size"] * saved["gradient_accumulation_steps"]
+    here = layout["processes"] * layout["per_device_batch_size"] * layout["gradient_accumulation_steps"]
+    if per_step != here:
+        hints = []
+        p, b, a = layout["processes"], layout["per_device_batch_size"], layout["gradient_accumulation_steps"]
+        if per_step % (p * a) == 0:
+            hints.append(f"training.per_device_batch_size={per_step // (p * a)}")
+        if per_step % (p * b) == 0:
+            hints.append(f"training.gradient_accumulation_steps={per_step // (p * b)}")
+        hint = f"; set {' or '.join(hints)} to keep it" if hints else ""
+        raise SR3DCheckpointError(
+            f"checkpoint {ckpt} was written by {_layout_text(saved)}; this run has {_layout_text(layout)}. "
+            f"Resuming would change the global batch mid-run{hint}"
+        )
+    samples = counters["batch_in_epoch"] * saved["processes"] * saved["per_device_batch_size"]
+    local = layout["processes"] * layout["per_device_batch_size"]
+    if samples % local:  # cannot happen at a step boundary with equal samples per step; a damaged state
+        raise SR3DCheckpointError(
+            f"checkpoint {ckpt}: {samples} samples consumed in the epoch is not a multiple of this run's "
+            f"{local} samples per micro-batch"
+        )
+    return samples // local
 
 
 def refuse_deepspeed_resume(ckpt: Path, manifest: dict[str, Any], deepspeed: bool) -> None:
