@@ -691,11 +691,17 @@ def load_training_state(
     rng = _read_state(ckpt, manifest, rng_name) if f"{rng_name}.json" in manifest["files"] else None
     current = "applying the states"
     try:
-        current = "model.safetensors"
-        set_model_state_dict(model, weights, options=_sd_options(strict=False))
-        current = "optimizer.json"
         raw = _raw_optimizer(optimizer)
-        set_optimizer_state_dict(model, raw, opt_state, options=_sd_options())
+        from sr3d_plugin.training.sharding import is_cpu_fsdp, load_full_state_on_cpu_fsdp
+
+        if is_cpu_fsdp(model):  # every process slices the full states itself (see sharding)
+            current = "model.safetensors / optimizer.json"
+            load_full_state_on_cpu_fsdp(model, raw, weights, opt_state)
+        else:
+            current = "model.safetensors"
+            set_model_state_dict(model, weights, options=_sd_options(strict=False))
+            current = "optimizer.json"
+            set_optimizer_state_dict(model, raw, opt_state, options=_sd_options())
         for group, saved in zip(raw.param_groups, opt_state["param_groups"]):  # torch turns tuples into lists
             group.update({k: v for k, v in saved.items() if isinstance(v, tuple) and k != "params"})
         current = "scheduler.json"
