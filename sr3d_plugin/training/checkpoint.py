@@ -714,9 +714,10 @@ def load_training_state(
             _set_rng_state(rng)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise SR3DCheckpointError(f"checkpoint {ckpt}: {current} does not fit this run ({exc})") from None
-    if rng is None and warn is not None:
+    missing = [i for i in range(acc.num_processes) if f"rng_{i}.json" not in manifest["files"]]
+    if missing and warn is not None:  # every process knows, the main one reports
         warn(
-            f"checkpoint {ckpt} has no RNG state of process {acc.process_index} (written by "
+            f"checkpoint {ckpt} has no RNG state of process {', '.join(map(str, missing))} (written by "
             f"{manifest.get('processes', '?')} process(es)); its generators keep their seeds"
         )
     return counters

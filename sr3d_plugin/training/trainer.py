@@ -437,8 +437,15 @@ def _train(
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 break
-            n_items = sum((mb["labels"][:, 1:] != -100).sum() for mb in window).to(acc.device)
-            n_global = acc.reduce(n_items.clone(), "sum") if acc.num_processes > 1 else n_items
+            step_start = time.perf_counter()
+            counts = torch.stack(  # supervised tokens, input tokens (padding excluded) of the window
+                [
+                    sum((mb["labels"][:, 1:] != -100).sum() for mb in window),
+                    sum(mb["attention_mask"].sum() for mb in window),
+                ]
+            ).to(acc.device)
+            counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
+            n_global, n_inputs = counts[0], int(counts[1])
             denom = n_global.float().clamp_min(1) / acc.num_processes
             loss_sum = torch.zeros((), device=acc.device)
             for i, mb in enumerate(window):
@@ -477,6 +484,8 @@ def _train(
                     "loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
                     "supervised_tokens": int(n_global),
+                    "input_tokens": n_inputs,
+                    "step_seconds": round(time.perf_counter() - step_start, 4),
                 }
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
@@ -509,10 +518,23 @@ def _train(
         "first_loss": losses[0] if losses else None,
         "output": str(final),
         "seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mib": _peak_rss_mib(),
     }
     send(summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _peak_rss_mib() -> float | None:
+    """Peak resident set size of this process so far, MiB (``getrusage``; None where unavailable)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):
+        return None
 
 
 def check_writable(out: Path) -> None:
