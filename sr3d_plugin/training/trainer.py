@@ -519,6 +519,7 @@ def _train(
         "output": str(final),
         "seconds": round(time.perf_counter() - t_start, 2),
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
     }
     send(summary)
     acc.wait_for_everyone()
