@@ -5,7 +5,8 @@ Throughput: the tiny recipe's trainer (``python -m sr3d_plugin.training``, the s
 96-wide SigLIP), each with 4 samples per optimizer step as one process (``per_device_batch_size=2``,
 ``gradient_accumulation_steps=2``), two gloo processes under DDP, and two under FSDP2
 (``torchrun --standalone --nproc_per_node 2``), all in this run. Tokens per second = input tokens
-(padding excluded, all processes) / summed step wall time, the first step (warm-up) left out; the
+(padding excluded, all processes) / summed step wall time (forward, backward, optimizer; data loading
+excluded), the first step (warm-up) left out; the
 ratios are against the one-process run of the same model. Memory: the peak resident set size of
 process 0 (``getrusage``; model build and Python included, so at these sizes it is mostly the
 interpreter and libraries).

@@ -244,7 +244,8 @@ def _train(
 
         if importlib.util.find_spec("deepspeed") is None:
             raise SR3DConfigError(
-                "training.deepspeed is set but DeepSpeed is not installed: pip install 'sr3d-plugin[deepspeed]'"
+                "DeepSpeed is asked for (training.deepspeed, or an accelerate launch DeepSpeed config) but is not "
+                "installed: pip install 'sr3d-plugin[deepspeed]'"
             )
         if tr.deepspeed:
             from accelerate import DeepSpeedPlugin
