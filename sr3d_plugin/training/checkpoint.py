@@ -648,6 +648,52 @@ def refuse_deepspeed_resume(ckpt: Path, manifest: dict[str, Any], deepspeed: boo
         )
 
 
+def _shard_like(full: torch.Tensor, like: Any) -> torch.Tensor:
+    """``full`` laid out as the DTensor ``like`` (each process slices its part: all of them hold ``full``)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_full_state_on_cpu_fsdp(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor], optim: dict[str, Any]
+) -> None:
+    """Load full (unsharded) trained weights and optimizer state into an FSDP2 model of the CPU path.
+
+    ``weights``: full tensors by canonical name; ``optim``: the ``full_state_dict`` optimizer layout
+    (``state`` and ``param_groups[*].params`` by name) that
+    :func:`gather_training_state` writes. Every process holds the
+    whole checkpoint and keeps its own slice; no collective runs (``set_model_state_dict`` with a full
+    state dict of only the trained subset failed here under gloo with mismatched message sizes).
+    """
+    params = {_canonical(n): p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, full in weights.items():
+            param = params[name]
+            shard = _shard_like(full, param)
+            (param.to_local() if hasattr(param, "to_local") else param).copy_(
+                shard.to_local() if hasattr(shard, "to_local") else shard
+            )
+    by_id = {id(p): n for n, p in params.items()}
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    for group, saved in zip(optimizer.param_groups, optim["param_groups"]):
+        ids = []
+        for param in group["params"]:
+            index = sum(len(g["params"]) for g in groups) + len(ids)
+            entry = optim["state"].get(by_id[id(param)])
+            if entry is not None:  # moments sharded as their parameter, step counts as they are
+                state[index] = {
+                    k: _shard_like(v, param) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+                    for k, v in entry.items()
+                }
+            ids.append(index)
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def load_training_state(
     acc: Any,
     ckpt: Path,
@@ -692,7 +738,7 @@ def load_training_state(
     current = "applying the states"
     try:
         raw = _raw_optimizer(optimizer)
-        from sr3d_plugin.training.sharding import is_cpu_fsdp, load_full_state_on_cpu_fsdp
+        from sr3d_plugin.training.sharding import is_cpu_fsdp
 
         if is_cpu_fsdp(model):  # every process slices the full states itself (see sharding)
             current = "model.safetensors / optimizer.json"
