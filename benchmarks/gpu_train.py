@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,29 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_train import FSDP, MID, _throughput  # noqa: E402
-
-COMMON = [
-    "training.max_steps=4",
-    "training.per_device_batch_size=2",
-    "training.logging_steps=1",
-    "training.save_steps=0",
-    "data.num_workers=0",
-    "logging.report_to=[]",
-    "data.generator=null",
-]
-
-
-def _run(processes: int, out: Path, data: Path, extra: list[str]) -> list[dict[str, Any]]:
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    cmd = [*launcher, "-m", "sr3d_plugin.training", "tiny-cpu", f"training.output_dir={out}"]
-    cmd += [f"data.train_file={data}", *COMMON, *extra, "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+from benchmarks.bench_train import FSDP, MID, _throughput, _train  # noqa: E402
 
 
 def _compare(ref: Path, ref_ev: list[dict], run: Path, ev: list[dict]) -> dict[str, float]:
@@ -97,7 +74,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sr3d-gpu-train-") as tmp:
         data = Path(region_qa(Path(tmp) / "data", num_scenes=3, num_frames=6, sampled_frames=4, questions_per_scene=12))
         ref = Path(tmp) / "one"
-        ref_ev = _run(1, ref, data, ["training.gradient_accumulation_steps=2"])
+        ref_ev = _train(1, ref, data, ["training.max_steps=4", "training.gradient_accumulation_steps=2"])
         if gpus >= 2:
             for name, extra in {
                 "ddp": [],
@@ -107,7 +84,7 @@ def main() -> int:
             }.items():
                 out = Path(tmp) / name
                 try:
-                    ev = _run(2, out, data, extra)
+                    ev = _train(2, out, data, ["training.max_steps=4", *extra])
                 except RuntimeError as exc:
                     figures[f"agreement_{name}"] = f"failed: {str(exc)[-600:]}"
                     continue
@@ -118,7 +95,7 @@ def main() -> int:
             for precision in ("no", "bf16"):
                 extra = [*sizes, f"training.mixed_precision={precision}", "training.max_steps=8"]
                 out = Path(tmp) / f"speed-{model}-{precision}"
-                ev = _run(1, out, data, extra)
+                ev = _train(1, out, data, extra)
                 tps, _ = _throughput(ev)
                 end = next(e for e in ev if e["event"] == "end")
                 key = f"{model}_{'fp32' if precision == 'no' else 'bf16'}"
