@@ -2,7 +2,8 @@
 
 Every run trains the tiny recipe for 4 steps at 4 samples per optimizer step: the reference is one
 process with ``per_device_batch_size=2`` and ``gradient_accumulation_steps=2``; the others are two
-gloo processes (``torchrun --standalone``) with ``per_device_batch_size=2`` under DDP, FSDP2
+gloo processes (``torchrun --standalone``; ``accelerate launch`` with ``recipes/accelerate/fsdp.yaml``
+once) with ``per_device_batch_size=2`` under DDP, FSDP2
 (``training.fsdp``) and DeepSpeed ZeRO-2 / ZeRO-3 (``training.deepspeed``). Both layouts see the same
 micro-batches (docs/training.md, "Data order"), so:
 
@@ -168,3 +169,58 @@ def test_deepspeed_zero_two_processes_match_one_process(tmp_path: Path, toy: Pat
     assert start["processes"] == 2 and start["sharding"] == "deepspeed" and "DEEPSPEED" in start["distributed"]
     worst = _assert_close_run(reference, out, ev)
     print(f"ZeRO-{stage} x2 vs 1 process: weights within {worst:.2e} of max")
+
+
+def test_accelerate_launch_with_the_fsdp_config_runs_fsdp2_on_cpus(tmp_path: Path, toy: Path, reference) -> None:
+    """The documented line: ``accelerate launch --config_file recipes/accelerate/fsdp.yaml`` (2 processes, fp32)."""
+    import socket
+    import subprocess
+    import sys
+
+    from _training_helpers import cli_env
+
+    from sr3d_plugin.resources import recipes_dir
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "launch"
+    cmd = [
+        *(
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(recipes_dir() / "accelerate/fsdp.yaml"),
+        ),
+        *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)),
+        *("-m", "sr3d_plugin.training", "tiny-cpu", f"training.output_dir={out}", "data.generator=null"),
+        *(f"data.train_file={toy}", "logging.report_to=[]", *COMMON, "--json"),
+    ]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ev = events(proc.stdout)
+    start = next(e for e in ev if e["event"] == "start")
+    assert start["processes"] == 2 and start["sharding"] == "fsdp2-cpu"
+    _assert_close_run(reference, out, ev)
+
+
+def test_cpu_fsdp_options_outside_the_cpu_path_are_refused_by_name() -> None:
+    from sr3d_plugin.errors import SR3DConfigError
+    from sr3d_plugin.testing import build_tiny_model
+    from sr3d_plugin.training.sharding import cpu_fsdp_plugin, shard_model_on_cpu
+
+    with pytest.raises(SR3DConfigError, match=r"training.fsdp.fsdp_version=1: .*expected fsdp_version: 2"):
+        cpu_fsdp_plugin({"fsdp_version": 1})
+    with pytest.raises(SR3DConfigError, match=r"training.fsdp.cpu_offload=true"):
+        cpu_fsdp_plugin({"fsdp_version": 2, "cpu_offload": True})
+    plugin = cpu_fsdp_plugin(
+        {
+            "fsdp_version": 2,
+            "auto_wrap_policy": "transformer_based_wrap",
+            "transformer_cls_names_to_wrap": ["NoSuchLayer"],
+        }
+    )
+    model, _ = build_tiny_model()
+    with pytest.raises(SR3DConfigError, match=r"has no module of class \['NoSuchLayer'\]"):
+        shard_model_on_cpu(model, plugin)  # refused before any process group is needed
