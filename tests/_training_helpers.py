@@ -35,10 +35,18 @@ def cli_env() -> dict[str, str]:
     }
 
 
-def run_train(out: Path, data: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``python -m sr3d_plugin.training tiny-cpu`` on the toy data with JSON events on stdout."""
+def run_train(
+    out: Path, data: Path, *extra: str, timeout: int = 240, processes: int = 1
+) -> subprocess.CompletedProcess:
+    """``python -m sr3d_plugin.training tiny-cpu`` on the toy data with JSON events on stdout.
+
+    ``processes`` > 1 launches that many CPU processes with ``torchrun --standalone`` (gloo, a free port).
+    """
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     cmd = [
-        sys.executable,
+        *launcher,
         "-m",
         "sr3d_plugin.training",
         "tiny-cpu",

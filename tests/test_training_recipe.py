@@ -157,6 +157,20 @@ def test_recipes_command_lists_bundled(capsys) -> None:
     assert "load_in_4bit: true" in capsys.readouterr().out
 
 
+def test_recipes_command_marks_what_was_executed(capsys) -> None:
+    assert main(["recipes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    sharding = {n: r["sharding"] for n, r in rows.items()}
+    assert sharding["lora-8b-zero2"] == "zero2" and sharding["stage2-fsdp"] == "fsdp2"
+    assert sharding["stage1-singleview"] == sharding["stage2-multiview"] == "zero3"
+    for name in ("lora-8b-zero2", "stage1-singleview", "stage2-multiview", "stage2-fsdp", "qlora-8b"):
+        assert rows[name]["executed"].startswith("unexecuted"), name
+    assert "2 CPU processes" in rows["stage2-fsdp"]["executed"] and "never on GPUs" in rows["stage2-fsdp"]["executed"]
+    assert rows["tiny-cpu"]["executed"].startswith("executed")
+    assert main(["recipes"]) == 0
+    assert "[zero3] unexecuted" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_dry_run_plans_every_recipe_without_weights(name: str, capsys) -> None:
     assert main(["train", name, "--dry-run", "--json"]) == 0

@@ -33,12 +33,28 @@ def run(args: argparse.Namespace) -> int:
                 print(f"# warning: {w}")
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
+    from sr3d_plugin.training.recipe import execution_status
+
     rows = bundled_recipes()
+    status = {}
+    for name, _, path in rows:
+        try:
+            status[name] = execution_status(load_recipe(str(path), check_files=False)[0])
+        except Exception as exc:  # an unreadable recipe is still listed (its description says why)
+            status[name] = ("?", f"(cannot load: {exc})")
     if args.json:
-        print(json.dumps([{"name": n, "description": d, "path": str(p)} for n, d, p in rows]))
+        print(
+            json.dumps(
+                [
+                    {"name": n, "description": d, "path": str(p), "sharding": status[n][0], "executed": status[n][1]}
+                    for n, d, p in rows
+                ]
+            )
+        )
         return 0
     width = max((len(n) for n, _, _ in rows), default=4)
     for name, desc, _ in rows:
         print(f"{name:<{width}}  {desc}")
+        print(f"{'':<{width}}  [{status[name][0]}] {status[name][1]}")
     print(f"\n(folder: {recipes_dir()}; accelerate configs in accelerate/, DeepSpeed configs in deepspeed/)")
     return 0

@@ -53,11 +53,13 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "MANIFEST_NAME",
     "READABLE_SUFFIXES",
+    "batch_layout",
     "decode_state",
     "encode_state",
     "load_training_state",
     "read_checkpoint_bytes",
     "read_checkpoint_json",
+    "resume_batch_position",
     "save_training_state",
     "verify_checkpoint",
     "write_manifest",
@@ -570,6 +572,71 @@ def _trainer_state(ckpt: Path, manifest: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def batch_layout(processes: int, per_device_batch_size: int, gradient_accumulation_steps: int) -> dict[str, int]:
+    """The data layout of a run as saved in ``trainer_state.json`` (``layout``): processes x batch x accumulation."""
+    return {
+        "processes": int(processes),
+        "per_device_batch_size": int(per_device_batch_size),
+        "gradient_accumulation_steps": int(gradient_accumulation_steps),
+    }
+
+
+def _layout_text(layout: dict[str, int]) -> str:
+    p, b, a = layout["processes"], layout["per_device_batch_size"], layout["gradient_accumulation_steps"]
+    return (
+        f"{p} process(es) x per_device_batch_size {b} x gradient_accumulation_steps {a} = {p * b * a} samples per step"
+    )
+
+
+def resume_batch_position(ckpt: Path, manifest: dict[str, Any], layout: dict[str, int]) -> int:
+    """``batch_in_epoch`` of the checkpoint in this run's micro-batches: the same samples, any world size.
+
+    A run's global sample order does not depend on its layout: the epoch permutation
+    (:class:`~sr3d_plugin.training.data.EpochSampler`) is cut into global micro-batches of
+    ``processes x per_device_batch_size`` consecutive samples (process ``r`` takes the ``r``-th
+    ``per_device_batch_size`` of each), and an optimizer step takes ``gradient_accumulation_steps``
+    of them. A checkpoint saved after ``k`` local micro-batches of an epoch has consumed
+    ``k x processes x per_device_batch_size`` samples of it; this run skips as many.
+
+    ``layout`` is :func:`batch_layout` of this run. Checkpoints without a saved layout (older
+    versions) are taken to have this run's batch sizes and the manifest's process count.
+
+    Raises:
+        SR3DCheckpointError: the samples per optimizer step differ (resuming would change the
+            global batch mid-run), naming both layouts and the setting that would keep it.
+    """
+    doc = read_checkpoint_json(ckpt, manifest, "trainer_state.json")
+    counters = _trainer_state(ckpt, manifest)
+    saved = doc.get("layout") if isinstance(doc, dict) else None
+    if not isinstance(saved, dict):
+        saved = {**layout, "processes": int(manifest.get("processes", layout["processes"]))}
+    keys = ("processes", "per_device_batch_size", "gradient_accumulation_steps")
+    if not all(isinstance(saved.get(k), int) and not isinstance(saved.get(k), bool) and saved[k] > 0 for k in keys):
+        raise SR3DCheckpointError(f"checkpoint {ckpt}: trainer_state.json layout={saved!r}; expected positive {keys}")
+    per_step = saved["processes"] * saved["per_device_batch_size"] * saved["gradient_accumulation_steps"]
+    here = layout["processes"] * layout["per_device_batch_size"] * layout["gradient_accumulation_steps"]
+    if per_step != here:
+        hints = []
+        p, b, a = layout["processes"], layout["per_device_batch_size"], layout["gradient_accumulation_steps"]
+        if per_step % (p * a) == 0:
+            hints.append(f"training.per_device_batch_size={per_step // (p * a)}")
+        if per_step % (p * b) == 0:
+            hints.append(f"training.gradient_accumulation_steps={per_step // (p * b)}")
+        hint = f"; set {' or '.join(hints)} to keep it" if hints else ""
+        raise SR3DCheckpointError(
+            f"checkpoint {ckpt} was written by {_layout_text(saved)}; this run has {_layout_text(layout)}. "
+            f"Resuming would change the global batch mid-run{hint}"
+        )
+    samples = counters["batch_in_epoch"] * saved["processes"] * saved["per_device_batch_size"]
+    local = layout["processes"] * layout["per_device_batch_size"]
+    if samples % local:  # cannot happen at a step boundary with equal samples per step; a damaged state
+        raise SR3DCheckpointError(
+            f"checkpoint {ckpt}: {samples} samples consumed in the epoch is not a multiple of this run's "
+            f"{local} samples per micro-batch"
+        )
+    return samples // local
+
+
 def refuse_deepspeed_resume(ckpt: Path, manifest: dict[str, Any], deepspeed: bool) -> None:
     """:class:`SR3DCheckpointError` when this run or the checkpoint's run used DeepSpeed (no exact resume there)."""
     if deepspeed or manifest.get("engine") == "deepspeed":
@@ -579,6 +646,52 @@ def refuse_deepspeed_resume(ckpt: Path, manifest: dict[str, Any], deepspeed: boo
             "checkpoints hold the trained weights (adapter/, model.safetensors) without optimizer state. "
             "Resume with DDP or FSDP (training.deepspeed=null), or start a new run from the adapter."
         )
+
+
+def _shard_like(full: torch.Tensor, like: Any) -> torch.Tensor:
+    """``full`` laid out as the DTensor ``like`` (each process slices its part: all of them hold ``full``)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_full_state_on_cpu_fsdp(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor], optim: dict[str, Any]
+) -> None:
+    """Load full (unsharded) trained weights and optimizer state into an FSDP2 model of the CPU path.
+
+    ``weights``: full tensors by canonical name; ``optim``: the ``full_state_dict`` optimizer layout
+    (``state`` and ``param_groups[*].params`` by name) that
+    :func:`gather_training_state` writes. Every process holds the
+    whole checkpoint and keeps its own slice; no collective runs (``set_model_state_dict`` with a full
+    state dict of only the trained subset failed here under gloo with mismatched message sizes).
+    """
+    params = {_canonical(n): p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, full in weights.items():
+            param = params[name]
+            shard = _shard_like(full, param)
+            (param.to_local() if hasattr(param, "to_local") else param).copy_(
+                shard.to_local() if hasattr(shard, "to_local") else shard
+            )
+    by_id = {id(p): n for n, p in params.items()}
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    for group, saved in zip(optimizer.param_groups, optim["param_groups"]):
+        ids = []
+        for param in group["params"]:
+            index = sum(len(g["params"]) for g in groups) + len(ids)
+            entry = optim["state"].get(by_id[id(param)])
+            if entry is not None:  # moments sharded as their parameter, step counts as they are
+                state[index] = {
+                    k: _shard_like(v, param) if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+                    for k, v in entry.items()
+                }
+            ids.append(index)
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def load_training_state(
@@ -624,11 +737,17 @@ def load_training_state(
     rng = _read_state(ckpt, manifest, rng_name) if f"{rng_name}.json" in manifest["files"] else None
     current = "applying the states"
     try:
-        current = "model.safetensors"
-        set_model_state_dict(model, weights, options=_sd_options(strict=False))
-        current = "optimizer.json"
         raw = _raw_optimizer(optimizer)
-        set_optimizer_state_dict(model, raw, opt_state, options=_sd_options())
+        from sr3d_plugin.training.sharding import is_cpu_fsdp
+
+        if is_cpu_fsdp(model):  # every process slices the full states itself (see sharding)
+            current = "model.safetensors / optimizer.json"
+            load_full_state_on_cpu_fsdp(model, raw, weights, opt_state)
+        else:
+            current = "model.safetensors"
+            set_model_state_dict(model, weights, options=_sd_options(strict=False))
+            current = "optimizer.json"
+            set_optimizer_state_dict(model, raw, opt_state, options=_sd_options())
         for group, saved in zip(raw.param_groups, opt_state["param_groups"]):  # torch turns tuples into lists
             group.update({k: v for k, v in saved.items() if isinstance(v, tuple) and k != "params"})
         current = "scheduler.json"
@@ -641,9 +760,10 @@ def load_training_state(
             _set_rng_state(rng)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         raise SR3DCheckpointError(f"checkpoint {ckpt}: {current} does not fit this run ({exc})") from None
-    if rng is None and warn is not None:
+    missing = [i for i in range(acc.num_processes) if f"rng_{i}.json" not in manifest["files"]]
+    if missing and warn is not None:  # every process knows, the main one reports
         warn(
-            f"checkpoint {ckpt} has no RNG state of process {acc.process_index} (written by "
+            f"checkpoint {ckpt} has no RNG state of process {', '.join(map(str, missing))} (written by "
             f"{manifest.get('processes', '?')} process(es)); its generators keep their seeds"
         )
     return counters

@@ -465,15 +465,19 @@ def measure_training_step(recipe: Any, frames: int, *, tile_size: int = 112) -> 
     ``training.mixed_precision=bf16`` the step runs under CPU autocast.
 
     Returns:
-        ``(plan, peak_bytes)``: :func:`plan_memory` for the same sequence (tiles, text and answer
-        tokens) and the measured peak in bytes.
+        ``(plan, peak_bytes)``: :func:`plan_memory` for the same workload (one sample: tiles, text and
+        answer tokens; the recipe's ``per_device_batch_size`` is replaced by 1) and the measured peak in bytes.
     """
+    import copy
+
     import numpy as np
     from PIL import Image
 
     from sr3d_plugin.modeling.inputs import Region, VisualInput
     from sr3d_plugin.training.model_setup import build_model, optimizer_groups, prepare_for_training
 
+    recipe = copy.deepcopy(recipe)
+    recipe.training.per_device_batch_size = 1  # the step below trains one sample; plan the same workload
     torch.manual_seed(0)
     model, proc, _ = build_model(recipe)
     model, _ = prepare_for_training(model, recipe)
@@ -507,7 +511,7 @@ def measure_training_step(recipe: Any, frames: int, *, tile_size: int = 112) -> 
     with meter:
         meter.reset_peak()
         step()
-    config = model.get_base_model().config
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config  # LoRA or full finetune
     plan = plan_memory(
         recipe,
         config=config,

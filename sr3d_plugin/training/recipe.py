@@ -874,6 +874,52 @@ def field_help(width: int = 100) -> str:
     return "\n".join(lines)
 
 
+#: How each way of distributing a run has been executed (docs/training.md, "Sharded runs on CPU processes").
+#: The 8B recipes themselves never ran: no GPU and no SR-3D-8B weights were available where they were written.
+EXECUTED_SHARDING = {
+    "fsdp2": "executed with 2 CPU processes (FSDP2 + gloo, tiny model; tests/test_distributed.py); never on GPUs",
+    "zero2": "executed with 2 CPU processes (DeepSpeed CPU accelerator + gloo, tiny model; "
+    "tests/test_distributed.py); never on GPUs",
+    "zero3": "executed with 2 CPU processes (DeepSpeed CPU accelerator + gloo, tiny model; "
+    "tests/test_distributed.py); never on GPUs",
+}
+
+
+def recipe_sharding(recipe: Any) -> str:
+    """``none`` / ``ddp`` / ``fsdp2`` / ``zero2`` / ``zero3``: how ``recipe`` distributes its run.
+
+    A recipe without ``training.deepspeed`` / ``training.fsdp`` is ``none`` (one device, or DDP under a
+    launcher: the recipe does not say which).
+    """
+    import json
+
+    t = recipe.training
+    if t.fsdp:
+        return "fsdp2" if int(t.fsdp.get("fsdp_version", 1)) == 2 else "fsdp1"
+    if t.deepspeed:
+        try:
+            stage = json.loads(Path(t.deepspeed).read_text(encoding="utf-8"))["zero_optimization"]["stage"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "deepspeed"
+        return f"zero{int(stage)}"
+    return "none"
+
+
+def execution_status(recipe: Any) -> tuple[str, str]:
+    """``(sharding, what ran)`` for ``sr3d recipes``: how the recipe distributes, and where that executed.
+
+    A recipe for SR-3D-8B (``model.preset`` not ``tiny``) is marked unexecuted as a whole: only its
+    distribution was exercised, on CPU processes with the tiny model.
+    """
+    sharding = recipe_sharding(recipe)
+    if recipe.model.preset == "tiny":
+        return sharding, "executed on the CPU (the recipe itself)"
+    if sharding == "none":
+        return sharding, "unexecuted (needs a GPU and the 8B weights)"
+    ran = EXECUTED_SHARDING.get(sharding, "not executed anywhere")
+    return sharding, f"unexecuted (needs GPUs and the 8B weights); its sharding {ran}"
+
+
 def bundled_recipes() -> list[tuple[str, str, Path]]:
     """``(name, description, path)`` of every recipe shipped in ``recipes/``."""
     from sr3d_plugin.resources import recipes_dir

@@ -47,10 +47,12 @@ import torch
 from sr3d_plugin.errors import SR3DConfigError, SR3DDiskError, SR3DError
 from sr3d_plugin.io_utils import atomic_dir, atomic_write_text, replace_folder
 from sr3d_plugin.training.checkpoint import (
+    batch_layout,
     describe_os_error,
     gather_training_state,
     load_training_state,
     refuse_deepspeed_resume,
+    resume_batch_position,
     save_training_state,
     verify_checkpoint,
     write_manifest,
@@ -233,31 +235,44 @@ def _train(
         "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         "log_with": trackers or None,
     }
-    if tr.deepspeed:
+    from sr3d_plugin.training import sharding
+
+    on_cpus = sharding.cpu_processes()  # several CPU processes (torchrun / accelerate launch, no CUDA)
+    cpu_fsdp = None  # accelerate's FSDP plugin, applied by sharding.shard_model_on_cpu on CPU processes
+    if sharding.wants_deepspeed(tr.deepspeed):
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
             raise SR3DConfigError(
-                "training.deepspeed is set but DeepSpeed is not installed: pip install 'sr3d-plugin[deepspeed]'"
+                "DeepSpeed is asked for (training.deepspeed, or an accelerate launch DeepSpeed config) but is not "
+                "installed: pip install 'sr3d-plugin[deepspeed]'"
             )
-        from accelerate import DeepSpeedPlugin
+        if tr.deepspeed:
+            from accelerate import DeepSpeedPlugin
 
-        acc_kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            hf_ds_config=tr.deepspeed, gradient_accumulation_steps=ga, gradient_clipping=tr.max_grad_norm or 0.0
-        )
-        acc_kwargs["gradient_accumulation_steps"] = ga
-    elif tr.fsdp:
-        from accelerate import FullyShardedDataParallelPlugin
+            acc_kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+                hf_ds_config=tr.deepspeed, gradient_accumulation_steps=ga, gradient_clipping=tr.max_grad_norm or 0.0
+            )
+            acc_kwargs["gradient_accumulation_steps"] = ga
+        if on_cpus:  # DeepSpeed's CPU accelerator: gloo, and accelerate must not be told cpu=True
+            acc_kwargs.update(sharding.cpu_deepspeed_kwargs())
+    elif sharding.wants_fsdp(tr.fsdp):
+        if on_cpus:
+            cpu_fsdp = sharding.cpu_fsdp_plugin(tr.fsdp)
+        elif tr.fsdp:
+            from accelerate import FullyShardedDataParallelPlugin
 
-        acc_kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**tr.fsdp)
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        acc_kwargs["cpu"] = True  # several CPU processes (torchrun): accelerate's MULTI_CPU with gloo
+            acc_kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**tr.fsdp)
+    if on_cpus and "kwargs_handlers" not in acc_kwargs:
+        acc_kwargs["cpu"] = True  # accelerate's MULTI_CPU with gloo (DDP; FSDP2 applied here when asked for)
     acc = Accelerator(**acc_kwargs)
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
     main = acc.is_main_process
     pending: list[str] = []
-    if tr.fsdp and acc.distributed_type != DistributedType.FSDP:
-        pending.append(f"training.fsdp is set but accelerate runs {acc.distributed_type} here (FSDP needs GPUs)")
+    if tr.fsdp and cpu_fsdp is None and acc.distributed_type != DistributedType.FSDP:
+        pending.append(
+            f"training.fsdp is set but accelerate runs {acc.distributed_type} here (one process: no sharding)"
+        )
 
     def send(event: dict[str, Any]) -> None:
         if not main:
@@ -278,6 +293,8 @@ def _train(
     if ckpt is not None:  # before anything loads: refused checkpoints cost no model load
         manifest = verify_checkpoint(ckpt)
         refuse_deepspeed_resume(ckpt, manifest, deepspeed)
+        layout = batch_layout(acc.num_processes, tr.per_device_batch_size, ga)
+        resume_position = resume_batch_position(ckpt, manifest, layout)  # refused here if the layouts clash
     if main:
         check_writable(out)
         for stale in out.glob(".checkpoint-*.tmp*"):
@@ -297,7 +314,7 @@ def _train(
 
     # ---- model (main process first: it may write the tiny base model or generated data) --------
     base_dir = out / "base-model" if (recipe.model.path is None and recipe.model.preset == "tiny") else None
-    with acc.main_process_first():
+    with acc.main_process_first(), sharding.without_zero3_init(acc):
         if source is None:
             source = load_training_source(recipe.data, out_dir=out / "data")
         if source.skipped:
@@ -332,8 +349,16 @@ def _train(
         generator=torch.Generator().manual_seed(tr.seed),
         pin_memory=acc.device.type == "cuda",
     )
+    if cpu_fsdp is not None:  # FSDP2 on CPU processes: shard before the optimizer sees the parameters
+        model = sharding.shard_model_on_cpu(model, cpu_fsdp, tr.mixed_precision)
     optimizer = _optimizer(optimizer_groups(model, recipe), tr)
-    model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    if cpu_fsdp is not None:  # accelerate would wrap the sharded model in DDP: it prepares the rest only
+        optimizer, loader = acc.prepare(optimizer, loader)
+    else:
+        if deepspeed:
+            sharding.fill_zero3_auto(acc, acc.unwrap_model(model).get_base_model() if peft_config else model)
+        model, optimizer, loader = acc.prepare(model, optimizer, loader)
+    engine = "deepspeed" if deepspeed else ("fsdp2-cpu" if cpu_fsdp is not None else str(acc.distributed_type))
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
         raise SR3DConfigError("the data loader is empty (fewer samples than processes?)")
@@ -348,6 +373,7 @@ def _train(
         warnings: list[str] = []
         counters = load_training_state(acc, ckpt, manifest, model, optimizer, scheduler, deepspeed, warnings.append)
         state.load_state_dict(counters)
+        state.batch_in_epoch = resume_position  # in this run's micro-batches (another world size, same samples)
         if main:
             try:
                 drop_log_entries_after(out / "log.jsonl", state.global_step)
@@ -372,6 +398,7 @@ def _train(
             "processes": acc.num_processes,
             "device": str(acc.device),
             "distributed": str(acc.distributed_type),
+            "sharding": engine,
             "samples": len(dataset),
             "batches_per_epoch": batches_per_epoch,
             "total_steps": total,
@@ -411,13 +438,20 @@ def _train(
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 break
-            n_items = sum((mb["labels"][:, 1:] != -100).sum() for mb in window).to(acc.device)
-            n_global = acc.reduce(n_items.clone(), "sum") if acc.num_processes > 1 else n_items
+            step_start = time.perf_counter()
+            counts = torch.stack(  # supervised tokens, input tokens (padding excluded) of the window
+                [
+                    sum((mb["labels"][:, 1:] != -100).sum() for mb in window),
+                    sum(mb["attention_mask"].sum() for mb in window),
+                ]
+            ).to(acc.device)
+            counts = acc.reduce(counts, "sum") if acc.num_processes > 1 else counts
+            n_global, n_inputs = counts[0], int(counts[1])
             denom = n_global.float().clamp_min(1) / acc.num_processes
             loss_sum = torch.zeros((), device=acc.device)
             for i, mb in enumerate(window):
                 last = i == len(window) - 1
-                sync = contextlib.nullcontext() if (last or deepspeed) else acc.no_sync(model)
+                sync = contextlib.nullcontext() if (last or deepspeed) else sharding.gradient_sync_off(acc, model)
                 with sync, acc.autocast():
                     outputs = model(**mb, num_items_in_batch=denom, loss_on_label_positions=tr.loss_on_label_positions)
                     loss = outputs.loss
@@ -451,6 +485,8 @@ def _train(
                     "loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
                     "supervised_tokens": int(n_global),
+                    "input_tokens": n_inputs,
+                    "step_seconds": round(time.perf_counter() - step_start, 4),
                 }
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
@@ -483,10 +519,24 @@ def _train(
         "first_loss": losses[0] if losses else None,
         "output": str(final),
         "seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_mib": _peak_rss_mib(),
+        "peak_cuda_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
     }
     send(summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _peak_rss_mib() -> float | None:
+    """Peak resident set size of this process so far, MiB (``getrusage``; None where unavailable)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):
+        return None
 
 
 def check_writable(out: Path) -> None:
@@ -597,6 +647,9 @@ def _save_checkpoint(
     from safetensors import SafetensorError
 
     name = f"checkpoint-{state.global_step}"
+    layout = batch_layout(
+        acc.num_processes, recipe.training.per_device_batch_size, recipe.training.gradient_accumulation_steps
+    )
     final = out / name
     tmp = out / f".{name}.tmp"
     main = acc.is_main_process
@@ -617,7 +670,9 @@ def _save_checkpoint(
             error = describe_os_error(exc, final, "writing checkpoint")
     acc.wait_for_everyone()
     fail_if_any()
-    state_dict = acc.get_state_dict(model)  # gathered (ZeRO-3 too) for the adapter export
+    from sr3d_plugin.training.sharding import full_model_state_dict
+
+    state_dict = full_model_state_dict(acc, model)  # gathered (ZeRO-3, FSDP too) for the adapter export
     unwrapped = acc.unwrap_model(model)
     if deepspeed:  # DeepSpeed's optimizer state exists only as its pickles: weights without optimizer
         keep = _trainable_names(unwrapped)
@@ -626,7 +681,7 @@ def _save_checkpoint(
         weights, optim = gather_training_state(acc, model, optimizer)
     sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
     try:
-        save_training_state(acc, tmp, weights, optim, scheduler, {**state.state_dict(), "saved": sub})
+        save_training_state(acc, tmp, weights, optim, scheduler, {**state.state_dict(), "saved": sub, "layout": layout})
         if main:
             card = None if card_facts is None else {"facts": card_facts, "name": str(final / sub)}
             _save_trained(unwrapped, tmp / sub, state_dict, processor, card)
@@ -666,7 +721,9 @@ def _rotate(out: Path, limit: int | None) -> None:
 
 
 def _export_final(acc: Any, model: Any, processor: Any, out: Path, card_facts: dict[str, Any] | None = None) -> Path:
-    state_dict = acc.get_state_dict(model)
+    from sr3d_plugin.training.sharding import full_model_state_dict
+
+    state_dict = full_model_state_dict(acc, model)
     unwrapped = acc.unwrap_model(model)
     sub = "adapter" if hasattr(unwrapped, "peft_config") else "model"
     dest = out / sub
