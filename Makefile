@@ -1,12 +1,14 @@
 # Two entry points: `make demo` (set up, then run the embedded demo) and `make test`
-# (set up, then run the whole test suite). Both create .venv on first use. `make test-vila` checks the
+# (set up, then run the whole test suite). Both create .venv on first use; `make test` also builds
+# .venv-app, where the browser app's tests run (gradio caps pillow below 13, and the conformance data was
+# recorded with pillow 13, so the two cannot share one environment). `make test-vila` checks the
 # package inside a VILA-like environment (transformers 4.46.0 pinned) in a second venv, .venv-vila.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sr3d-installed
 
-.PHONY: setup demo test test-vila lint bench clean chromium
+.PHONY: setup demo test test-app test-vila lint bench clean chromium
 
 $(STAMP): pyproject.toml requirements/cpu-pins.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +27,25 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 chromium:
 	@command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
 
-test: $(STAMP) chromium
+# --- the browser app (`sr3d app`, extra `app`): its own venv, .venv-app --------------------------------
+APP_VENV  := .venv-app
+APP_STAMP := $(APP_VENV)/.sr3d-installed
+APP_TESTS := tests/test_app.py tests/test_app_browser.py
+
+$(APP_STAMP): pyproject.toml requirements/cpu-pins.txt
+	test -x $(APP_VENV)/bin/python || $(PYTHON) -m venv $(APP_VENV)
+	$(APP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(APP_VENV)/bin/python -m pip install --quiet -c requirements/cpu-pins.txt torch torchvision
+	$(APP_VENV)/bin/python -m pip install --quiet -c requirements/cpu-pins.txt -e ".[test-app]"
+	touch $(APP_STAMP)
+
+test-app: $(APP_STAMP) chromium
+	$(APP_VENV)/bin/python -m pytest -n 2 --dist loadgroup $(APP_TESTS)
+
+test: $(STAMP) $(APP_STAMP) chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests $(addprefix --ignore=,$(APP_TESTS))
+	$(APP_VENV)/bin/python -m pytest -n 2 --dist loadgroup $(APP_TESTS)
 
 # --- second stack: VILA's transformers pin (docs/vila.md "Install into a VILA environment") ---------------
 VILA_VENV  := .venv-vila
@@ -58,4 +76,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(VILA_VENV) .pytest_cache .ruff_cache build dist
+	rm -rf $(VENV) $(VILA_VENV) $(APP_VENV) .pytest_cache .ruff_cache build dist
