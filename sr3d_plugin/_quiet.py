@@ -5,7 +5,10 @@
 - peft: ``UserWarning`` "Setting `save_embedding_layers` to `True`" on every adapter save when ``lm_head``
   is a LoRA target (the embeddings are saved, as intended);
 - bitsandbytes: the CPU backend's log record "Failed to load CPU gemm_4bit_forward from kernels-community"
-  (logger ``bitsandbytes.backends.cpu.ops``; the pure-PyTorch fallback is used).
+  (logger ``bitsandbytes.backends.cpu.ops``; the pure-PyTorch fallback is used);
+- DeepSpeed (where installed, e.g. by the ``deepspeed`` extra): "Setting accelerator to CPU" on every import
+  without a GPU (logger ``DeepSpeed``, which writes to *stdout*, so it would break ``--json``'s one object
+  per line).
 
 Anything else, from those libraries included, still reaches the console.
 """
@@ -28,6 +31,7 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 #: logger name -> start of the log message to drop
 KNOWN_LOG_RECORDS: dict[str, str] = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "DeepSpeed": "Setting accelerator to CPU",
 }
 
 

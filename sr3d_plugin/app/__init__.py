@@ -10,7 +10,11 @@ Names load on first use, so importing this package imports neither gradio nor to
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sr3d_plugin.app.backend import AppBackend
+    from sr3d_plugin.app.ui import build_app, launch_app
 
 __all__ = ["AppBackend", "build_app", "launch_app"]
 

@@ -5,7 +5,7 @@ with nearest neighbour and titled with its index and view; every region that any
 to is outlined and tinted on its frame(s) with a letter, and a legend lists which ``Q<i>
 <regionK>`` each letter stands for; beside the frames the canonical point maps (xyz as RGB) with a
 colour key; then the questions with the model's answer, the ground truth and ✓/✗; at the bottom
-the summary of :func:`sr3d_plugin.experiments.demo.summarise_rows`. All type is at least 10 pt and
+the summary of :func:`sr3d_plugin.experiments.demo_summary.summarise_rows`. All type is at least 10 pt and
 wrapped to the picture (measured with the renderer, not guessed).
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sr3d_plugin.errors import SR3DInputError
+from sr3d_plugin.experiments.demo_summary import summarise_rows, summary_lines
 
 __all__ = ["demo_figure", "render_demo_png"]
 
@@ -349,7 +350,7 @@ def demo_figure(samples: Sequence[Any], rows: Sequence[dict[str, Any]], title: s
     and titled with its index and view; each region referenced by any question outlined on its
     frame(s) with a letter, the letters listed with the ``Q<i> <regionK>`` references they stand
     for; the canonical point map of every frame as RGB with a colour key; the questions with
-    answer, ground truth and ✓/✗; at the bottom the :func:`~sr3d_plugin.experiments.demo.summary_lines` of the rows. All type is
+    answer, ground truth and ✓/✗; at the bottom the :func:`~sr3d_plugin.experiments.demo_summary.summary_lines` of the rows. All type is
     at least 10 pt and wrapped to the picture.
 
     Args:
@@ -357,8 +358,6 @@ def demo_figure(samples: Sequence[Any], rows: Sequence[dict[str, Any]], title: s
         rows: their answered rows (:func:`demo_rows`), in the same order.
         title: heading of the picture.
     """
-    from sr3d_plugin.experiments.demo import summarise_rows, summary_lines
-
     if len(samples) != len(rows):
         raise SR3DInputError(f"got {len(samples)} samples but {len(rows)} rows; expected one row per sample")
     summary = summarise_rows(rows)
