@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sr3d_plugin.cli import main
+from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.experiments import ablation
 from sr3d_plugin.experiments.demo import default_model_path
 from sr3d_plugin.experiments.evaluate import answer_questions, score_answers
@@ -47,6 +48,18 @@ def test_demo_json_answers_depth_questions_well_above_chance(
     assert scores["depth_accuracy"] >= 0.75, scores
 
 
+def test_bundled_model_answers_cross_frame_questions_well_above_chance() -> None:
+    """The headline claim on held-out scenes: a region on one frame related to objects no frame shows with it."""
+    from sr3d_plugin.builders import load_model
+
+    model, processor = load_model(default_model_path())
+    test = training_samples(200, ["mv_closer_to_third", "mv_distance"], split="test", image_size=processor.tile_size)
+    scores = score_answers(test, answer_questions(model, processor, test, batch_size=25))["per_family"]
+    # measured on these 100 + 100 questions: 69 % and 35 % (chance 50 % and 25 %); issue 16's targets
+    # (75 % and 45 %) are not reached yet, see docs/ablation/what-mattered.md
+    assert scores["mv_closer_to_third"] >= 0.62 and scores["mv_distance"] >= 0.31, scores
+
+
 def test_demo_without_a_model_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--model", str(tmp_path / "nothing")]) == 2
     assert "sr3d train" in capsys.readouterr().err
@@ -59,13 +72,51 @@ def test_ablation_job_graph_has_equal_budgets() -> None:
         n: next(int(o.split("=")[1]) for o in j.overrides if o.startswith("training.max_steps="))
         for n, j in jobs.items()
     }
-    assert steps["pe-stage1"] + steps["pe-pt"] == steps["pe-nopt"] == 50
+    assert steps["pe-stage1"] == 30 and steps["pe-pt"] == steps["pe-nopt"] == 20  # PT off: stage 2 alone
     assert (
         jobs["pe-pt"].after == ["pe-stage1"]
         and f"model.path={Path('w') / 'pe-stage1' / 'model'}" in jobs["pe-pt"].overrides
     )
     assert "model.config_overrides.use_position_encoding=false" in jobs["nope-stage1"].overrides
     assert all("training.seed=3" in j.overrides for j in jobs.values())
+    cheaper = {j.name: j for j in ablation._jobs(Path("w"), 30, 20, seed=3, scratch_steps=35)}
+    assert "training.max_steps=35" in cheaper["pe-nopt"].overrides
+
+
+def test_report_shows_every_seed_and_the_cross_frame_mean(tmp_path: Path) -> None:
+    fams = {"closer": 0.9, "mv_distance": 0.5, "mv_closer_to_third": 0.8}
+    cells = {}
+    for n, (name, _, _) in enumerate(ablation.CELLS):
+        per_seed = {
+            "0": {f: v - 0.1 * n for f, v in fams.items()},
+            "1": {f: v - 0.1 * n - 0.02 for f, v in fams.items()},
+        }
+        mean = {f: (per_seed["0"][f] + per_seed["1"][f]) / 2 for f in fams}
+        cells[name] = {
+            "per_family": mean,
+            "per_seed": per_seed,
+            "accuracy": 0.5,
+            "depth_accuracy": 0.5,
+            "single_view_accuracy": mean["closer"],
+            "cross_frame_accuracy": (mean["mv_distance"] + mean["mv_closer_to_third"]) / 2,
+        }
+    results = {
+        "cells": cells,
+        "chance": {"closer": 0.5, "mv_distance": 0.25, "mv_closer_to_third": 0.5},
+        "heuristics": {"closer/bigger_is_closer": 0.5},
+        "shortcuts_2d": {"mv_distance": {"mlp": 0.27, "train_accuracy": 0.3, "val_accuracy": 0.28, "majority": 0.25}},
+        "test_questions": 300,
+        "per_family": 100,
+        "budget": {"seeds": [0, 1]},
+    }
+    ablation.write_report(results, tmp_path)
+    table = (tmp_path / "README.md").read_text()
+    assert "| mv_closer_to_third ⇄ | 50 | 80 / 78 | 70 / 68 | 60 / 58 | 50 / 48 |" in table
+    assert "| **cross-frame mean ⇄** (seeds averaged) | | **64** |" in table
+    assert "`mv_distance`: an MLP on frame index" in table and "**27**" in table
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    with pytest.raises(SR3DInputError, match="seeds must be distinct"):
+        ablation.run_ablation(out_dir=tmp_path, work_dir=tmp_path / "w", seeds=(1, 1))
 
 
 @pytest.mark.slow
@@ -78,12 +129,14 @@ def test_ablation_end_to_end_writes_table_and_plot(tmp_path: Path) -> None:
         stage2_steps=2,
         per_family=2,
         parallel=2,
+        seeds=(3,),
+        shortcut_train=40,
         extra_overrides=small,
         export_demo=tmp_path / "demo",
     )
     assert set(results["cells"]) == {name for name, _, _ in ablation.CELLS}
     table = (tmp_path / "out" / "README.md").read_text()
-    assert "| closer ✱ | 50 |" in table and "2D heuristics" in table
+    assert "| closer ✱ | 50 |" in table and "2D shortcuts" in table
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"]["stage1_steps"] == 4
     assert (tmp_path / "demo" / "config.json").is_file()
@@ -94,6 +147,8 @@ def test_ablation_end_to_end_writes_table_and_plot(tmp_path: Path) -> None:
         stage1_steps=4,
         stage2_steps=2,
         per_family=2,
+        seeds=(3,),
+        shortcut_train=40,
         extra_overrides=small,
     )
     assert all(v == 0.0 for v in again["budget"]["job_seconds"].values())

@@ -91,23 +91,81 @@ def test_other_families_are_consistent() -> None:
     assert abs(qa.heuristic_baselines(third)["closer_to_third/nearer_in_image"] - 0.5) < 0.15
 
 
-def test_cross_frame_questions_draw_regions_on_frames_where_the_other_object_is_absent() -> None:
-    for i in range(6):
-        s = qa.make_sample("val", i, "mv_distance", scenes=12)
-        assert s.visual.multi_view and len(s.visual.images) == 6
-        f0, f1 = s.meta["frames"]
-        assert f0 != f1
-        r0, r1 = s.visual.regions
-        assert r0.frames == [f0] and r1.frames == [f1]
+def _object_ids(scene: qa.CrossFrameScene, frame: int, mask: np.ndarray) -> set[int]:
+    return set(np.unique(scene.instance[frame][mask]).tolist()) - {0}
+
+
+@pytest.mark.parametrize("family", qa.MULTI_VIEW_FAMILIES)
+def test_cross_frame_regions_are_never_seen_together_and_answers_follow_geometry(family: str) -> None:
+    for i in range(8):
+        s = qa.make_sample("val", i, family)
         scene = qa.multi_view_scene(s.meta["scene_seed"])
-        inst = scene.instance
-        ids0 = set(np.unique(inst[f0][r0.masks[f0]])) - {0}
-        ids1 = set(np.unique(inst[f1][r1.masks[f1]])) - {0}
-        if s.meta["region_kind"] == "mask":
-            (a,), (b,) = ids0, ids1
-            assert not (inst[f1] == a).any() and not (inst[f0] == b).any()
-    s = qa.make_sample("val", 0, "mv_closer_to_third", scenes=12)
-    assert len(s.visual.regions) == 3 and s.answer in ("Region [0]", "Region [1]")
+        assert s.visual.multi_view and len(s.visual.images) == 6
+        ids = []
+        for region, frame in zip(s.visual.regions, s.meta["frames"], strict=True):
+            assert region.frames == [frame]
+            if s.meta["region_kind"] == "mask":
+                (oid,) = _object_ids(scene, frame, np.asarray(region.masks[frame]))
+                ids.append(oid)
+            else:  # a box covers its object (and maybe others)
+                assert _object_ids(scene, frame, np.asarray(region.masks[frame]))
+        if not ids:
+            continue
+        counts = scene.pixel_counts()
+        centers = {o.id: o.box.center.numpy() for o in scene.objects}
+        target = ids[-1] if family != "mv_distance" else ids[1]
+        related = ids[:-1] if family != "mv_distance" else ids[:1]
+        for oid in related:  # no frame shows the object and the one it is related to
+            assert not ((counts[oid - 1] > 0) & (counts[target - 1] > 0)).any()
+        dists = [float(np.linalg.norm(centers[o] - centers[target])) for o in related]
+        if family == "mv_distance":
+            upper = next(u for u, text in qa.MV_DISTANCE_BUCKETS if text == s.answer)
+            assert dists[0] < upper and abs(dists[0] - s.meta["distance"]) < 1e-9
+            assert min(abs(dists[0] - u) for u, _ in qa.MV_DISTANCE_BUCKETS[:-1]) >= qa.MV_EDGE_MARGIN
+        else:
+            k = int(s.answer[-2])
+            assert dists[k] == min(dists)
+            assert sorted(dists)[1] - sorted(dists)[0] >= qa.MV_COMPARE_MARGIN
+
+
+def test_cross_frame_answers_are_balanced_and_scenes_share_one_canonical_map() -> None:
+    for family in qa.MULTI_VIEW_FAMILIES:
+        choices = qa.ANSWER_CHOICES[family]
+        answers = [qa.make_sample("val", i, family).answer for i in range(2 * len(choices))]
+        assert collections.Counter(answers) == {c: 2 for c in choices}
+    # the canonical map is the room's in every scene: a wall point maps to the same canonical value
+    from sr3d_plugin.geometry import canonical_transform
+
+    room = qa.CROSS_FRAME_ROOM
+    expected = canonical_transform(torch.tensor(np.stack([room.lower, room.upper])))
+    for seed in (11, 12, 13):
+        scene = qa.multi_view_scene(qa.SPLIT_SEED_BASE["test"] + seed)
+        flat = scene.canonical.reshape(-1, 3)
+        assert torch.allclose(flat.amin(0), torch.full((3,), -1.0), atol=1e-5)
+        assert torch.allclose(flat.amax(0), torch.full((3,), 1.0), atol=1e-5)
+        assert scene.canonical.shape == (6, 64, 64, 3) and expected.scale.abs().min() > 2.0
+    with pytest.raises(SR3DInputError, match="num_frames >= 4"):
+        qa.multi_view_scene(5, num_frames=3)
+
+
+def test_2d_shortcuts_stay_near_chance_on_cross_frame_questions() -> None:
+    from sr3d_plugin.synthetic.shortcuts import fit_2d_shortcut, shortcut_features
+
+    train = qa.training_samples(400, ["mv_closer_to_third"], split="train", seed=5)
+    test = qa.training_samples(200, ["mv_closer_to_third"], split="test")
+    got = fit_2d_shortcut(train, test, epochs=40)
+    assert abs(got["mlp"] - 0.5) < 0.1 and got["majority"] == 0.5
+    assert shortcut_features(test[0]).shape == (3 * 11 + 1,)
+    # the same classifier does find a 2D rule when one exists: answer = which region lies further left
+    rigged = []
+    for s in [*train, *test]:
+        first = s.meta["col"][0] < s.meta["col"][1]
+        rigged.append(
+            qa.QASample(s.id, s.family, s.question, "Region [0]" if first else "Region [1]", s.visual, s.meta)
+        )
+    assert fit_2d_shortcut(rigged[: len(train)], rigged[len(train) :], epochs=40)["mlp"] > 0.85
+    with pytest.raises(SR3DInputError, match="one cross-frame family"):
+        fit_2d_shortcut(train[:5], qa.training_samples(5, ["mv_distance"], split="test"))
 
 
 def test_dataset_and_errors() -> None:
@@ -132,7 +190,7 @@ def test_weighted_families_never_repeat_a_question() -> None:
 
 def test_two_choice_answers_are_exactly_balanced_and_still_true() -> None:
     for family in ("closer", "front_behind", "mv_closer_to_third"):
-        samples = [qa.make_sample("val", i, family, scenes=12) for i in range(8)]
+        samples = [qa.make_sample("val", i, family, scenes=40) for i in range(8)]
         answers = [s.answer for s in samples]
         choices = qa.ANSWER_CHOICES[family]
         assert answers == [choices[i % 2] for i in range(8)]

@@ -137,6 +137,27 @@ def test_region_shuffle_rewrites_every_reference_consistently() -> None:
     assert out[0]["content"] == "Is <region0> left of <region1>? Region [2] stays."
 
 
+def test_region_shuffle_leaves_answers_alone_that_name_regions_the_prompt_does_not() -> None:
+    """The LLM sees ``<mask>`` embeddings, never indices: with no "Region [K]" in the prompt, the answer's
+    index can only mean "the K-th mask of the question", so a relabelled answer would be label noise."""
+    r0 = Region.from_box(0, (0, 0, 4, 4), (16, 16))
+    r1 = Region.from_box(0, (8, 8, 12, 12), (16, 16))
+    r2 = Region.from_box(0, (4, 4, 8, 8), (16, 16))
+    msgs = [
+        {"role": "user", "content": "Which is closer to <region2>, <region0> or <region1>?"},
+        {"role": "assistant", "content": "Region [0]"},
+    ]
+    out, regions = relabel_regions(msgs, [r0, r1, r2], [2, 0, 1])
+    assert out == msgs and regions == [r0, r1, r2]
+    # answers that name no region are still shuffled (only the order of the masks changes)
+    dist = [
+        {"role": "user", "content": "How far apart are <region0> and <region1>?"},
+        {"role": "assistant", "content": "Far"},
+    ]
+    out, regions = relabel_regions(dist, [r0, r1], [1, 0])
+    assert out[0]["content"] == "How far apart are <region1> and <region0>?" and regions == [r1, r0]
+
+
 def test_mask_to_box_and_sample_rng() -> None:
     m = np.zeros((10, 10), dtype=bool)
     m[2, 3] = m[6, 7] = True

@@ -9,7 +9,7 @@ import json
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablation",
-        help="train 4 tiny SR-3D models (3D PE × single-view pre-training) on the CPU and write the table + plot",
+        help="train 4 tiny SR-3D models per seed (3D PE × single-view pre-training) on the CPU; write the table + plot",
         description=(
             "The paper's Table 8 in miniature. Trains from scratch with the tiny-synthetic recipes (resumable: "
             "finished runs in --work are reused), scores every model on held-out synthetic scenes per question "
@@ -19,10 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="docs/ablation", help="report folder (default: docs/ablation)")
     p.add_argument("--work", default="runs/ablation", help="run folders (default: runs/ablation)")
     p.add_argument("--stage1-steps", type=int, default=2000, help="single-view pre-training steps (default 2000)")
-    p.add_argument("--stage2-steps", type=int, default=1200, help="multi-view steps (default 1200)")
+    p.add_argument("--stage2-steps", type=int, default=2600, help="multi-view steps (default 2600)")
+    p.add_argument(
+        "--scratch-steps", type=int, help="steps of the cells without pre-training (default: the stage-2 steps)"
+    )
+    p.add_argument("--score-only", action="store_true", help="train nothing; score the models that exist in --work")
     p.add_argument("--per-family", type=int, default=100, help="test questions per family (default 100)")
     p.add_argument("--parallel", type=int, default=2, help="training jobs at once (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     p.add_argument("--export-demo", metavar="DIR", help="copy the 3D PE + PT model here (the bundled demo model)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
@@ -38,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         stage2_steps=args.stage2_steps,
         per_family=args.per_family,
         parallel=args.parallel,
-        seed=args.seed,
+        seeds=args.seeds,
+        scratch_steps=args.scratch_steps,
+        score_only=args.score_only,
         export_demo=args.export_demo,
     )
     if args.json:

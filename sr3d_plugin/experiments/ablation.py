@@ -1,11 +1,11 @@
-"""The paper's Table 8 in miniature: 3D PE off / on × single-view pre-training off / on, same budget.
+"""The paper's Table 8 in miniature: 3D PE off / on × single-view pre-training off / on.
 
 Four tiny SR-3D models are trained from scratch on the CPU with the bundled recipes and scored on
 held-out synthetic scenes (test-split seeds, never used in training), per question family:
 
 * **PT on**: ``tiny-synthetic`` (stage 1, single-view questions) then ``tiny-synthetic-stage2``
   (multi-view cross-frame questions with single-view replay);
-* **PT off**: ``tiny-synthetic-stage2`` from scratch for the same total number of steps;
+* **PT off**: ``tiny-synthetic-stage2`` from scratch, the same stage-2 steps (stage 1 skipped);
 * **PE off**: the same recipes with ``use_position_encoding=false``.
 
 Results go to ``<out>/results.json``, ``<out>/README.md`` (a Markdown table) and
@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,14 @@ from sr3d_plugin.errors import SR3DInputError
 __all__ = ["CELLS", "AblationJob", "run_ablation", "write_report"]
 
 #: the question families the tiny-synthetic recipes train on (and the ablation scores)
-TRAINED_FAMILIES = ("closer", "front_behind", "distance", "mv_distance", "mv_closer_to_third")
+TRAINED_FAMILIES = (
+    "closer",
+    "front_behind",
+    "distance",
+    "mv_distance",
+    "mv_closer_to_third",
+    "mv_closest_of_three",
+)
 
 #: (name, position encoding, single-view pre-training)
 CELLS: tuple[tuple[str, bool, bool], ...] = (
@@ -55,7 +63,12 @@ class AblationJob:
 
 
 def _jobs(
-    work: Path, stage1_steps: int, stage2_steps: int, seed: int, extra: list[str] | None = None
+    work: Path,
+    stage1_steps: int,
+    stage2_steps: int,
+    seed: int,
+    extra: list[str] | None = None,
+    scratch_steps: int | None = None,
 ) -> list[AblationJob]:
     jobs = []
     for pe in (True, False):
@@ -93,7 +106,7 @@ def _jobs(
                 *common,
                 "model.path=null",
                 "training.learning_rate=1.0e-3",
-                f"training.max_steps={stage1_steps + stage2_steps}",
+                f"training.max_steps={scratch_steps or stage2_steps}",
                 f"training.output_dir={work / f'{tag}-nopt'}",
             ],
             work / f"{tag}-nopt",
@@ -151,37 +164,61 @@ def run_ablation(
     out_dir: str | Path = "docs/ablation",
     work_dir: str | Path = "runs/ablation",
     stage1_steps: int = 2000,
-    stage2_steps: int = 1200,
+    stage2_steps: int = 2600,
     per_family: int = 100,
     parallel: int = 2,
-    seed: int = 0,
+    seeds: Sequence[int] = (0, 1),
     export_demo: str | Path | None = None,
     extra_overrides: list[str] | None = None,
+    scratch_steps: int | None = None,
+    shortcut_train: int = 2000,
+    score_only: bool = False,
 ) -> dict[str, Any]:
-    """Train the four cells (resumable: finished runs are reused), score them, write the report.
+    """Train the four cells for every seed (resumable: finished runs are reused), score them, write the report.
 
     Args:
         out_dir: where ``results.json``, ``README.md`` and ``ablation.png`` go.
-        work_dir: run folders of the eight training jobs.
-        stage1_steps, stage2_steps: the budget (PT off trains ``stage1 + stage2`` steps on stage-2 data).
-        per_family: test questions per family (held-out scenes).
+        work_dir: run folders, ``<work_dir>/seed-<s>/<job>`` (six training jobs per seed).
+        stage1_steps, stage2_steps: the budget of the two stages.
+        per_family: test questions per family (held-out scenes; the same questions for every model).
         parallel: training jobs at once (each gets ``cpu_count // parallel`` threads).
-        seed: training seed.
-        export_demo: copy the "3D PE + PT" model here (the bundled demo model).
+        seeds: training seeds (weights, data order and training questions all follow the seed).
+        export_demo: copy the first seed's "3D PE + PT" model here (the bundled demo model).
         extra_overrides: recipe overrides applied to every job (e.g. a smaller data size in tests).
+        scratch_steps: steps of the PT-off cells (default ``stage2_steps``: stage 2 without stage 1,
+            as the paper's ablation skips pre-training; ``stage1_steps + stage2_steps`` gives them
+            as many optimizer steps as PT on, at about 1.3× the time).
+        shortcut_train: training questions per cross-frame family for the 2D-shortcut MLP.
+        score_only: train nothing; score the (cell, seed) models that exist (the others are
+            reported as not run).
     """
     import shutil
 
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SR3DInputError(f"seeds must be distinct integers, at least one; got {seeds}")
     work, out = Path(work_dir), Path(out_dir)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    jobs = _jobs(work, stage1_steps, stage2_steps, seed, extra_overrides)
+    jobs: list[AblationJob] = []
+    for seed in seeds:
+        for job in _jobs(work / f"seed-{seed}", stage1_steps, stage2_steps, seed, extra_overrides, scratch_steps):
+            job.name, job.after = f"s{seed}-{job.name}", [f"s{seed}-{a}" for a in job.after]
+            jobs.append(job)
+    # the pre-training chains seed by seed (stage 1, then stage 2), the cells without pre-training last
+    rank = {"stage1": 0, "pt": 1, "nopt": 2}
+
+    def order(job: AblationJob) -> tuple[int, int, int]:
+        seed, stage = int(job.name.split("-", 1)[0][1:]), job.name.rsplit("-", 1)[1]
+        return (stage == "nopt", seeds.index(seed), rank[stage])
+
+    jobs.sort(key=order)
     threads = max(1, (os.cpu_count() or 2) // max(1, parallel))
     durations: dict[str, float] = {}
     done: set[str] = set()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        pending = list(jobs)
+        pending = [] if score_only else list(jobs)
         running: dict[Any, AblationJob] = {}
         while pending or running:
             for job in list(pending):
@@ -198,22 +235,26 @@ def run_ablation(
             print(f"ablation: {job.name} done ({durations[job.name]:.0f} s)", file=sys.stderr, flush=True)
     train_wall = time.perf_counter() - t0
 
-    models = {
-        "no PE, no PT": work / "nope-nopt" / "model",
-        "PT only": work / "nope-pt" / "model",
-        "3D PE only": work / "pe-nopt" / "model",
-        "3D PE + PT": work / "pe-pt" / "model",
-    }
-    results = evaluate_models(models, per_family=per_family)
+    cell_dirs = {"no PE, no PT": "nope-nopt", "PT only": "nope-pt", "3D PE only": "pe-nopt", "3D PE + PT": "pe-pt"}
+    models = {(name, seed): work / f"seed-{seed}" / d / "model" for seed in seeds for name, d in cell_dirs.items()}
+    missing = [f"{name} (seed {seed})" for (name, seed), path in models.items() if not (path / "config.json").is_file()]
+    if missing and not score_only:
+        raise SR3DInputError(f"ablation models missing after training: {missing}")
+    models = {key: path for key, path in models.items() if (path / "config.json").is_file()}
+    if not models:
+        raise SR3DInputError(f"no trained ablation model under {work}; run without score_only first")
+    results = evaluate_models(models, per_family=per_family, shortcut_train=shortcut_train)
+    results["not_run"] = missing
     results["exported_demo"] = str(export_demo) if export_demo is not None else None
     results["budget"] = {
         "stage1_steps": stage1_steps,
         "stage2_steps": stage2_steps,
+        "scratch_steps": scratch_steps or stage2_steps,
         "batch_size": 16,
-        "seed": seed,
+        "seeds": seeds,
         "train_wall_s": round(train_wall, 1),
         "job_seconds": durations,
-        "trainer_time": {job.name: _trainer_time(job.output_dir) for job in jobs},
+        "trainer_time": {job.name: _trainer_time(job.output_dir) for job in jobs if job.model_dir.is_dir()},
         "parallel_jobs": parallel,
         "threads_per_job": threads,
     }
@@ -222,33 +263,61 @@ def run_ablation(
         dest = Path(export_demo)
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(models["3D PE + PT"], dest)
+        shutil.copytree(models[("3D PE + PT", seeds[0])], dest)
     return results
 
 
-def evaluate_models(models: dict[str, Path], per_family: int = 100) -> dict[str, Any]:
-    """Score each model on the same held-out test questions; add the 2D heuristics' accuracy."""
+def evaluate_models(
+    models: dict[tuple[str, int], Path], per_family: int = 100, shortcut_train: int = 2000
+) -> dict[str, Any]:
+    """Score each (cell, seed) model on the same held-out test questions; add the 2D shortcuts' accuracy.
+
+    Returns ``cells`` (cell → ``per_family`` mean over seeds, ``per_seed`` {seed: per-family},
+    ``accuracy``, ``depth_accuracy``, ``single_view_accuracy``, ``cross_frame_accuracy``, means over
+    seeds), ``chance``, ``heuristics`` (single-view 2D rules), ``shortcuts_2d`` (an MLP on the
+    cross-frame questions' 2D facts, :mod:`sr3d_plugin.synthetic.shortcuts`) and the test set's size.
+    """
     import torch
 
     from sr3d_plugin.builders import load_model
     from sr3d_plugin.experiments.evaluate import CHANCE, answer_questions, score_answers
-    from sr3d_plugin.synthetic.qa import heuristic_baselines, training_samples
+    from sr3d_plugin.synthetic.qa import MULTI_VIEW_FAMILIES, heuristic_baselines, training_samples
+    from sr3d_plugin.synthetic.shortcuts import shortcut_report
 
     torch.manual_seed(0)
     first = next(iter(models.values()))
     _, processor = load_model(first)
     size = processor.tile_size
     families = TRAINED_FAMILIES
-    test = training_samples(per_family * len(families), list(families), split="test", image_size=size, scenes=100)
-    scores = {}
-    for name, path in models.items():
+    test = training_samples(per_family * len(families), list(families), split="test", image_size=size)
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for (name, seed), path in models.items():
         model, proc = load_model(path)
         answers = answer_questions(model, proc, test, batch_size=32)
-        scores[name] = score_answers(test, answers)
+        per_seed.setdefault(name, {})[seed] = score_answers(test, answers)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    cells = {}
+    for name, by_seed in per_seed.items():
+        fams = list(next(iter(by_seed.values()))["per_family"])
+        fam_mean = {f: mean([r["per_family"][f] for r in by_seed.values()]) for f in fams}
+        cross = [f for f in fams if f in MULTI_VIEW_FAMILIES]
+        single = [f for f in fams if f not in MULTI_VIEW_FAMILIES]
+        cells[name] = {
+            "per_family": fam_mean,
+            "per_seed": {str(seed): r["per_family"] for seed, r in by_seed.items()},
+            "accuracy": mean([r["accuracy"] for r in by_seed.values()]),
+            "depth_accuracy": mean([r["depth_accuracy"] for r in by_seed.values()]),
+            "single_view_accuracy": mean([fam_mean[f] for f in single]) if single else None,
+            "cross_frame_accuracy": mean([fam_mean[f] for f in cross]) if cross else None,
+        }
     return {
-        "cells": scores,
+        "cells": cells,
         "chance": {f: CHANCE[f] for f in families},
         "heuristics": heuristic_baselines(test),
+        "shortcuts_2d": shortcut_report(test, train_per_family=shortcut_train, image_size=size),
         "test_questions": len(test),
         "per_family": per_family,
         "test_split": "test (scene seeds 3,000,000+, disjoint from training's 1,000,000+)",
@@ -263,7 +332,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     from sr3d_plugin.io_utils import atomic_path, atomic_write_json, atomic_write_text
-    from sr3d_plugin.synthetic.qa import DEPTH_FAMILIES
+    from sr3d_plugin.synthetic.qa import DEPTH_FAMILIES, MULTI_VIEW_FAMILIES
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,50 +340,68 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
     cells = results["cells"]
     names = list(cells)
     families = list(results["chance"])
+    seeds = results.get("budget", {}).get("seeds") or sorted({int(k) for c in cells.values() for k in c["per_seed"]})
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.0f}"
+
+    def by_seed(cell: dict[str, Any], fam: str) -> str:
+        return " / ".join(pct(cell["per_seed"].get(str(s), {}).get(fam)) for s in seeds)
+
+    seed_txt = " / ".join(f"seed {s}" for s in seeds)
     lines = [
         "# 3D PE × single-view pre-training on synthetic spatial QA (the paper's Table 8 in miniature)",
         "",
-        "Regenerate with `sr3d ablation` (trains 4 tiny SR-3D models from scratch on the CPU with the "
+        "Regenerate with `sr3d ablation` (trains 4 tiny SR-3D models per seed from scratch on the CPU with the "
         "`tiny-synthetic` recipes, then scores them on held-out test scenes). Exact-match accuracy (%) of "
-        "greedy text answers; ✱ = depth-dependent family (de-biased: image position and apparent size carry "
-        "no depth information).",
+        f"greedy text answers, {seed_txt}; ✱ = needs depth; ⇄ = cross-frame (each region on its own frame, "
+        "objects never seen together in any frame).",
         "",
         "| family | chance | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
     for fam in families:
-        star = " ✱" if fam in DEPTH_FAMILIES else ""
-        row = [f"{fam}{star}", f"{100 * results['chance'][fam]:.0f}"]
-        row += [f"{100 * cells[n]['per_family'].get(fam, float('nan')):.1f}" for n in names]
+        mark = " ⇄" if fam in MULTI_VIEW_FAMILIES else (" ✱" if fam in DEPTH_FAMILIES else "")
+        row = [f"{fam}{mark}", pct(results["chance"][fam])]
+        row += [by_seed(cells[n], fam) for n in names]
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(
-        "| **depth families ✱** | | " + " | ".join(f"**{100 * cells[n]['depth_accuracy']:.1f}**" for n in names) + " |"
-    )
-    lines.append("| all families | | " + " | ".join(f"{100 * cells[n]['accuracy']:.1f}" for n in names) + " |")
-    lines += ["", "2D heuristics on the same test questions (accuracy %):", ""]
-    lines += [f"- `{k}`: {100 * v:.1f}" for k, v in results["heuristics"].items()]
+    for key, label in (("single_view_accuracy", "single-view mean"), ("cross_frame_accuracy", "cross-frame mean ⇄")):
+        lines.append(
+            f"| **{label}** (seeds averaged) | | " + " | ".join(f"**{pct(cells[n].get(key))}**" for n in names) + " |"
+        )
+    if results.get("not_run"):
+        lines += ["", "Not run (– in the table): " + ", ".join(results["not_run"]) + "."]
+    lines += ["", "2D shortcuts on the same test questions (accuracy %):", ""]
+    for fam, r in results.get("shortcuts_2d", {}).items():
+        lines.append(
+            f"- `{fam}`: an MLP on frame index, centroid, box size, area and region order, fitted on "
+            f"{r.get('train_questions', 2000):,} training questions: **{pct(r['mlp'])}** (chance {pct(results['chance'][fam])}; its own training fit {pct(r['train_accuracy'])})"
+        )
+    lines += [f"- `{k}`: {pct(v)}" for k, v in results["heuristics"].items()]
     b = results.get("budget", {})
-    if b:
+    if "stage1_steps" in b:
         lines += [
             "",
             f"Budget: stage 1 {b['stage1_steps']} steps + stage 2 {b['stage2_steps']} steps (PT off: "
-            f"{b['stage1_steps'] + b['stage2_steps']} steps on stage-2 data), batch {b['batch_size']}, seed {b['seed']}; "
-            f"{results['test_questions']} test questions ({results['per_family']} per family).",
+            f"{b.get('scratch_steps') or b['stage2_steps']} steps on stage-2 data from scratch), "
+            f"batch {b['batch_size']}; "
+            f"{results['test_questions']} test questions ({results['per_family']} per family), the same for every model.",
         ]
         if results.get("exported_demo"):
-            lines += ["", f"The 3D PE + PT model of this run is the bundled demo model (`{results['exported_demo']}`)."]
+            lines += [
+                "",
+                f"The seed-{seeds[0]} 3D PE + PT model is the bundled demo model (`{results['exported_demo']}`).",
+            ]
         times = b.get("trainer_time", {})
         if times and all(t.get("seconds") for t in times.values()):
             total = sum(t["seconds"] for t in times.values())
+            longest = max(times.items(), key=lambda kv: kv[1]["seconds"])
             lines += [
                 "",
-                "Training time per job (trainer's clock, "
-                f"{b['threads_per_job']} thread(s) each, {b['parallel_jobs']} jobs at a time): "
-                + ", ".join(
-                    f"{name} {t['seconds'] / 60:.1f} min" + (" (resumed, extrapolated)" if t["resumed_from"] else "")
-                    for name, t in times.items()
-                )
-                + f"; {total / 60:.0f} min of job time in all.",
+                f"Training time (trainer's clock, {b['threads_per_job']} thread(s) per job, {b['parallel_jobs']} jobs at "
+                f"a time): longest job {longest[0]} {longest[1]['seconds'] / 60:.1f} min; "
+                + ", ".join(f"{name} {t['seconds'] / 60:.1f}" for name, t in times.items())
+                + f" min; {total / 60:.0f} min of job time in all.",
             ]
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
 
@@ -323,7 +410,10 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
     xs = range(len(families))
     for i, n in enumerate(names):
         vals = [100 * cells[n]["per_family"].get(f, 0.0) for f in families]
-        ax.bar([x + i * width for x in xs], vals, width, label=n)
+        ax.bar([x + i * width for x in xs], vals, width, label=f"{n} (mean of seeds)")
+        for s in [s for s in seeds if str(s) in cells[n]["per_seed"]]:  # each seed as a dot on its bar
+            pts = [100 * cells[n]["per_seed"][str(s)].get(f, 0.0) for f in families]
+            ax.plot([x + i * width for x in xs], pts, "k.", markersize=3)
     ax.bar(
         [x + len(names) * width for x in xs],
         [100 * results["chance"][f] for f in families],
@@ -333,11 +423,11 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
     )
     ax.set_xticks([x + 0.4 - width / 2 for x in xs])
     ax.set_xticklabels(
-        [f + (" ✱" if f in DEPTH_FAMILIES else "") for f in families], rotation=25, ha="right", fontsize=8
+        [f + (" ⇄" if f in MULTI_VIEW_FAMILIES else " ✱") for f in families], rotation=25, ha="right", fontsize=8
     )
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Tiny SR-3D on held-out synthetic scenes: 3D PE × single-view pre-training (✱ = needs depth)")
+    ax.set_title("Tiny SR-3D on held-out synthetic scenes: 3D PE × single-view pre-training (⇄ = cross-frame)")
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     fig.tight_layout()
     with atomic_path(out / "ablation.png", suffix=".png") as tmp:

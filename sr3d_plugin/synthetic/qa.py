@@ -10,10 +10,10 @@ Two kinds of scenes:
   depth: depth questions are answerable only from 3D positions. Because the room and camera are
   fixed, the canonical space of every single-view scene is the same affine map of camera
   coordinates (the bounds come from the room), so metric distances are learnable from it.
-* **Multi view** (:func:`multi_view_scene`): a furnished room of fixed size
-  (:func:`sr3d_plugin.synthetic.generate_scene`) seen from ``F`` frames around a loop; cross-frame
-  questions draw one region on one frame and the object it must be related to only on another
-  frame where the first one is not visible.
+* **Multi view** (:func:`multi_view_scene`, :mod:`sr3d_plugin.synthetic.crossframe`): floating boxes
+  in a fixed 8 m room seen by ``F`` shuffled cameras standing near its centre, each box placed in one
+  camera's view with its depth independent of its image position and size. Cross-frame questions
+  relate objects that no frame shows together; each region is drawn on a frame of its own object.
 
 Question families (answers are short texts; region answers are ``"Region [k]"``):
 
@@ -29,7 +29,8 @@ larger                partly    which of two regions is larger in 3D
 closer_to_third       yes       which of A, B is closer to C
 count                 no        how many <colour> objects are there
 mv_distance           yes       distance between regions drawn on two different frames
-mv_closer_to_third    yes       which of A, B (one frame) is closer to C (another frame)
+mv_closer_to_third    yes       which of A, B is closer to C (C never seen with A or B)
+mv_closest_of_three   yes       which of A, B, C is closest to D (D never seen with them)
 ====================  ========  ==========================================================
 
 Splits are by scene: each split draws its scene seeds from its own disjoint range, so held-out
@@ -38,7 +39,6 @@ scenes come from seeds never used in training.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,17 +51,23 @@ from PIL import Image
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.geometry import Box3D, backproject, canonicalize
 from sr3d_plugin.modeling.inputs import Region, VisualInput
+from sr3d_plugin.synthetic.crossframe import CROSS_FRAME_ROOM, CrossFrameScene, cross_frame_scene
 from sr3d_plugin.synthetic.render import render
-from sr3d_plugin.synthetic.scene import Room, SceneObject, generate_scene, look_at, pinhole_intrinsics
+from sr3d_plugin.synthetic.scene import Room, SceneObject, look_at, pinhole_intrinsics
 
 __all__ = [
     "ANSWER_CHOICES",
+    "CROSS_FRAME_ROOM",
     "DEMO_SEED_BASE",
     "DEPTH_FAMILIES",
     "DISTANCE_BUCKETS",
     "MULTI_VIEW_FAMILIES",
+    "MV_COMPARE_MARGIN",
+    "MV_DISTANCE_BUCKETS",
+    "MV_EDGE_MARGIN",
     "SINGLE_VIEW_FAMILIES",
     "SPLIT_SEED_BASE",
+    "CrossFrameScene",
     "QASample",
     "SpatialQAConfig",
     "SpatialQADataset",
@@ -83,9 +89,17 @@ SINGLE_VIEW_FAMILIES = (
     "closer_to_third",
     "count",
 )
-MULTI_VIEW_FAMILIES = ("mv_distance", "mv_closer_to_third")
+MULTI_VIEW_FAMILIES = ("mv_distance", "mv_closer_to_third", "mv_closest_of_three")
 #: families whose answer needs depth (the de-biased ones)
-DEPTH_FAMILIES = ("closer", "front_behind", "distance", "closer_to_third", "mv_distance", "mv_closer_to_third")
+DEPTH_FAMILIES = (
+    "closer",
+    "front_behind",
+    "distance",
+    "closer_to_third",
+    "mv_distance",
+    "mv_closer_to_third",
+    "mv_closest_of_three",
+)
 
 #: (upper bound in metres, answer text) for the 4 distance buckets
 DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
@@ -96,11 +110,15 @@ DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
 )
 #: cross-frame pairs (never seen together) are far apart; edges at the quartiles of their distances
 MV_DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
-    (3.0, "Under 3 meters"),
-    (3.7, "3 to 3.7 meters"),
-    (4.5, "3.7 to 4.5 meters"),
-    (math.inf, "Over 4.5 meters"),
+    (2.8, "Under 2.8 meters"),
+    (4.0, "2.8 to 4 meters"),
+    (5.2, "4 to 5.2 meters"),
+    (math.inf, "Over 5.2 meters"),
 )
+#: cross-frame distances closer than this to a bucket edge are not asked (metres)
+MV_EDGE_MARGIN = 0.15
+#: "closer / closest" cross-frame questions need the two nearest distances this far apart (metres)
+MV_COMPARE_MARGIN = 0.6
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (205, 45, 45),
@@ -123,6 +141,7 @@ ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
     "count": ("0", "1", "2", "3", "4"),
     "mv_distance": tuple(text for _, text in MV_DISTANCE_BUCKETS),
     "mv_closer_to_third": ("Region [0]", "Region [1]"),
+    "mv_closest_of_three": ("Region [0]", "Region [1]", "Region [2]"),
 }
 
 #: scene-seed ranges of the splits (disjoint)
@@ -140,8 +159,6 @@ class SpatialQAConfig:
     num_objects: tuple[int, int] = (2, 4)
     num_frames: int = 6
     mv_image_size: int = 64
-    mv_room: float = 5.0
-    mv_num_objects: tuple[int, int] = (4, 6)
     min_region_pixels: int = 10
     box_probability: float = 0.5
 
@@ -242,34 +259,9 @@ def single_view_scene(rng: np.random.Generator, cfg: SpatialQAConfig, count: int
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class MultiViewScene:
-    frames: list[Image.Image]
-    instance: np.ndarray  # [F, H, W]
-    objects: list[SceneObject]
-    canonical: torch.Tensor  # [F, H, W, 3]
-
-
-@functools.lru_cache(maxsize=512)
-def multi_view_scene(seed: int, num_frames: int = 6, image_size: int = 64, room: float = 5.0) -> MultiViewScene:
-    """A fixed-size furnished room seen from ``num_frames`` frames (cached: scenes are reused)."""
-    scene = generate_scene(
-        seed,
-        num_frames=num_frames,
-        width=image_size,
-        height=image_size,
-        num_objects=(4, 6),
-        room_size=((room, room), (room, room), (2.8, 2.8)),
-        hfov_deg=(60.0, 60.0),
-    )
-    pts = backproject(
-        torch.from_numpy(scene.depth.astype(np.float64)),
-        torch.from_numpy(scene.intrinsics),
-        torch.from_numpy(scene.cam_to_world),
-    )
-    canonical = canonicalize(pts).to(torch.float32)
-    frames = [Image.fromarray(scene.rgb[i]) for i in range(scene.num_frames)]
-    return MultiViewScene(frames, scene.instance, list(scene.objects), canonical)
+def multi_view_scene(seed: int, num_frames: int = 6, image_size: int = 64) -> CrossFrameScene:
+    """The cross-frame scene of ``seed`` (:func:`sr3d_plugin.synthetic.crossframe.cross_frame_scene`; cached)."""
+    return cross_frame_scene(int(seed), int(num_frames), int(image_size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,67 +416,113 @@ def _pixel_dist(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(_centroid(a) - _centroid(b)))
 
 
+def _mv_region_facts(scene: CrossFrameScene, oid: int, frame: int, mask: np.ndarray) -> dict[str, float]:
+    """The 2D facts of one region (what a 2D shortcut could use): frame, centroid, box size, area."""
+    ys, xs = np.nonzero(mask)
+    size = float(mask.shape[0])
+    return {
+        "frame": float(frame),
+        "col": float(xs.mean()) / size,
+        "row": float(ys.mean()) / size,
+        "width": float(xs.max() - xs.min() + 1) / size,
+        "height": float(ys.max() - ys.min() + 1) / size,
+        "area": float(mask.sum()) / size**2,
+    }
+
+
+_MV_QUESTIONS = {
+    "mv_distance": "How far apart are <region0> and <region1>?",
+    "mv_closer_to_third": "Which is closer to <region2>, <region0> or <region1>?",
+    "mv_closest_of_three": "Which is closest to <region3>: <region0>, <region1> or <region2>?",
+}
+
+
 def _mv_sample(
     rng: np.random.Generator, family: str, cfg: SpatialQAConfig, scene_seed: int, target: int | None
 ) -> tuple[str, str, VisualInput, dict]:
-    scene = multi_view_scene(scene_seed, cfg.num_frames, cfg.mv_image_size, cfg.mv_room)
-    inst = scene.instance
-    ids = [o.id for o in scene.objects]
-    visible = {oid: [(inst[f] == oid).sum() >= cfg.min_region_pixels for f in range(inst.shape[0])] for oid in ids}
-    absent = {oid: [(inst[f] == oid).sum() == 0 for f in range(inst.shape[0])] for oid in ids}
-    centers = {o.id: o.box.center.numpy() for o in scene.objects}
+    """One cross-frame question about scene ``scene_seed``: every object it relates is never seen in
+    the same frame as the object(s) it is related to, and each region is drawn on a frame where its
+    object covers at least ``cfg.min_region_pixels``. ``target`` is the wanted answer index (distance
+    bucket, or the position of the closest region); None accepts any."""
+    if family not in MULTI_VIEW_FAMILIES:
+        raise SR3DInputError(f"unknown multi-view family {family!r}; expected one of {MULTI_VIEW_FAMILIES}")
+    scene = multi_view_scene(scene_seed, cfg.num_frames, cfg.mv_image_size)
+    counts = scene.pixel_counts()  # [N, F]
+    seen = counts >= cfg.min_region_pixels
+    present = (counts > 0).astype(np.int64)
+    apart = (present @ present.T) == 0  # [N, N] never in the same frame
+    usable = np.nonzero(seen.any(axis=1))[0]
+    centers = scene.centers()
+    dist = np.linalg.norm(centers[:, None] - centers[None], axis=-1)
+    order: list[int] | None = None
+    if family == "mv_distance":
+        cands = [(a, b) for a in usable for b in usable if a < b and apart[a, b]]
+        edges = np.array([u for u, _ in MV_DISTANCE_BUCKETS[:-1]])
+        ok = [
+            (a, b)
+            for a, b in cands
+            if np.min(np.abs(edges - dist[a, b])) >= MV_EDGE_MARGIN
+            and (target is None or _bucket(float(dist[a, b]), MV_DISTANCE_BUCKETS) == target)
+        ]
+        if ok:
+            a, b = ok[int(rng.integers(len(ok)))]
+            order = [int(a), int(b)][:: 1 if rng.random() < 0.5 else -1]
+            ans = MV_DISTANCE_BUCKETS[_bucket(float(dist[a, b]), MV_DISTANCE_BUCKETS)][1]
+    elif family == "mv_closer_to_third":
+        ok = [
+            (a, b, c)
+            for c in usable
+            for a in usable
+            for b in usable
+            if a < b
+            and c not in (a, b)
+            and apart[a, c]
+            and apart[b, c]
+            and abs(dist[a, c] - dist[b, c]) >= MV_COMPARE_MARGIN
+        ]
+        if ok:
+            a, b, c = ok[int(rng.integers(len(ok)))]
+            order = [int(a), int(b), int(c)]
+            ans = "Region [0]" if dist[a, c] < dist[b, c] else "Region [1]"
+    else:  # mv_closest_of_three
+        ok = []
+        for d in usable:
+            others = [o for o in usable if o != d and apart[o, d]]
+            if len(others) < 3:
+                continue
+            for _ in range(4):
+                trio = [int(v) for v in rng.choice(others, size=3, replace=False)]
+                ds = sorted(dist[o, d] for o in trio)
+                if ds[1] - ds[0] >= MV_COMPARE_MARGIN:
+                    ok.append((*trio, int(d)))
+        if ok:
+            *trio, d = ok[int(rng.integers(len(ok)))]
+            closest = min(trio, key=lambda o: dist[o, d])
+            rest = [o for o in trio if o != closest]
+            rng.shuffle(rest)
+            slot = int(rng.integers(3)) if target is None else int(target) % 3
+            rest.insert(slot, closest)
+            order = [*rest, d]
+            ans = f"Region [{slot}]"
+    if order is None:
+        raise _NoQuestion(f"scene {scene_seed} has no {family} question")
     as_box = bool(rng.random() < cfg.box_probability)
-
-    def cross_frames(x: int, others: list[int]) -> list[tuple[int, int]]:
-        """(frame where x is seen and others are absent, frame where all others are seen and x is absent)."""
-        out = []
-        for fi in range(inst.shape[0]):
-            if not visible[x][fi] or not all(absent[o][fi] for o in others):
-                continue
-            for fj in range(inst.shape[0]):
-                if fj != fi and absent[x][fj] and all(visible[o][fj] for o in others):
-                    out.append((fi, fj))
-        return out
-
-    for _attempt in range(100):
-        if family == "mv_distance":
-            a, b = (int(v) for v in rng.choice(ids, size=2, replace=False))
-            pairs = cross_frames(a, [b])
-            if not pairs:
-                continue
-            fi, fj = pairs[int(rng.integers(len(pairs)))]
-            dist = float(np.linalg.norm(centers[a] - centers[b]))
-            bucket = _bucket(dist, MV_DISTANCE_BUCKETS)
-            if target is not None and bucket != target:
-                continue
-            regions = [_region(inst[fi] == a, fi, as_box), _region(inst[fj] == b, fj, as_box)]
-            q, ans = "How far apart are <region0> and <region1>?", MV_DISTANCE_BUCKETS[bucket][1]
-            meta = {"frames": [fi, fj], "distance": dist}
-        elif family == "mv_closer_to_third":
-            if len(ids) < 3:
-                break
-            a, b, c = (int(v) for v in rng.choice(ids, size=3, replace=False))
-            da, db = float(np.linalg.norm(centers[a] - centers[c])), float(np.linalg.norm(centers[b] - centers[c]))
-            if abs(da - db) < 0.5:
-                continue
-            pairs = cross_frames(c, [a, b])
-            if not pairs:
-                continue
-            fi, fj = pairs[int(rng.integers(len(pairs)))]
-            regions = [
-                _region(inst[fj] == a, fj, as_box),
-                _region(inst[fj] == b, fj, as_box),
-                _region(inst[fi] == c, fi, as_box),
-            ]
-            q = "Which is closer to <region2>, <region0> or <region1>?"
-            ans = "Region [0]" if da < db else "Region [1]"
-            meta = {"frames": [fj, fj, fi]}
-        else:
-            raise SR3DInputError(f"unknown multi-view family {family!r}; expected one of {MULTI_VIEW_FAMILIES}")
-        visual = VisualInput(list(scene.frames), points=scene.canonical, regions=regions, multi_view=True)
-        meta.update(region_kind="box" if as_box else "mask", scene_seed=scene_seed)
-        return q, ans, visual, meta
-    raise _NoQuestion(f"scene {scene_seed} has no {family} question")
+    regions, facts = [], []
+    for i in order:
+        frames = np.nonzero(seen[i])[0]
+        frame = int(frames[int(rng.integers(len(frames)))])
+        mask = scene.instance[frame] == scene.objects[i].id
+        regions.append(_region(mask, frame, as_box))
+        facts.append(_mv_region_facts(scene, i, frame, np.asarray(regions[-1].masks[frame])))
+    meta: dict[str, Any] = {key: [f[key] for f in facts] for key in facts[0]}
+    meta["frames"] = [int(f) for f in meta.pop("frame")]
+    meta.update(region_kind="box" if as_box else "mask", scene_seed=scene_seed)
+    if family == "mv_distance":
+        meta["distance"] = float(dist[order[0], order[1]])
+    else:
+        meta["distances"] = [float(dist[o, order[-1]]) for o in order[:-1]]
+    visual = VisualInput(list(scene.frames), points=scene.canonical, regions=regions, multi_view=True)
+    return _MV_QUESTIONS[family], ans, visual, meta
 
 
 class _NoQuestion(SR3DInputError):
@@ -492,7 +530,7 @@ class _NoQuestion(SR3DInputError):
 
 
 def make_sample(
-    split: str, index: int, family: str, seed: int = 0, cfg: SpatialQAConfig | None = None, scenes: int = 200
+    split: str, index: int, family: str, seed: int = 0, cfg: SpatialQAConfig | None = None, scenes: int = 2000
 ) -> QASample:
     """The deterministic sample ``index`` of ``family`` in ``split``.
 
@@ -507,7 +545,7 @@ def make_sample(
     if family in SINGLE_VIEW_FAMILIES:
         q, ans, visual, meta = _sv_sample(rng, family, cfg, bucket=index)
     elif family in MULTI_VIEW_FAMILIES:
-        target = index % len(MV_DISTANCE_BUCKETS)
+        target = {"mv_distance": index % len(MV_DISTANCE_BUCKETS), "mv_closest_of_three": index % 3}.get(family)
         for shift in range(scenes):
             scene_seed = base + (index + shift) % scenes
             try:
@@ -574,7 +612,7 @@ class SpatialQADataset(torch.utils.data.Dataset):
         families: tuple[str, ...] | list[str] = SINGLE_VIEW_FAMILIES,
         seed: int = 0,
         cfg: SpatialQAConfig | None = None,
-        scenes: int = 200,
+        scenes: int = 2000,
     ) -> None:
         if size <= 0:
             raise SR3DInputError(f"dataset size must be positive, got {size}")
@@ -604,7 +642,7 @@ def training_samples(
     families: str | Sequence[str] | dict[str, int] = "all",
     split: str = "train",
     seed: int = 0,
-    scenes: int = 200,
+    scenes: int = 2000,
     image_size: int = 64,
     out_dir: str | None = None,
 ) -> list[QASample]:

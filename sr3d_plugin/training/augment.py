@@ -24,6 +24,7 @@ from sr3d_plugin.modeling.inputs import Region
 __all__ = ["frames_to_keep", "mask_to_box", "relabel_regions", "remap_region_frames", "sample_rng"]
 
 _REFS = re.compile(r"<mask>|<region(\d+)>|(Region \[)(\d+)(\])")
+_NAMED = re.compile(r"Region \[(\d+)\]")
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -89,9 +90,22 @@ def relabel_regions(
     ``<region{perm[k]}>``; ``<regionK>`` becomes ``<region{perm[K]}>``; "Region [K]" becomes
     "Region [perm[K]]" for ``K`` < number of regions. Returns the new messages and the regions in
     their new order. When the bare ``<mask>`` count does not match the regions, nothing changes.
+
+    Nothing changes either when an assistant turn names a region ("Region [K]") that no other turn
+    names: the LLM sees a region only as a ``<mask>`` embedding, never its index, so the index in
+    such an answer means "the K-th ``<mask>`` of the question" — relabelling would change the
+    answer and nothing the model can see (label noise, not augmentation).
     """
     n = len(regions)
     if n < 2:
+        return messages, list(regions)
+    named_in_prompt = {
+        int(m.group(1)) for t in messages if t["role"] != "assistant" for m in _NAMED.finditer(t["content"])
+    }
+    named_in_answer = {
+        int(m.group(1)) for t in messages if t["role"] == "assistant" for m in _NAMED.finditer(t["content"])
+    }
+    if named_in_answer - named_in_prompt:
         return messages, list(regions)
     bare = sum(m["content"].count("<mask>") for m in messages)
     if bare and bare != n:
