@@ -31,13 +31,14 @@ from sr3d_plugin.geometry import Box3D, backproject, canonical_transform
 from sr3d_plugin.synthetic.render import render
 from sr3d_plugin.synthetic.scene import Room, SceneObject, look_at, pinhole_intrinsics
 
-__all__ = ["CROSS_FRAME_ROOM", "CrossFrameScene", "cross_frame_scene"]
+__all__ = ["COLORS", "CROSS_FRAME_ROOM", "CrossFrameScene", "cross_frame_scene"]
 
 #: the room of every cross-frame scene (interior bounds in metres; four walls of one colour)
 _WALL = (222, 214, 196)
 CROSS_FRAME_ROOM = Room(lower=[-4.0, -4.0, 0.0], upper=[4.0, 4.0, 2.4], wall_colors=(_WALL,) * 4)
 
-_COLORS: dict[str, tuple[int, int, int]] = {
+#: the object colours of every synthetic QA scene (single-view and cross-frame)
+COLORS: dict[str, tuple[int, int, int]] = {
     "red": (205, 45, 45),
     "green": (50, 165, 70),
     "blue": (55, 85, 210),
@@ -162,8 +163,8 @@ def cross_frame_scene(seed: int, num_frames: int = 6, image_size: int = 64, min_
                 if box is not None:
                     boxes.append(box)
                     home.append(f)
-        names = [str(rng.choice(sorted(_COLORS))) for _ in boxes]
-        objects = [SceneObject(i + 1, f"{n} object", b, _COLORS[n]) for i, (n, b) in enumerate(zip(names, boxes))]
+        names = [str(rng.choice(sorted(COLORS))) for _ in boxes]
+        objects = [SceneObject(i + 1, f"{n} object", b, COLORS[n]) for i, (n, b) in enumerate(zip(names, boxes))]
         out = render(objects, room, k, poses, image_size, image_size, edge_lines=False)
         counts = np.stack([(out.instance == o.id).sum(axis=(1, 2)) for o in objects]) if objects else None
         if counts is None or len(objects) < 4 or any(counts[i, home[i]] < min_pixels for i in range(len(objects))):

@@ -51,7 +51,7 @@ from PIL import Image
 from sr3d_plugin.errors import SR3DInputError
 from sr3d_plugin.geometry import Box3D, backproject, canonicalize
 from sr3d_plugin.modeling.inputs import Region, VisualInput
-from sr3d_plugin.synthetic.crossframe import CROSS_FRAME_ROOM, CrossFrameScene, cross_frame_scene
+from sr3d_plugin.synthetic.crossframe import COLORS, CROSS_FRAME_ROOM, CrossFrameScene, cross_frame_scene
 from sr3d_plugin.synthetic.render import render
 from sr3d_plugin.synthetic.scene import Room, SceneObject, look_at, pinhole_intrinsics
 
@@ -120,14 +120,6 @@ MV_EDGE_MARGIN = 0.15
 #: "closer / closest" cross-frame questions need the two nearest distances this far apart (metres)
 MV_COMPARE_MARGIN = 0.6
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (205, 45, 45),
-    "green": (50, 165, 70),
-    "blue": (55, 85, 210),
-    "yellow": (225, 205, 50),
-    "purple": (140, 60, 175),
-    "orange": (235, 130, 35),
-}
 
 #: all answer strings per family (the choices a scorer can rank)
 ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
