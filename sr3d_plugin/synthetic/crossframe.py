@@ -1,4 +1,4 @@
-"""Multi-view scenes for cross-frame region questions, built so that only 3D geometry answers them.
+"""Multi-view scenes for cross-frame region questions, built so that image position and size do not give 3D away.
 
 A fixed room (8 m × 8 m × 2.4 m, four identical walls) is seen by ``F`` cameras standing near its
 centre, each looking horizontally: four of them roughly towards the four walls (yaw ``k·90° ± 30°``),
@@ -152,6 +152,7 @@ def cross_frame_scene(seed: int, num_frames: int = 6, image_size: int = 64, min_
     room = CROSS_FRAME_ROOM
     k = pinhole_intrinsics(image_size, image_size, 60.0)
     rng = np.random.default_rng([int(seed), 77])
+    bounds = canonical_transform(torch.tensor(np.stack([room.lower, room.upper])))  # the room's own map
     for _attempt in range(20):
         poses = _cameras(rng, num_frames)
         eyes = poses[:, :3, 3]
@@ -175,7 +176,6 @@ def cross_frame_scene(seed: int, num_frames: int = 6, image_size: int = 64, min_
             torch.from_numpy(poses),
         )
         tf = canonical_transform(pts)
-        bounds = canonical_transform(torch.tensor(np.stack([room.lower, room.upper])))
         if not (
             torch.allclose(tf.lower, bounds.lower, atol=0.02) and torch.allclose(tf.upper, bounds.upper, atol=0.02)
         ):

@@ -408,7 +408,7 @@ def _pixel_dist(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(_centroid(a) - _centroid(b)))
 
 
-def _mv_region_facts(scene: CrossFrameScene, oid: int, frame: int, mask: np.ndarray) -> dict[str, float]:
+def _mv_region_facts(frame: int, mask: np.ndarray) -> dict[str, float]:
     """The 2D facts of one region (what a 2D shortcut could use): frame, centroid, box size, area."""
     ys, xs = np.nonzero(mask)
     size = float(mask.shape[0])
@@ -505,7 +505,7 @@ def _mv_sample(
         frame = int(frames[int(rng.integers(len(frames)))])
         mask = scene.instance[frame] == scene.objects[i].id
         regions.append(_region(mask, frame, as_box))
-        facts.append(_mv_region_facts(scene, i, frame, np.asarray(regions[-1].masks[frame])))
+        facts.append(_mv_region_facts(frame, np.asarray(regions[-1].masks[frame])))
     meta: dict[str, Any] = {key: [f[key] for f in facts] for key in facts[0]}
     meta["frames"] = [int(f) for f in meta.pop("frame")]
     meta.update(region_kind="box" if as_box else "mask", scene_seed=scene_seed)
