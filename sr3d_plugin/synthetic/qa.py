@@ -110,10 +110,10 @@ DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
 )
 #: cross-frame pairs (never seen together) are far apart; edges at the quartiles of their distances
 MV_DISTANCE_BUCKETS: tuple[tuple[float, str], ...] = (
-    (2.8, "Under 2.8 meters"),
-    (4.0, "2.8 to 4 meters"),
-    (5.2, "4 to 5.2 meters"),
-    (math.inf, "Over 5.2 meters"),
+    (2.6, "Under 2.6 meters"),
+    (3.3, "2.6 to 3.3 meters"),
+    (4.0, "3.3 to 4 meters"),
+    (math.inf, "Over 4 meters"),
 )
 #: cross-frame distances closer than this to a bucket edge are not asked (metres)
 MV_EDGE_MARGIN = 0.15
@@ -433,7 +433,7 @@ def _mv_sample(
     rng: np.random.Generator, family: str, cfg: SpatialQAConfig, scene_seed: int, target: int | None
 ) -> tuple[str, str, VisualInput, dict]:
     """One cross-frame question about scene ``scene_seed``: every object it relates is never seen in
-    the same frame as the object(s) it is related to, and each region is drawn on a frame where its
+    the same frame as the object(s) it is related to, and each region is drawn on its home frame, where its
     object covers at least ``cfg.min_region_pixels``. ``target`` is the wanted answer index (distance
     bucket, or the position of the closest region); None accepts any."""
     if family not in MULTI_VIEW_FAMILIES:
@@ -443,7 +443,11 @@ def _mv_sample(
     seen = counts >= cfg.min_region_pixels
     present = (counts > 0).astype(np.int64)
     apart = (present @ present.T) == 0  # [N, N] never in the same frame
-    usable = np.nonzero(seen.any(axis=1))[0]
+    # a region is drawn on the frame its object was placed for: there its apparent size and position
+    # were drawn independently of its depth; in another frame the size would be home depth / that
+    # frame's depth, which says how central the object is
+    home = np.asarray(scene.home_frame)
+    usable = np.nonzero(seen[np.arange(len(home)), home])[0]
     centers = scene.centers()
     dist = np.linalg.norm(centers[:, None] - centers[None], axis=-1)
     order: list[int] | None = None
@@ -501,8 +505,7 @@ def _mv_sample(
     as_box = bool(rng.random() < cfg.box_probability)
     regions, facts = [], []
     for i in order:
-        frames = np.nonzero(seen[i])[0]
-        frame = int(frames[int(rng.integers(len(frames)))])
+        frame = int(home[i])
         mask = scene.instance[frame] == scene.objects[i].id
         regions.append(_region(mask, frame, as_box))
         facts.append(_mv_region_facts(frame, np.asarray(regions[-1].masks[frame])))
