@@ -35,6 +35,7 @@ __all__ = [
     "PointMapCache",
     "PointMapResult",
     "canonical_pointmaps",
+    "centre_token_positions",
     "choose_source",
     "colour_pointmap",
     "compute_pointmaps",
@@ -217,6 +218,53 @@ def frame_token_positions(
     pos = out.permute(0, 2, 3, 1).contiguous().to(out_dtype)
     cover = cover.to(out_dtype)
     return (pos, cover) if return_coverage else pos
+
+
+def centre_token_positions(
+    points: torch.Tensor | np.ndarray,
+    layout: TileLayout,
+    grid: int,
+    valid: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """3D positions of the vision tokens of one image, sampled at the token centres (``token_point_sampling="center"``).
+
+    The point map goes through exactly the operations a region mask goes through in the processor:
+    nearest-neighbour tiling (OpenCV INTER_NEAREST, :func:`sr3d_plugin.tiling.tile_mask`'s resize),
+    then a bilinear resize to the token grid (:func:`sr3d_plugin.modeling.region_extractor.mask_weights`),
+    which reads each token at its patch's centre. A token that a region's mask selects therefore gets
+    a position on that region's surface, where area pooling (:func:`image_token_positions`, the
+    released convention) would average it with the background sharing its patch: for an object
+    covering a patch or two, a point in mid-air metres behind it.
+
+    Args:
+        points: ``[H, W, 3]`` point map aligned with the image.
+        layout: the image's :class:`~sr3d_plugin.tiling.TileLayout` (one tile for a multi-view frame).
+        grid: token grid side.
+        valid: optional ``[H, W]`` bool mask; invalid points get no weight (tokens with none: 0).
+
+    Returns:
+        ``[T, grid, grid, 3]`` with ``T = layout.num_tiles``.
+    """
+    from sr3d_plugin.tiling import tile_array
+
+    p = _as_tensor(points, "points")
+    if p.dim() != 3 or p.shape[-1] != 3:
+        raise SR3DInputError(f"point map must be [H, W, 3], got shape {tuple(p.shape)}")
+    grid = _checks.integer(grid, "grid", minimum=1, maximum=4096)
+    x = p.to(torch.float32).permute(2, 0, 1)
+    if valid is None:
+        tiles = tile_array(x, layout, "cv2_nearest")
+        out = F.interpolate(tiles, size=(grid, grid), mode="bilinear", align_corners=False)
+    else:
+        w = _checks.as_mask(valid, "valid", tuple(p.shape[:2])).to(torch.float32).unsqueeze(0)
+        num = F.interpolate(
+            tile_array(x * w, layout, "cv2_nearest"), size=(grid, grid), mode="bilinear", align_corners=False
+        )
+        den = F.interpolate(
+            tile_array(w, layout, "cv2_nearest"), size=(grid, grid), mode="bilinear", align_corners=False
+        )
+        out = torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
+    return out.permute(0, 2, 3, 1).contiguous().to(p.dtype)
 
 
 def image_token_positions(

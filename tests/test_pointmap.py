@@ -20,6 +20,7 @@ from sr3d_plugin.geometry import backproject, relative_depth_to_points
 from sr3d_plugin.pointmap import (
     PointMapCache,
     canonical_pointmaps,
+    centre_token_positions,
     choose_source,
     compute_pointmaps,
     default_cache_root,
@@ -326,6 +327,92 @@ def test_image_token_positions_follow_the_tile_layout() -> None:
     valid[:, :30] = False
     tv, cover = image_token_positions(pts, layout, grid=4, valid=valid, return_coverage=True)
     assert bool((cover[0] == 0).all()) and bool((tv[0] == 0).all()) and bool((cover[1] == 1).all())
+
+
+def test_centre_token_positions_read_the_patch_centres_like_region_masks() -> None:
+    # a 16×16 map, grid 4 → 4-px patches; the bilinear resize reads pixels 1 and 2 of each patch
+    h = w = 16
+    pts = torch.zeros(h, w, 3)
+    pts[..., 0] = torch.arange(w, dtype=torch.float32).view(1, -1)
+    pts[..., 1] = torch.arange(h, dtype=torch.float32).view(-1, 1)
+    pts[..., 2] = 5.0
+    layout = TileLayout(1, 1, tile_size=16, thumbnail=False)
+    tok = centre_token_positions(pts, layout, grid=4)
+    assert tok.shape == (1, 4, 4, 3)
+    assert torch.allclose(tok[0, 0, :, 0], torch.tensor([1.5, 5.5, 9.5, 13.5]))  # centre of pixels 4i+1, 4i+2
+    assert torch.allclose(tok[0, :, 0, 1], torch.tensor([1.5, 5.5, 9.5, 13.5]))
+    # a small object (depth 1) in front of a far wall (depth 5): area pooling puts its token in mid-air,
+    # centre sampling on the object, and the token a region mask selects is exactly that token
+    pts[..., 2] = 5.0
+    obj = torch.zeros(h, w, dtype=torch.bool)
+    obj[4:7, 5:8] = True  # 3×3 px, over the centre pixels of the patch at (1, 1) only
+    pts[obj, 2] = 1.0
+    area = image_token_positions(pts, TileLayout(1, 1, tile_size=16, thumbnail=False), grid=4)
+    assert float(area[0, 1, 1, 2]) == pytest.approx((9 * 1.0 + 7 * 5.0) / 16)  # 7 of its 16 pixels are wall
+    assert float(centre_token_positions(pts, layout, grid=4)[0, 1, 1, 2]) == pytest.approx(1.0)
+    from sr3d_plugin.modeling.region_extractor import mask_weights
+
+    weights = mask_weights(obj[None, None], 4).reshape(4, 4)
+    assert int(weights.argmax()) == 1 * 4 + 1
+    # invalid points get no weight; a token with no valid centre pixel is 0
+    valid = torch.ones(h, w, dtype=torch.bool)
+    valid[:8, :8] = False
+    tv = centre_token_positions(pts, layout, grid=4, valid=valid)
+    assert bool((tv[0, :2, :2] == 0).all()) and torch.allclose(tv[0, 2:, 2:], tok[0, 2:, 2:])
+    with pytest.raises(SR3DInputError, match="must be \\[H, W, 3\\]"):
+        centre_token_positions(torch.zeros(4, 4), layout, grid=2)
+
+
+def test_token_point_sampling_is_a_model_option_the_processor_follows(tmp_path: Path) -> None:
+    from sr3d_plugin.errors import SR3DConfigError
+    from sr3d_plugin.modeling.configuration_sr3d import SR3DConfig
+    from sr3d_plugin.modeling.processing_sr3d import SR3DProcessor
+    from sr3d_plugin.synthetic.qa import training_samples
+    from sr3d_plugin.testing import build_tiny_model
+
+    assert SR3DConfig().token_point_sampling == "area"  # the released convention by default
+    with pytest.raises(SR3DConfigError, match="token_point_sampling='middle'"):
+        SR3DConfig(token_point_sampling="middle")
+    _, base = build_tiny_model(tile_size=64, patch_size=8)
+    assert base.token_point_sampling == "area"
+    assert build_tiny_model(token_point_sampling="center")[1].token_point_sampling == "center"
+    sample = training_samples(1, ["mv_distance"], split="test", image_size=64)[0]
+    prompt = base.build_prompt(sample.question, sample.visual)
+    area = base([prompt], [sample.visual])["tile_xyz"]
+    base.token_point_sampling = "center"
+    centre = base([prompt], [sample.visual])["tile_xyz"]
+    pts = torch.as_tensor(sample.visual.points).permute(0, 3, 1, 2).float()
+    expect = torch.nn.functional.interpolate(pts, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(centre, expect.permute(0, 2, 3, 1), atol=1e-6)
+    assert not torch.allclose(area, centre, atol=1e-3)
+    base.save_pretrained(tmp_path)
+    assert SR3DProcessor.from_pretrained(tmp_path).token_point_sampling == "center"
+    with pytest.raises(SR3DConfigError, match="token_point_sampling='mean'"):
+        SR3DProcessor(token_point_sampling="mean")
+
+
+def test_centre_sampling_puts_small_cross_frame_regions_on_their_objects() -> None:
+    """Region positions as the region extractor pools them, against the mean of the region's own pixels:
+    with the tiny model's 8-px patches area pooling drags them metres towards the wall behind."""
+    from sr3d_plugin.synthetic.qa import training_samples
+    from sr3d_plugin.testing import build_tiny_model
+
+    _, proc = build_tiny_model(tile_size=64, patch_size=8)
+    samples = training_samples(24, ["mv_distance"], split="test", image_size=64)
+    errors: dict[str, list[float]] = {"area": [], "center": []}
+    for mode in errors:
+        proc.token_point_sampling = mode
+        for s in samples:
+            batch = proc([proc.build_prompt(s.question, s.visual)], [s.visual])
+            xyz = batch["tile_xyz"].reshape(batch["tile_xyz"].shape[0], -1, 3)
+            w = batch["region_weights"]
+            pooled = torch.einsum("rtl,tlc->rc", w, xyz) / w.sum(dim=(1, 2)).clamp_min(1e-8)[:, None]
+            for r, p in zip(s.visual.regions, pooled, strict=True):
+                ((frame, mask),) = r.masks.items()
+                own = torch.as_tensor(s.visual.points[frame])[torch.as_tensor(mask)].mean(0)
+                errors[mode].append(float((p - own).norm()))
+    area, centre = np.median(errors["area"]), np.median(errors["center"])
+    assert centre < 0.5 * area, (centre, area)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,6 +115,19 @@ def _jobs(
     return jobs
 
 
+def _recipe_batch(name: str) -> int:
+    """``training.per_device_batch_size`` of a bundled recipe (after ``extends``)."""
+    from sr3d_plugin.training.recipe import load_recipe
+
+    return int(load_recipe(name, check_files=False)[0].training.per_device_batch_size)
+
+
+def _batch_text(batch: int | dict[str, int]) -> str:
+    if isinstance(batch, dict):  # {"stage1": 16, "stage2": 8}
+        return ", ".join(f"{k.replace('stage', 'stage ')} {v}" for k, v in batch.items())
+    return str(batch)  # reports written before the stages differed
+
+
 def _run_job(job: AblationJob, threads: int, log_dir: Path) -> float:
     if (job.model_dir / "config.json").is_file():
         return 0.0  # finished in an earlier invocation (resumable)
@@ -164,7 +177,7 @@ def run_ablation(
     out_dir: str | Path = "docs/ablation",
     work_dir: str | Path = "runs/ablation",
     stage1_steps: int = 2000,
-    stage2_steps: int = 2600,
+    stage2_steps: int = 4200,
     per_family: int = 100,
     parallel: int = 2,
     seeds: Sequence[int] = (0, 1),
@@ -250,7 +263,7 @@ def run_ablation(
         "stage1_steps": stage1_steps,
         "stage2_steps": stage2_steps,
         "scratch_steps": scratch_steps or stage2_steps,
-        "batch_size": 16,
+        "batch_size": {"stage1": _recipe_batch("tiny-synthetic"), "stage2": _recipe_batch("tiny-synthetic-stage2")},
         "seeds": seeds,
         "train_wall_s": round(train_wall, 1),
         "job_seconds": durations,
@@ -384,7 +397,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
             "",
             f"Budget: stage 1 {b['stage1_steps']} steps + stage 2 {b['stage2_steps']} steps (PT off: "
             f"{b.get('scratch_steps') or b['stage2_steps']} steps on stage-2 data from scratch), "
-            f"batch {b['batch_size']}; "
+            f"batch {_batch_text(b['batch_size'])}; "
             f"{results['test_questions']} test questions ({results['per_family']} per family), the same for every model.",
         ]
         if results.get("exported_demo"):

@@ -19,7 +19,10 @@ from transformers.configuration_utils import SubConfigSpec
 from sr3d_plugin.errors import SR3DConfigError
 from sr3d_plugin.modeling._names import SR3D_SPECIAL_TOKENS
 
-__all__ = ["DTYPE_NAMES", "SR3D_SPECIAL_TOKENS", "SR3DConfig", "parse_dtype"]
+__all__ = ["DTYPE_NAMES", "SR3D_SPECIAL_TOKENS", "TOKEN_POINT_SAMPLING", "SR3DConfig", "parse_dtype"]
+
+#: how a vision token's 3D position is taken from the point map (``SR3DConfig.token_point_sampling``)
+TOKEN_POINT_SAMPLING = ("area", "center")
 
 
 #: the only dtype spellings accepted from checkpoint files (never ``eval`` a config string, SR3D-FACTS §9)
@@ -95,6 +98,12 @@ class SR3DConfig(PreTrainedConfig):
             with no text in between; every frame still ends with the ``image_end_text`` embedding).
         image_seq_length: LLM tokens per tile; derived from the projector when None.
         canonical_mode: ``"sr3d"`` (released convention) or ``"robust"`` for metric point maps.
+        token_point_sampling: where a vision token's 3D position comes from. ``"area"`` (released
+            convention): the mean of every point under its patch; ``"center"``: the points at the
+            patch centre, sampled exactly as region masks are (nearest-neighbour tiling, then a
+            bilinear resize to the token grid), so a token that a region's mask selects sits on that
+            region's surface instead of at an average of it and the wall behind (a named option for
+            models whose objects span few patches, e.g. the tiny demo model).
         depth_source: default point-map source for images without geometry (``"depth_anything"``).
         depth_model: default Depth Anything V2 id or path.
         num_video_frames: frames sampled from a video or scan (32).
@@ -139,6 +148,7 @@ class SR3DConfig(PreTrainedConfig):
     frame_separator: str = ""
     image_seq_length: int | None = None
     canonical_mode: Literal["sr3d", "robust"] = "sr3d"
+    token_point_sampling: Literal["area", "center"] = "area"
     depth_source: str = "depth_anything"
     depth_model: str = "depth-anything/Depth-Anything-V2-Large-hf"
     num_video_frames: int = 32
@@ -191,6 +201,10 @@ class SR3DConfig(PreTrainedConfig):
             )
         if self.canonical_mode not in ("sr3d", "robust"):
             raise SR3DConfigError(f"canonical_mode={self.canonical_mode!r}; expected 'sr3d' or 'robust'")
+        if self.token_point_sampling not in TOKEN_POINT_SAMPLING:
+            raise SR3DConfigError(
+                f"token_point_sampling={self.token_point_sampling!r}; expected one of {', '.join(TOKEN_POINT_SAMPLING)}"
+            )
         vc = self.vision_config
         patch = getattr(vc, "patch_size", None)
         if patch and self.tile_size % patch:

@@ -36,6 +36,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from sr3d_plugin.errors import SR3DConfigError, SR3DInputError
+from sr3d_plugin.modeling.configuration_sr3d import TOKEN_POINT_SAMPLING
 from sr3d_plugin.modeling.inputs import Region, VisualInput
 from sr3d_plugin.modeling.llava_conventions import HOST_IMAGE_MODES, host_layout, host_tiles
 from sr3d_plugin.modeling.region_extractor import mask_weights
@@ -98,6 +99,10 @@ class SR3DProcessor(ProcessorMixin):
             transformers' LLaVA folders, whose processors tokenise with the tokenizer's BOS rule).
         pixel_backend: ``"pil"`` when the image processor must be transformers' PIL backend
             (original LLaVA's ``CLIPImageProcessor`` is PIL-based); kept across ``save_pretrained``.
+        token_point_sampling: ``"area"`` (released convention: each token's position is the mean of
+            the points under its patch) or ``"center"`` (the points at its centre, sampled as region
+            masks are; :func:`sr3d_plugin.pointmap.centre_token_positions`). Taken from the model's
+            config by ``from_config``.
         keep_thin_regions: a region so thin that nearest-neighbour tiling or the bilinear resize to
             the token grid loses every pixel falls back to area weights (an option, off by default:
             SR-REAL then pools nothing and the region embedding is the projector's bias).
@@ -136,6 +141,7 @@ class SR3DProcessor(ProcessorMixin):
         keep_thin_regions: bool = False,
         depth_model: str | None = None,
         canonical_mode: str = "sr3d",
+        token_point_sampling: str = "area",
         **kwargs: Any,
     ) -> None:
         self.tile_size = tile_size
@@ -166,6 +172,11 @@ class SR3DProcessor(ProcessorMixin):
         self.keep_thin_regions = bool(keep_thin_regions)
         self.depth_model = None if depth_model is None else str(depth_model)
         self.canonical_mode = canonical_mode
+        if token_point_sampling not in TOKEN_POINT_SAMPLING:
+            raise SR3DConfigError(
+                f"token_point_sampling={token_point_sampling!r}; expected one of {', '.join(TOKEN_POINT_SAMPLING)}"
+            )
+        self.token_point_sampling = token_point_sampling
         if chat_template is None and tokenizer is not None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -210,6 +221,7 @@ class SR3DProcessor(ProcessorMixin):
             "conv_mode": getattr(config, "conv_mode", None),
             "tokenize_image_chunks": getattr(config, "tokenize_image_chunks", False),
             "canonical_mode": getattr(config, "canonical_mode", "sr3d"),
+            "token_point_sampling": getattr(config, "token_point_sampling", "area"),
         }
         kwargs.update(overrides)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
@@ -866,6 +878,17 @@ class SR3DProcessor(ProcessorMixin):
             return torch.cat(
                 [
                     host_token_positions(
+                        pts[v], layout, self.grid_size, None if visual.valid is None else visual.valid[v]
+                    )
+                    for v, layout in enumerate(layouts)
+                ]
+            )
+        if self.token_point_sampling == "center":
+            from sr3d_plugin.pointmap import centre_token_positions
+
+            return torch.cat(
+                [
+                    centre_token_positions(
                         pts[v], layout, self.grid_size, None if visual.valid is None else visual.valid[v]
                     )
                     for v, layout in enumerate(layouts)
