@@ -177,7 +177,7 @@ def run_ablation(
     out_dir: str | Path = "docs/ablation",
     work_dir: str | Path = "runs/ablation",
     stage1_steps: int = 2000,
-    stage2_steps: int = 4200,
+    stage2_steps: int = 8000,
     per_family: int = 100,
     parallel: int = 2,
     seeds: Sequence[int] = (0, 1),
