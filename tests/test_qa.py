@@ -179,7 +179,7 @@ def test_2d_shortcuts_stay_near_chance_on_cross_frame_questions(family: str) -> 
     test = qa.training_samples(240, [family], split="test")
     chance = 1 / len(qa.ANSWER_CHOICES[family])
     got = fit_2d_shortcut(train, test, epochs=40)
-    assert abs(got["mlp"] - chance) < 0.08 and abs(got["majority"] - chance) < 1e-9
+    assert abs(got["mlp"] - chance) < 0.08 and abs(got["majority"] - chance) < 1e-6  # balanced (float32)
     assert shortcut_features(test[0]).shape == (len(test[0].visual.regions) * 11 + 1,)
 
 
