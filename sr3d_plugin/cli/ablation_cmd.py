@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="docs/ablation", help="report folder (default: docs/ablation)")
     p.add_argument("--work", default="runs/ablation", help="run folders (default: runs/ablation)")
-    p.add_argument("--stage1-steps", type=int, default=2000, help="single-view pre-training steps (default 2000)")
+    p.add_argument("--stage1-steps", type=int, default=3500, help="single-view pre-training steps (default 3500)")
     p.add_argument("--stage2-steps", type=int, default=8000, help="multi-view steps (default 8000)")
     p.add_argument(
         "--scratch-steps", type=int, help="steps of the cells without pre-training (default: the stage-2 steps)"
