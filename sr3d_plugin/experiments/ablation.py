@@ -261,8 +261,7 @@ def run_ablation(
     results = evaluate_models(models, per_family=per_family, shortcut_train=shortcut_train)
     results["not_run"] = missing
     results["exported_demo"] = str(export_demo) if export_demo is not None else None
-    best = best_seed(results, "3D PE + PT")
-    results["exported_seed"] = best if export_demo is not None else None
+    results["exported_seed"] = best_seed(results, "3D PE + PT") if export_demo is not None else None
     results["budget"] = {
         "stage1_steps": stage1_steps,
         "stage2_steps": stage2_steps,
@@ -280,7 +279,7 @@ def run_ablation(
         dest = Path(export_demo)
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(models[("3D PE + PT", best)], dest)
+        shutil.copytree(models[("3D PE + PT", results["exported_seed"])], dest)
     return results
 
 
@@ -297,7 +296,7 @@ def best_seed(results: dict[str, Any], cell: str) -> int:
         fams = [f for f in per_seed[seed] if f in MULTI_VIEW_FAMILIES]
         return sum(per_seed[seed][f] for f in fams) / len(fams) if fams else 0.0
 
-    return int(max(per_seed, key=lambda seed: (cross(seed), -list(per_seed).index(seed))))
+    return int(max(per_seed, key=cross))  # max keeps the first of equal keys
 
 
 def evaluate_models(
