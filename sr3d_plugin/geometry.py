@@ -519,13 +519,28 @@ class Box3D:
 
     @classmethod
     def from_center_size_yaw(
-        cls, center: torch.Tensor | np.ndarray | list, size: torch.Tensor | np.ndarray | list, yaw: float = 0.0
+        cls,
+        center: torch.Tensor | np.ndarray | list,
+        size: torch.Tensor | np.ndarray | list,
+        yaw: float = 0.0,
+        validate: bool = True,
     ) -> Box3D:
-        """Box rotated by ``yaw`` radians about the world z (up) axis."""
+        """Box rotated by ``yaw`` radians about the world z (up) axis.
+
+        ``validate=False`` skips the range, sign and rotation checks (the tensors are the same): for
+        generators whose boxes are valid by construction and that make thousands of them.
+        """
         yaw = _checks.finite_number(yaw, "yaw")
         c, s = float(np.cos(yaw)), float(np.sin(yaw))
         rot = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-        return cls(as_float_tensor(center, "box center"), as_float_tensor(size, "box size"), rot)
+        center_t, size_t = as_float_tensor(center, "box center"), as_float_tensor(size, "box size")
+        if validate:
+            return cls(center_t, size_t, rot)
+        box = object.__new__(cls)
+        box.center = center_t.to(torch.float64).reshape(3)
+        box.size = size_t.to(torch.float64).reshape(3)
+        box.rotation = rot
+        return box
 
     def corners(self) -> torch.Tensor:
         """``[8, 3]`` world corners."""

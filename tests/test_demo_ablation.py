@@ -173,12 +173,13 @@ def test_trainer_time_extrapolates_a_resumed_job(tmp_path: Path) -> None:
     events = [
         {"event": "start", "total_steps": 100},
         {"event": "resume", "global_step": 40},
-        {"event": "start", "total_steps": 100},
+        {"event": "start", "total_steps": 100, "cpu_threads": 1},
         {"event": "end", "steps": 100, "seconds": 30.0},
     ]
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
     t = ablation._trainer_time(tmp_path)
-    assert t == {"seconds": 50.0, "steps_per_s": 2.0, "resumed_from": 40}  # 60 steps in 30 s -> 100 steps in 50 s
+    # 60 steps in 30 s -> 100 steps in 50 s; the run's own thread count is reported
+    assert t == {"seconds": 50.0, "steps_per_s": 2.0, "resumed_from": 40, "cpu_threads": 1}
     (tmp_path / "log.jsonl").write_text(json.dumps({"event": "end", "steps": 10, "seconds": 5.0}) + "\n")
     assert ablation._trainer_time(tmp_path)["seconds"] == 5.0
     assert ablation._trainer_time(tmp_path / "missing")["seconds"] is None

@@ -233,3 +233,20 @@ def test_projected_3d_boxes_cover_the_visible_pixels_of_their_objects() -> None:
             ious.append(inter / (masks[k] | truth[f]).sum())
     assert len(ious) >= 5
     assert min(ious) >= 0.95, sorted(ious)[:3]
+
+
+def test_unvalidated_boxes_hold_the_same_tensors() -> None:
+    from sr3d_plugin.geometry import Box3D
+
+    for center, size, yaw in [
+        (np.array([1.0, -2.0, 0.5]), [0.4, 0.3, 0.2], 0.3),  # float64 centre, a list size (float32 first)
+        ([0.1, 0.2, 0.3], np.array([1.0, 2.0, 3.0], dtype=np.float32), -1.2),
+        (torch.tensor([4.0, 5.0, 6.0]), torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64), 0.0),
+    ]:
+        a = Box3D.from_center_size_yaw(center, size, yaw)
+        b = Box3D.from_center_size_yaw(center, size, yaw, validate=False)
+        for name in ("center", "size", "rotation"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype == torch.float64 and torch.equal(x, y), name
+    with pytest.raises(SR3DInputError, match="box size must be positive"):
+        Box3D.from_center_size_yaw([0.0, 0.0, 0.0], [1.0, -1.0, 1.0], 0.0)

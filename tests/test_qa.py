@@ -27,6 +27,25 @@ def test_samples_are_deterministic_and_splits_differ() -> None:
     )
 
 
+def test_generating_in_processes_gives_the_same_samples() -> None:
+    families = {"mv_distance": 2, "mv_closer_to_third": 1, "closer_to_third": 1, "distance": 1, "count": 1}
+    one = qa.training_samples(96, families, split="val", seed=3, scenes=40)
+    two = qa.training_samples(96, families, split="val", seed=3, scenes=40, workers=2)
+    assert [(s.id, s.question, s.answer) for s in one] == [(s.id, s.question, s.answer) for s in two]
+    for a, b in zip(one, two):
+        assert a.meta == b.meta and len(a.visual.regions) == len(b.visual.regions)
+        for ra, rb in zip(a.visual.regions, b.visual.regions):
+            assert ra.masks.keys() == rb.masks.keys()
+            assert all(np.array_equal(ra.masks[k], rb.masks[k]) for k in ra.masks)
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.visual.images, b.visual.images))
+        assert torch.equal(a.visual.points, b.visual.points)
+    # samples of one process that share a scene still share its point map (no copy per question)
+    shared = collections.Counter(id(s.visual.points) for s in two if s.family.startswith("mv_"))
+    assert max(shared.values()) > 1
+    with pytest.raises(SR3DInputError, match=r"workers must be an integer in \[1, 64\], got 0"):
+        qa.training_samples(8, ["closer"], workers=0)
+
+
 @pytest.mark.parametrize("family", ["closer", "front_behind"])
 def test_depth_answers_follow_geometry_and_2d_heuristics_are_at_chance(family: str) -> None:
     samples = [qa.make_sample("val", i, family) for i in range(150)]

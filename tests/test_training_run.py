@@ -48,10 +48,12 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 def test_tiny_recipe_trains_on_cpu_and_loss_falls(tmp_path: Path, toy: Path) -> None:
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    proc = run_train(out, toy, "training.logging_steps=1", "logging.report_to=[tensorboard]")
+    # the environment says one thread (OMP_NUM_THREADS=1); training.cpu_threads pins the run's count
+    proc = run_train(out, toy, "training.logging_steps=1", "logging.report_to=[tensorboard]", "training.cpu_threads=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = events(proc.stdout)
     start = next(e for e in ev if e["event"] == "start")
+    assert start["cpu_threads"] == 2
     names = [row["name"] for row in start["trainable"]]
     assert any(n.startswith("llm.") and "lora_" in n for n in names)
     for module in ("perception_encoder", "mm_projector", "region_extractor"):

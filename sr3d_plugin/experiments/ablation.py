@@ -158,20 +158,27 @@ def _trainer_time(run_dir: Path) -> dict[str, Any]:
     A job resumed from a checkpoint only timed its last invocation; its full-run time is
     extrapolated from that invocation's steps per second (``resumed_from`` says from which step).
     """
-    resumed_from, end = 0, None
+    resumed_from, end, threads = 0, None, None
     log = run_dir / "log.jsonl"
     if log.is_file():
         for line in log.read_text().splitlines():
             event = json.loads(line)
             if event.get("event") == "resume":  # logged just before its invocation's "start"
                 resumed_from = int(event.get("global_step", 0))
+            elif event.get("event") == "start":
+                threads = event.get("cpu_threads")  # torch threads of the run (trainers since training.cpu_threads)
             elif event.get("event") == "end":
                 end = event
     if end is None or not end.get("seconds"):
-        return {"seconds": None, "steps_per_s": None, "resumed_from": resumed_from}
+        return {"seconds": None, "steps_per_s": None, "resumed_from": resumed_from, "cpu_threads": threads}
     rate = (int(end["steps"]) - resumed_from) / float(end["seconds"])
     full = int(end["steps"]) / rate if rate > 0 else None
-    return {"seconds": round(full, 1) if full else None, "steps_per_s": round(rate, 2), "resumed_from": resumed_from}
+    return {
+        "seconds": round(full, 1) if full else None,
+        "steps_per_s": round(rate, 2),
+        "resumed_from": resumed_from,
+        "cpu_threads": threads,
+    }
 
 
 def run_ablation(
@@ -195,7 +202,8 @@ def run_ablation(
         work_dir: run folders, ``<work_dir>/seed-<s>/<job>`` (six training jobs per seed).
         stage1_steps, stage2_steps: the budget of the two stages.
         per_family: test questions per family (held-out scenes; the same questions for every model).
-        parallel: training jobs at once (each gets ``cpu_count // parallel`` threads).
+        parallel: training jobs at once (each gets ``cpu_count // parallel`` threads, unless its recipe
+            pins ``training.cpu_threads``, as the tiny-synthetic recipes do).
         seeds: training seeds (weights, data order and training questions all follow the seed).
         export_demo: copy the "3D PE + PT" model of the seed with the higher mean cross-frame accuracy
             here (the bundled demo model; :func:`best_seed`).
@@ -262,6 +270,9 @@ def run_ablation(
     results["not_run"] = missing
     results["exported_demo"] = str(export_demo) if export_demo is not None else None
     results["exported_seed"] = best_seed(results, "3D PE + PT") if export_demo is not None else None
+    trainer_time = {job.name: _trainer_time(job.output_dir) for job in jobs if job.model_dir.is_dir()}
+    # the recipes pin torch's threads (training.cpu_threads); runs logged before that record none
+    recorded = {t["cpu_threads"] for t in trainer_time.values() if t.get("cpu_threads")}
     results["budget"] = {
         "stage1_steps": stage1_steps,
         "stage2_steps": stage2_steps,
@@ -270,9 +281,9 @@ def run_ablation(
         "seeds": seeds,
         "train_wall_s": round(train_wall, 1),
         "job_seconds": durations,
-        "trainer_time": {job.name: _trainer_time(job.output_dir) for job in jobs if job.model_dir.is_dir()},
+        "trainer_time": trainer_time,
         "parallel_jobs": parallel,
-        "threads_per_job": threads,
+        "threads_per_job": recorded.pop() if len(recorded) == 1 else threads,
     }
     write_report(results, out)
     if export_demo is not None:

@@ -87,6 +87,8 @@ class SR3DConfig(PreTrainedConfig):
             ``tokenizer_image_token`` does (the BOS of the first chunk only).
         use_thumbnail: append the whole-image thumbnail when an image has several tiles.
         vision_feature_layer: hidden-state index taken from the vision tower (−2 = penultimate).
+        vision_early_exit: stop the vision tower after the layer ``vision_feature_layer`` selects
+            (SigLIP / CLIP towers; bit-identical features, the later layers and the head skipped).
         vision_feature_select: ``"cls_patch"``/``"full"`` keep every token; ``"patch"``/``"default"``
             drop the first (CLS) token.
         image_end_text: text whose embedding follows every tile's tokens (``"\n"`` in VILA/NVILA's
@@ -143,6 +145,7 @@ class SR3DConfig(PreTrainedConfig):
     use_thumbnail: bool = True
     vision_feature_layer: int = -2
     vision_feature_select: str = "cls_patch"
+    vision_early_exit: bool = True
     image_end_text: str | None = "\n"
     tile_separator: str = "\n"
     frame_separator: str = ""

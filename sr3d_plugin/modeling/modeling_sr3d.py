@@ -37,7 +37,87 @@ __all__ = [
     "SR3DPreTrainedModel",
     "SR3DVisualFeatures",
     "label_position_loss",
+    "tower_hidden_state",
 ]
+
+
+#: vision towers whose ``hidden_states[k]`` is the output of ``encoder.layers[k - 1]`` (k ≥ 1)
+_EARLY_EXIT_TOWERS = ("siglip_vision_model", "clip_vision_model")
+
+
+class _TowerExit(Exception):
+    """Raised by the forward hook of the selected layer to skip the rest of the tower."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("vision tower early exit")
+        self.hidden = hidden
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList | None:
+    for path in (("encoder", "layers"), ("vision_model", "encoder", "layers")):
+        mod: Any = tower
+        for part in path:
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    return None
+
+
+def _early_exit_layer(tower: nn.Module, feature_layer: int) -> nn.Module | None:
+    """The encoder layer whose output is ``hidden_states[feature_layer]``, where stopping there is safe."""
+    if getattr(getattr(tower, "config", None), "model_type", None) not in _EARLY_EXIT_TOWERS:
+        return None
+    if getattr(torch.compiler, "is_compiling", lambda: False)():  # torch.compile traces the plain call
+        return None
+    if tower._forward_hooks or getattr(tower, "_forward_hooks_with_kwargs", None):
+        return None  # hooks on the tower expect its whole call to finish
+    layers = _encoder_layers(tower)
+    if layers is None or len(layers) == 0:
+        return None
+    index = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+    if not 1 <= index <= len(layers):
+        return None  # the embeddings (index 0) or an index the full call rejects
+    for module in tower.modules():  # sharding engines rely on every module's post-forward hooks
+        if type(module).__name__.startswith("FSDP") or hasattr(module, "_fsdp_wrapped_module"):
+            return None
+    if any(hasattr(p, "ds_id") for p in tower.parameters()):  # DeepSpeed ZeRO-3 partitions
+        return None
+    return layers[index - 1]
+
+
+def tower_hidden_state(
+    tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, early_exit: bool = True
+) -> torch.Tensor:
+    """``tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer]`` — ``[T, L, C]``.
+
+    With ``early_exit`` (SigLIP and CLIP towers without forward hooks of their own, outside FSDP /
+    ZeRO-3 and torch.compile), the tower stops after the
+    encoder layer that produces the selected hidden state: the layers after it, the post-layernorm
+    and the pooling head are never run. The selected hidden state is computed by exactly the same
+    operations, so the result is bit-identical (tests/test_vision_early_exit.py); with
+    ``vision_feature_layer=-2`` this skips the last layer and the head (a 27-layer SO400M: ~5 % of
+    the tower; the tiny demo model's 2-layer tower: more than half).
+    """
+    layer = _early_exit_layer(tower, int(feature_layer)) if early_exit else None
+    if layer is None:
+        out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[feature_layer]
+
+    def stop(_module: nn.Module, _args: Any, output: Any) -> None:
+        raise _TowerExit(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        tower(pixel_values, output_hidden_states=False, return_dict=True)
+    except _TowerExit as done:
+        return done.hidden
+    finally:
+        handle.remove()
+    raise SR3DInputError(  # pragma: no cover - a tower that never ran its encoder layers
+        f"the vision tower {type(tower).__name__} did not run its encoder layers; set vision_early_exit=False"
+    )
 
 
 @dataclass
@@ -247,8 +327,12 @@ class SR3DForConditionalGeneration(SR3DPreTrainedModel):
             ``[T, L, C]`` features from ``vision_feature_layer`` (+ PE), ``L = g²``.
         """
         tower_dtype = next(self.vision_tower.parameters()).dtype
-        out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True)
-        feats = out.hidden_states[self.config.vision_feature_layer]
+        feats = tower_hidden_state(
+            self.vision_tower,
+            pixel_values.to(tower_dtype),
+            self.config.vision_feature_layer,
+            early_exit=getattr(self.config, "vision_early_exit", True),
+        )
         if self.config.drops_cls_token:
             feats = feats[:, 1:]
         g = self.config.grid_size

@@ -127,7 +127,6 @@ def _place(
         half = np.array([ax * depth, ay * depth, az * depth])
         # box axes: x across the view, y along it (as the single-view boxes), then a small random turn
         yaw = math.atan2(rot[1, 2], rot[0, 2]) - math.pi / 2 + float(rng.uniform(-0.45, 0.45))
-        box = Box3D.from_center_size_yaw(center, 2 * half, yaw)
         # the box (its bounding sphere) stays inside the room, off the floor, clear of cameras and boxes
         radius = float(np.linalg.norm(half))
         inner_lo = room.lower + np.array([0.1, 0.1, 0.15])
@@ -140,7 +139,7 @@ def _place(
             float(np.linalg.norm(b.center.numpy() - center)) < radius + float(b.size.norm()) / 2 + 0.15 for b in placed
         ):
             continue
-        return box
+        return Box3D.from_center_size_yaw(center, 2 * half, yaw, validate=False)  # valid by construction
     return None
 
 

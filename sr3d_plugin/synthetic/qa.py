@@ -39,8 +39,12 @@ scenes come from seeds never used in training.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
-from collections.abc import Sequence
+import multiprocessing
+import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,12 +170,24 @@ _SV_ROOM = Room(lower=[-4.5, -0.5, 0.0], upper=[4.5, 8.0, 5.0])
 
 @dataclass
 class _SVObject:
-    obj: SceneObject
+    source: SceneObject | Callable[[], SceneObject]  # the object, or how to build it (on first use)
     depth: float  # camera z-depth of the centre, metres
     center_cam: np.ndarray  # [3] camera coordinates, metres
     image_center: np.ndarray  # [2] normalised image coordinates (x/z, y/z) of the centre
     angular_area: float  # (2·ax)·(2·az), normalised image units²
     color_name: str
+
+    @property
+    def obj(self) -> SceneObject:
+        """The object (built lazily: most placements are rejected before anything needs their box)."""
+        if not isinstance(self.source, SceneObject):
+            self.source = self.source()
+        return self.source
+
+
+def _sv_object(index: int, color_name: str, center: np.ndarray, size: list[float], yaw: float) -> SceneObject:
+    box = Box3D.from_center_size_yaw(center, size, yaw, validate=False)  # positive sizes, a yaw rotation
+    return SceneObject(index, f"{color_name} object", box, COLORS[color_name])
 
 
 @dataclass
@@ -184,6 +200,10 @@ class SingleViewScene:
     intrinsics: np.ndarray  # [3, 3]
     objects: list[_SVObject]
     canonical: torch.Tensor  # [1, H, W, 3]
+
+
+#: colour names in the order the samplers draw them from
+_COLOR_NAMES = sorted(COLORS)
 
 
 def _sv_camera() -> np.ndarray:
@@ -220,9 +240,9 @@ def _place_objects(rng: np.random.Generator, cfg: SpatialQAConfig, n: int) -> li
             center_cam = np.array([xn * depth, yn * depth, depth])
             yaw = float(rng.uniform(-0.45, 0.45))
             center_world = pose[:3, :3] @ center_cam + pose[:3, 3]
-            box = Box3D.from_center_size_yaw(center_world, [2 * ax * depth, 2 * ay * depth, 2 * az * depth], yaw)
-            color_name = str(rng.choice(sorted(COLORS)))
-            obj = SceneObject(len(placed) + 1, f"{color_name} object", box, COLORS[color_name])
+            size = [2 * ax * depth, 2 * ay * depth, 2 * az * depth]
+            color_name = str(rng.choice(_COLOR_NAMES))
+            obj = functools.partial(_sv_object, len(placed) + 1, color_name, center_world, size, yaw)
             placed.append(_SVObject(obj, depth, center_cam, np.array([xn, yn]), 4 * ax * az, color_name))
             rects.append(rect)
         if len(placed) == n:
@@ -640,6 +660,7 @@ def training_samples(
     scenes: int = 2000,
     image_size: int = 64,
     out_dir: str | None = None,
+    workers: int = 1,
 ) -> list[QASample]:
     """A materialised list of ``size`` samples (the ``data.generator`` of the tiny recipes).
 
@@ -652,8 +673,12 @@ def training_samples(
         scenes: multi-view scenes of the split (shared by the multi-view questions).
         image_size: render size (the tiny model's tile size).
         out_dir: ignored (the trainer passes its run folder to generators).
+        workers: processes that generate (contiguous index ranges, one thread each); every sample
+            is a function of its index alone, so the list is the same for any number.
     """
     del out_dir
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise SR3DInputError(f"workers must be an integer in [1, 64], got {workers!r}")
     names = {
         "single": SINGLE_VIEW_FAMILIES,
         "multi": MULTI_VIEW_FAMILIES,
@@ -667,12 +692,38 @@ def training_samples(
         fams = tuple(families)
     cfg = SpatialQAConfig(image_size=image_size, mv_image_size=image_size)
     dataset = SpatialQADataset(split, size=size, families=fams, seed=seed, cfg=cfg, scenes=scenes)
+    workers = min(workers, max(1, size // 32))  # a few dozen samples per process at least
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():  # else (Windows): one process
+        return _generate_in_processes(dataset, workers)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     try:
         return [dataset[i] for i in range(size)]
     finally:
         torch.set_num_threads(previous)
+
+
+def _generate_range(dataset: SpatialQADataset, start: int, stop: int) -> bytes:
+    torch.set_num_threads(1)
+    # one pickle per range: the samples of a range that share a scene keep sharing its arrays
+    return pickle.dumps([dataset[i] for i in range(start, stop)], protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _generate_in_processes(dataset: SpatialQADataset, workers: int) -> list[QASample]:
+    """``[dataset[i] for i in range(len(dataset))]`` computed by ``workers`` forked processes.
+
+    The children are forked from this process and send back pickles of the samples they made;
+    nothing is read from outside, so unpickling here trusts only our own children.
+    """
+    size = len(dataset)
+    bounds = [size * k // workers for k in range(workers + 1)]
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_generate_range, dataset, bounds[k], bounds[k + 1]) for k in range(workers)]
+        out: list[QASample] = []
+        for future in futures:
+            out.extend(pickle.loads(future.result()))  # our own forked children made these bytes
+    return out
 
 
 #: seed range of demo scenes (disjoint from every split)

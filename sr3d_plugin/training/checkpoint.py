@@ -505,14 +505,23 @@ def _check_optimizer(
         for i, (saved, current) in enumerate(zip(state["param_groups"], groups)):
             if not isinstance(saved, dict):
                 raise SR3DCheckpointError(f"{where}: param_groups[{i}] is not a mapping")
+            for key in _KERNEL_FLAGS:  # a run's own choice (kept on resume): true, false or null
+                if saved.get(key) is not None and not isinstance(saved.get(key), bool):
+                    raise SR3DCheckpointError(
+                        f"{where}: param_groups[{i}].{key} is a {_kind(saved[key])}; expected true, false or null"
+                    )
             _check_like(
-                {k: v for k, v in saved.items() if k != "params"},
-                {k: v for k, v in current.items() if k != "params"},
+                {k: v for k, v in saved.items() if k != "params" and k not in _KERNEL_FLAGS},
+                {k: v for k, v in current.items() if k != "params" and k not in _KERNEL_FLAGS},
                 f"{where}: param_groups[{i}]",
             )
             names = saved.get("params")
             if not isinstance(names, list) or not all(isinstance(n, str) and n in params for n in names):
                 raise SR3DCheckpointError(f"{where}: param_groups[{i}].params are not parameter names of this model")
+
+
+#: optimizer-group flags that choose the kernels, not the arithmetic (a resumed run keeps its own)
+_KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _kind(value: Any) -> str:
@@ -738,6 +747,9 @@ def load_training_state(
     current = "applying the states"
     try:
         raw = _raw_optimizer(optimizer)
+        # how the update is computed (per-tensor or multi-tensor, fused) is this run's choice, not the
+        # checkpoint's: the arithmetic is the same, but the right kernel depends on the parameters' kind
+        kernels = [{k: g[k] for k in _KERNEL_FLAGS if k in g} for g in raw.param_groups]
         from sr3d_plugin.training.sharding import is_cpu_fsdp
 
         if is_cpu_fsdp(model):  # every process slices the full states itself (see sharding)
@@ -748,8 +760,9 @@ def load_training_state(
             set_model_state_dict(model, weights, options=_sd_options(strict=False))
             current = "optimizer.json"
             set_optimizer_state_dict(model, raw, opt_state, options=_sd_options())
-        for group, saved in zip(raw.param_groups, opt_state["param_groups"]):  # torch turns tuples into lists
-            group.update({k: v for k, v in saved.items() if isinstance(v, tuple) and k != "params"})
+        for group, saved, flags in zip(raw.param_groups, opt_state["param_groups"], kernels):
+            group.update({k: v for k, v in saved.items() if isinstance(v, tuple) and k != "params"})  # tuples
+            group.update(flags)
         current = "scheduler.json"
         scheduler.load_state_dict(sched_state)
         if scaler_state is not None:

@@ -197,6 +197,13 @@ class DataSection:
         default=None, metadata=_help("skip samples whose token count exceeds this (null: no limit)", range=(1, None))
     )
     num_workers: int = field(default=2, metadata=_help("DataLoader worker processes", range=(0, 256)))
+    worker_sharing: Literal["file_descriptor", "file_system"] | None = field(
+        default=None,
+        metadata=_help(
+            "how worker processes hand batches over (torch.multiprocessing sharing strategy, for the run only): "
+            "file_system (shared-memory names) halves the hand-over of small batches; null: torch's default"
+        ),
+    )
     skip_invalid: bool = field(
         default=False,
         metadata=_help(
@@ -328,6 +335,14 @@ class TrainingSection:
     )
     deterministic: bool = field(
         default=False, metadata=_help("torch.use_deterministic_algorithms (bit-identical resumes on the CPU)")
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "torch intra-op threads of a CPU run (null: torch's default). Float sums depend on the thread "
+            "count, so a pinned count gives the same weights on any machine; data workers use the other cores",
+            range=(1, 1024),
+        ),
     )
 
 
